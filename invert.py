@@ -30,8 +30,8 @@ from tqdm import tqdm
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
-# The seed's default lr (1e-2) leaves the image as noise; 1e2 (its own comment) and the
-# value below were measured on a trained VGG16-BN: see the README.
+# The seed's default lr (1e-2) leaves the image as noise; 1e2, the value its own comment gives,
+# measured best on a trained VGG16-BN (see the README).
 DEFAULT_LR = 100.0
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -152,9 +152,9 @@ def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
             raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
                              "delete it to download again") from None
         raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
-                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (TORCH_HOME), "
-                         "or pass --weights PATH to a state-dict file, or --weights none for "
-                         "random weights") from None
+                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache "
+                         "under TORCH_HOME), or pass --weights PATH to a state-dict file, or "
+                         "--weights none for random weights") from None
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
@@ -362,14 +362,15 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def output_paths(args: argparse.Namespace, layer: str) -> tuple:
+def output_paths(args: argparse.Namespace) -> tuple:
     """The PNG path (--output, or <output_dir>/<stem>_<model>_<layer>.png) and the JSON beside it."""
     if args.output:
         png = Path(args.output)
         if png.suffix.lower() != ".png":
             raise UsageError(f"--output {png} must end in .png")
     else:
-        png = Path(args.output_dir) / f"{Path(args.image_path).stem}_{args.model}_{layer.replace('.', '_')}.png"
+        layer = args.layer_name.replace(".", "_")  # features.4 and features_4 name the same file
+        png = Path(args.output_dir) / f"{Path(args.image_path).stem}_{args.model}_{layer}.png"
     return png, png.with_suffix(".json")
 
 
@@ -419,15 +420,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the command line's job; return the exit code."""
     device = pick_device(args.device)
     seed_everything(args.seed)
-    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
     if args.list_layers:
+        model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
         for row in layer_shapes(model, args.input_size, device):
             print("  ".join(f"{cell:<24}" for cell in row).rstrip())
         return 0
-    dotted, layer = resolve_layer(model, args.layer_name)
-    png_path, json_path = output_paths(args, dotted)
-    check_writable(png_path.parent)
+    # the cheap checks come first, so that a typo fails before a model loads or downloads
     reference = preprocess(load_image(args.image_path), args.input_size).to(device)
+    png_path, json_path = output_paths(args)
+    check_writable(png_path.parent)
+    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+    _, layer = resolve_layer(model, args.layer_name)
     report, bar = progress_reporter(args.epochs, args.stdout_epochs, args.quiet)
     started = time.perf_counter()
     try:
@@ -445,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         **result.losses,
         "feature_error": result.losses["rec_loss"],
         "iterations": result.iterations,
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 4),
         "ms_per_iteration": round(1000 * seconds / max(result.iterations, 1), 3),
         "device": str(device),
         "torch_version": torch.__version__,

@@ -238,7 +238,7 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, capsys):
     assert record["feature_error"] == record["rec_loss"] and 0 < record["rec_loss"] < 1.5
     for key in ("alpha_loss", "tv_loss", "seconds", "ms_per_iteration"):
         assert record[key] >= 0
-    assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, rel=0.01)
+    assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, abs=0.05)
     assert record["device"] == "cpu"
     assert record["torch_version"] == torch.__version__
     assert record["torchvision_version"] == torchvision.__version__

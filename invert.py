@@ -108,14 +108,9 @@ def deprocess(tensor: torch.Tensor) -> Image.Image:
 # ---------------------------------------------------------------- models and layers
 
 
-def classification_models() -> list:
-    """Names of torchvision's classification models."""
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 def load_model(name: str, weights: str, progress: bool = True) -> nn.Module:
-    """Build torchvision model `name` with `weights` (DEFAULT, an enum name, a state-dict path or none), frozen."""
-    names = classification_models()
+    """Build torchvision model `name`, frozen, with DEFAULT, enum-name, state-dict-file or no weights."""
+    names = torchvision.models.list_models(module=torchvision.models)  # the classification models
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(names)}"
@@ -158,7 +153,7 @@ def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
-    """Load a state-dict file into `model` with weights_only=True; UsageError if it is not one or does not fit."""
+    """Load a state-dict file into `model` with weights_only=True; UsageError if it is not one or misfits."""
     if not path.is_file():
         raise UsageError(f"--weights {path}: no such file")
     try:
@@ -183,7 +178,7 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
 
 
 def layer_names(model: nn.Module) -> dict:
-    """Map each accepted spelling of a submodule name, dotted or the seed's underscored form, to its dotted name."""
+    """Map each spelling of a submodule's name, dotted or the seed's underscored form, to the dotted name."""
     dotted = [name for name, _ in model.named_modules() if name]
     underscored = {name.replace(".", "_"): name for name in reversed(dotted)}
     return {**underscored, **{name: name for name in dotted}}
@@ -225,7 +220,7 @@ def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> to
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
-    """List (seed-form name, dotted name, module type, output shape) for every submodule at this input size."""
+    """(seed-form name, dotted name, module type, output shape) of every submodule at this input size."""
     shapes = {}
 
     def recorder(name):
@@ -242,7 +237,7 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
     finally:
         for handle in hooks:
             handle.remove()
-    return [(name.replace(".", "_"), name, type(module).__name__, shapes.get(name, f"fails at {size}x{size}"))
+    return [(name.replace(".", "_"), name, type(module).__name__, shapes.get(name, f"fails at {size}px"))
             for name, module in model.named_modules() if name]
 
 
@@ -281,12 +276,17 @@ def objective_terms(features, target, target_norm, image, *, alpha, beta, lambda
 # ---------------------------------------------------------------- inversion
 
 
+def diverged(lr: float, what: str) -> UsageError:
+    """The error for a loss that is no longer finite, which a smaller learning rate avoids."""
+    return UsageError(f"the loss {what}: --lr {lr:g} is too large for this layer; try a smaller --lr")
+
+
 def invert(model: nn.Module, layer: nn.Module, reference: torch.Tensor, *,
            alpha: float = 6.0, beta: float = 2.0, lambda_alpha: float = 1e-5, lambda_tv: float = 1e-5,
            epochs: int = 200, lr: float = DEFAULT_LR, momentum: float = 0.9,
            decay_factor: float = 0.1, decay_epochs: int = 200,
            callback: Optional[Callable[[int, dict], None]] = None) -> Inversion:
-    """Optimise a noise image so that `layer`'s activations match those of `reference`; Ctrl-C stops early."""
+    """Optimise a noise image until `layer`'s activations match those of `reference`; Ctrl-C stops early."""
     weights = dict(alpha=alpha, beta=beta, lambda_alpha=lambda_alpha, lambda_tv=lambda_tv)
     try:
         with torch.no_grad():
@@ -307,8 +307,7 @@ def invert(model: nn.Module, layer: nn.Module, reference: torch.Tensor, *,
             terms = objective_terms(layer_output(model, layer, image), target, target_norm, image, **weights)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
-                raise UsageError(f"the loss became {loss.item()} at iteration {step}: "
-                                 f"--lr {lr:g} is too large for this layer; try a smaller --lr")
+                raise diverged(lr, f"became {loss.item()} at iteration {step}")
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -318,11 +317,11 @@ def invert(model: nn.Module, layer: nn.Module, reference: torch.Tensor, *,
     except KeyboardInterrupt:
         interrupted = True
     image = image.detach()
-    with torch.no_grad():  # the losses of the image that is returned, not of the one before the last step
+    with torch.no_grad():  # the losses of the returned image, not of the one before the last step
         final = objective_terms(layer_output(model, layer, image), target, target_norm, image, **weights)
     losses = {name: value.item() for name, value in final.items()}
-    if not all(math.isfinite(value) for value in losses.values()):
-        raise UsageError(f"the loss became non-finite: --lr {lr:g} is too large for this layer; try a smaller --lr")
+    if not math.isfinite(sum(losses.values())):
+        raise diverged(lr, "became non-finite at the last step")
     return Inversion(image, losses, iterations, interrupted)
 
 
@@ -408,10 +407,12 @@ def progress_reporter(epochs: int, every: int, quiet: bool):
     bar = tqdm(total=epochs, unit="it", dynamic_ncols=True)
 
     def report(step: int, losses: dict) -> None:
-        bar.set_postfix({name.removesuffix("_loss"): f"{value:.3g}" for name, value in losses.items()}, refresh=False)
+        bar.set_postfix({name.removesuffix("_loss"): f"{value:.3g}" for name, value in losses.items()},
+                        refresh=False)
         bar.update()
         if step % every == 0 or step == epochs:
-            bar.write(f"iteration {step:>5}/{epochs}  " + "  ".join(f"{name} {value:.4g}" for name, value in losses.items()))
+            values = "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
+            bar.write(f"iteration {step:>5}/{epochs}  {values}")
 
     return report, bar
 
@@ -515,7 +516,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lambda_alpha", type=non_negative_float, default=1e-5, help="weight of the alpha-norm prior")
     add("--lambda_tv", type=non_negative_float, default=1e-5, help="weight of the total-variation prior")
     add("--epochs", type=positive_int, default=200, help="optimisation iterations")
-    add("--lr", type=positive_float, default=DEFAULT_LR, help="SGD learning rate (the seed's 1e-2 leaves noise)")
+    add("--lr", type=positive_float, default=DEFAULT_LR,
+        help="SGD learning rate (the seed's 1e-2 leaves the image as noise)")
     add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
     add("--stdout_epochs", type=positive_int, default=25, help="print the losses every this many iterations")
     add("--decay_factor", type=positive_float, default=0.1, help="learning-rate multiplier at each decay")

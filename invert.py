@@ -15,6 +15,7 @@ import random
 import sys
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -35,6 +36,8 @@ DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronau
 DEFAULT_LR = 100.0
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
+FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
 
 class UsageError(Exception):
@@ -118,13 +121,20 @@ def load_model(name: str, weights: str, progress: bool = True) -> nn.Module:
     if weights.lower() == "none":
         print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
               "show what a trained network sees", file=sys.stderr)
-        model = torchvision.models.get_model(name, weights=None)
+        model = random_model(name)
     elif looks_like_path(weights):
-        model = torchvision.models.get_model(name, weights=None)
+        model = random_model(name)
         load_state_dict_file(model, name, Path(weights))
     else:
         model = load_pretrained(name, weights, progress)
     return model.eval().requires_grad_(False)
+
+
+def random_model(name: str) -> nn.Module:
+    """Build a randomly initialised model, without torchvision's notice about future init defaults."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet and inception_v3 print one
+        return torchvision.models.get_model(name, weights=None)
 
 
 def looks_like_path(weights: str) -> bool:
@@ -229,15 +239,16 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
         return hook
 
     hooks = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
+    unused = "not run in eval mode"
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size, device=device))
-    except RuntimeError:
-        pass  # too small an input: the layers before the failure still have their shapes
+    except FORWARD_ERRORS:  # the layers before the failure still have their shapes
+        unused = f"not reached: the model fails at --input_size {size}"
     finally:
         for handle in hooks:
             handle.remove()
-    return [(name.replace(".", "_"), name, type(module).__name__, shapes.get(name, f"fails at {size}px"))
+    return [(name.replace(".", "_"), name, type(module).__name__, shapes.get(name, unused))
             for name, module in model.named_modules() if name]
 
 
@@ -291,9 +302,9 @@ def invert(model: nn.Module, layer: nn.Module, reference: torch.Tensor, *,
     try:
         with torch.no_grad():
             target = layer_output(model, layer, reference)
-    except RuntimeError as error:  # e.g. a kernel larger than what is left of a small input
-        raise UsageError(f"the layer cannot be computed for a {'x'.join(map(str, reference.shape))} "
-                         f"input; try a larger --input_size ({one_line(error)})") from None
+    except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
+        raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, reference.shape))} "
+                         f"input: change --input_size ({one_line(error)})") from None
     target_norm = target.square().sum()
     if target_norm == 0:
         raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")

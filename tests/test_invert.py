@@ -175,6 +175,20 @@ def test_list_layers(capsys):
     assert len(rows) == len([name for name, _ in torchvision.models.alexnet().named_modules() if name])
 
 
+def test_list_layers_marks_layers_that_do_not_run(capsys):
+    code, out, _ = run_main(["--model", "googlenet", "--weights", "none", "--list_layers"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert rows["aux1"].endswith("not run in eval mode")  # googlenet's auxiliary heads train only
+    assert rows["inception4a"].split()[-1] == "512x14x14"
+    vit = ["--model", "vit_b_32", "--weights", "none", "--list_layers"]
+    code, out, _ = run_main(vit + ["--input_size", "224"], capsys)
+    assert code == 0 and {line.split()[0]: line for line in out.splitlines()}["encoder"].endswith("50x768")
+    code, out, _ = run_main(vit, capsys)  # ViT asserts a 224x224 input; the default is 227
+    assert code == 0 and all(line.endswith("not reached: the model fails at --input_size 227")
+                             for line in out.splitlines())
+
+
 # ---------------------------------------------------------------- images
 
 
@@ -346,6 +360,7 @@ def test_bad_image_files_fail_cleanly(case, photo, tmp_path, capsys):
     (["--device", "banana"], "--device"), (["--device", "cuda:7"], "--device"),
     (["--output", "picture.jpg"], ".png"),
     (["--input_size", "8", "--layer_name", "features_12"], "--input_size"),
+    (["--model", "vit_b_32", "--layer_name", "encoder"], "--input_size"),  # ViT asserts 224x224
     (["--lr", "1e30", "--epochs", "20"], "--lr"),
 ])
 def test_bad_settings_fail_cleanly(flags, message, photo, tmp_path, capsys, monkeypatch):

@@ -150,16 +150,25 @@ def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
                          f"{', '.join(enum.__members__)}")
     chosen = enum[weights]
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(chosen.url).path).name
+    if not checkpoint.exists():
+        # downloaded here rather than by torchvision, so that a failure is one line, not two
+        hash_prefix = torch.hub.HASH_REGEX.search(checkpoint.name)
+        try:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(chosen.url, str(checkpoint), hash_prefix and hash_prefix.group(1),
+                                           progress=progress)
+        except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
+            raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
+                             f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache "
+                             "under TORCH_HOME), or pass --weights PATH to a state-dict file, or "
+                             "--weights none for random weights") from None
+        if progress:
+            print(f"downloaded {checkpoint.name} to {checkpoint.parent}/ for later runs", file=sys.stderr)
     try:
         return torchvision.models.get_model(name, weights=chosen, progress=progress)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash or file is a RuntimeError
-        if checkpoint.exists():
-            raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
-                             "delete it to download again") from None
-        raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
-                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache "
-                         "under TORCH_HOME), or pass --weights PATH to a state-dict file, or "
-                         "--weights none for random weights") from None
+    except Exception as error:  # torch.load raises many types for a damaged file
+        raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
+                         "delete it to download again") from None
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:

@@ -52,9 +52,9 @@ def run_main(args, capsys):
 
 
 def assert_clean_failure(code, err, out_dir):
-    """Exit 2, one error line on stderr (warnings and torch.hub's download notice aside), nothing written."""
+    """Exit 2, one error line on stderr (beside any warning), no traceback, nothing written."""
     assert code == 2
-    lines = [line for line in err.splitlines() if not line.startswith(("warning:", "Downloading:"))]
+    lines = [line for line in err.splitlines() if not line.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("invert.py: error: "), err
     assert "Traceback" not in err
     assert not out_dir.exists() or not any(out_dir.iterdir())
@@ -421,6 +421,35 @@ def test_download_failure_says_what_to_do(photo, tmp_path, capsys, monkeypatch):
     assert "alexnet-owt-7be5be79.pth" in message
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in message
     assert "--weights PATH" in message and "--weights none" in message
+
+
+def test_weights_download_once_into_torch_home(photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    downloads = []
+
+    def fake_download(url, destination, hash_prefix=None, progress=True):
+        downloads.append((url, hash_prefix))
+        torch.save(torchvision.models.squeezenet1_1().state_dict(), destination)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    weights = torchvision.models.SqueezeNet1_1_Weights.DEFAULT
+    args = ["--image_path", photo, *FAST, "--weights", "DEFAULT", "--output_dir", tmp_path / "out"]
+    for _ in range(2):
+        code, _, err = run_main(args, capsys)
+        assert code == 0, err
+    assert downloads == [(weights.url, "b8a52dc0")]  # the second run loads the cached file
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / Path(weights.url).name).is_file()
+
+
+def test_corrupt_cached_weights_fail_cleanly(photo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / Path(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url).name).write_bytes(b"half a file")
+    out_dir = tmp_path / "out"
+    code, _, err = run_main(["--image_path", photo, *FAST, "--weights", "DEFAULT", "--output_dir", out_dir], capsys)
+    assert_clean_failure(code, err, out_dir)
+    assert "delete it to download again" in err
 
 
 def test_cached_weights_work_offline(photo, tmp_path, capsys, monkeypatch):

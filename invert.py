@@ -196,23 +196,22 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
     model.load_state_dict(state)
 
 
-def layer_names(model: nn.Module) -> dict:
-    """Map each spelling of a submodule's name, dotted or the seed's underscored form, to the dotted name."""
-    dotted = [name for name, _ in model.named_modules() if name]
-    underscored = {name.replace(".", "_"): name for name in reversed(dotted)}
-    return {**underscored, **{name: name for name in dotted}}
+def seed_form(name: str) -> str:
+    """The seed's spelling of a dotted module name: features.4 -> features_4."""
+    return name.replace(".", "_")
 
 
 def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
     """Return (dotted name, module) for `features_4`, `features.4`, `layer3.1.conv2` and the like."""
-    names = layer_names(model)
-    if layer_name not in names:
-        valid = [name.replace(".", "_") for name, _ in model.named_modules() if name]
+    dotted = [name for name, _ in model.named_modules() if name]
+    # a module's real name wins over another module's underscored spelling
+    spellings = {**{seed_form(name): name for name in reversed(dotted)}, **{name: name for name in dotted}}
+    if layer_name not in spellings:
+        valid = [seed_form(name) for name in dotted]
         close = difflib.get_close_matches(layer_name, valid, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(f"unknown --layer_name {layer_name!r}; {hint}valid names: {', '.join(valid)}")
-    dotted = names[layer_name]
-    return dotted, model.get_submodule(dotted)
+    return spellings[layer_name], model.get_submodule(spellings[layer_name])
 
 
 def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -257,7 +256,7 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
     finally:
         for handle in hooks:
             handle.remove()
-    return [(name.replace(".", "_"), name, type(module).__name__, shapes.get(name, unused))
+    return [(seed_form(name), name, type(module).__name__, shapes.get(name, unused))
             for name, module in model.named_modules() if name]
 
 
@@ -388,7 +387,7 @@ def output_paths(args: argparse.Namespace) -> tuple:
         if png.suffix.lower() != ".png":
             raise UsageError(f"--output {png} must end in .png")
     else:
-        layer = args.layer_name.replace(".", "_")  # features.4 and features_4 name the same file
+        layer = seed_form(args.layer_name)  # features.4 and features_4 name the same file
         png = Path(args.output_dir) / f"{Path(args.image_path).stem}_{args.model}_{layer}.png"
     return png, png.with_suffix(".json")
 

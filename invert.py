@@ -6,22 +6,25 @@ Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them
     python invert.py --image_path reference_images/astronaut.jpg --model alexnet --layer_name features_4
 """
 import argparse
+import contextlib
 import difflib
 import json
 import math
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 import urllib.parse
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
@@ -31,11 +34,31 @@ from tqdm import tqdm
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
-# The seed's default lr (1e-2) leaves the image as noise; 1e2, the value its own comment gives,
-# measured best on a trained VGG16-BN (see the README).
-DEFAULT_LR = 100.0
+OBJECTIVES = ("seed", "paper")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# The paper's pixel scales in its mean-subtracted 0-255 units (Mahendran & Vedaldi, IJCV 2016):
+# B, a typical pixel's RGB norm (the box constraint is 2B), and V, a typical difference between
+# neighbouring pixels.
+PAPER_B = 80.0
+PAPER_V = PAPER_B / 6.5
+# Defaults that depend on --objective: the seed's weights, and the paper's normalised terms.
+OBJECTIVE_DEFAULTS = {
+    "seed": {"lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0},
+    "paper": {"lambda_alpha": 1.0, "lambda_tv": 1.0, "C": 100.0},
+}
+# Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (see the README).
+# The seed's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
+DEFAULT_LRS = {
+    ("seed", "sgd", "pixel"): 100.0, ("seed", "adam", "pixel"): 0.1, ("seed", "lbfgs", "pixel"): 1.0,
+    ("paper", "sgd", "pixel"): 3.0, ("paper", "adam", "pixel"): 0.1, ("paper", "lbfgs", "pixel"): 1.0,
+    ("seed", "sgd", "fft"): 0.003, ("seed", "adam", "fft"): 0.01, ("seed", "lbfgs", "fft"): 1.0,
+    ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): 0.01, ("paper", "lbfgs", "fft"): 1.0,
+}
+# lucent's square root of ImageNet's colour correlation, for --param fft
+COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+# Whether --precision auto picks bf16 where the hardware runs it natively (see the README).
+AUTO_BF16 = False
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
 FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
@@ -49,12 +72,13 @@ class _LayerReached(Exception):
 
 
 class Inversion(NamedTuple):
-    """The result of `invert`: the normalised image, its final losses and how the run ended."""
+    """The result of `invert`: the normalised images, and per image its final losses and settings."""
 
     image: torch.Tensor
-    losses: dict
+    losses: list
     iterations: int
     interrupted: bool
+    settings: list
 
 
 # ---------------------------------------------------------------- images
@@ -214,27 +238,37 @@ def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
     return spellings[layer_name], model.get_submodule(spellings[layer_name])
 
 
-def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run `model` on `images` up to `layer` and return its output; later layers are never computed."""
-    captured = []
+def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> dict:
+    """Run `model` on `images` until every module in `layers` has run and return {module: output}.
+
+    The forward pass stops as soon as the last of them has run, so later layers are never computed.
+    """
+    wanted = list(dict.fromkeys(layers))
+    captured = {}
 
     def hook(module, inputs, output):
-        captured.append(output)
-        raise _LayerReached
+        if module not in captured:
+            # a copy where another layer still has to run: an in-place ReLU could change this output
+            several = len(wanted) > 1 and isinstance(output, torch.Tensor)
+            captured[module] = output.clone() if several else output
+        if len(captured) == len(wanted):
+            raise _LayerReached
 
-    handle = layer.register_forward_hook(hook)
+    handles = [layer.register_forward_hook(hook) for layer in wanted]
     try:
         model(images)
     except _LayerReached:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise UsageError("the chosen layer is not used in the model's forward pass")
-    if not isinstance(captured[0], torch.Tensor):
-        raise UsageError(f"the chosen layer returns a {type(captured[0]).__name__}, not a tensor; "
-                         "choose another (see --list_layers)")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    for layer in wanted:
+        if layer not in captured:
+            raise UsageError("a chosen layer is not used in the model's forward pass")
+        if not isinstance(captured[layer], torch.Tensor):
+            raise UsageError(f"a chosen layer returns a {type(captured[layer]).__name__}, not a tensor; "
+                             "choose another (see --list_layers)")
+    return captured
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -271,8 +305,13 @@ def describe(output) -> str:
 
 
 def alpha_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The alpha-norm prior sum(|x|^alpha)."""
+    """The seed's alpha-norm prior sum(|x|^alpha), taken over every value."""
     return image.abs().pow(alpha).sum()
+
+
+def pixel_norm_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The paper's alpha-norm prior sum_ij ||x_ij||^alpha, over each pixel's RGB norm."""
+    return image.square().sum(dim=1).clamp_min(1e-12).pow(alpha / 2).sum()
 
 
 def tv_prior(image: torch.Tensor, beta: float) -> torch.Tensor:
@@ -283,65 +322,240 @@ def tv_prior(image: torch.Tensor, beta: float) -> torch.Tensor:
     return (dx.square() + dy.square()).clamp_min(1e-12).pow(beta / 2).sum()
 
 
-def objective_terms(features, target, target_norm, image, *, alpha, beta, lambda_alpha, lambda_tv) -> dict:
-    """The three weighted terms of the seed's objective: rec_loss, alpha_loss and tv_loss."""
-    return {
-        "rec_loss": (features - target).square().sum() / target_norm,
-        "alpha_loss": lambda_alpha * alpha_prior(image, alpha),
-        "tv_loss": lambda_tv * tv_prior(image, beta),
-    }
+def to_paper_units(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised pixels -> the paper's mean-subtracted 0-255 pixels: x * 255 * std."""
+    return image * (255 * torch.tensor(IMAGENET_STD, device=image.device)).view(1, 3, 1, 1)
+
+
+def objective_terms(objective: str, features, target, target_norm, image, *, alpha, beta,
+                    lambda_alpha, lambda_tv, C) -> dict:
+    """The three weighted terms, rec_loss, alpha_loss and tv_loss, of the seed's or the paper's objective."""
+    error = C * (features - target).square().sum() / target_norm
+    if objective == "seed":
+        return {"rec_loss": error,
+                "alpha_loss": lambda_alpha * alpha_prior(image, alpha),
+                "tv_loss": lambda_tv * tv_prior(image, beta)}
+    pixels = to_paper_units(image)
+    area = image.shape[-2] * image.shape[-1]
+    return {"rec_loss": error,
+            "alpha_loss": lambda_alpha * pixel_norm_prior(pixels, alpha) / (area * PAPER_B ** alpha),
+            "tv_loss": lambda_tv * tv_prior(pixels, beta) / (area * PAPER_V ** beta)}
+
+
+def apply_box_constraint(image: torch.Tensor) -> None:
+    """Shrink, in place, every pixel whose RGB norm in the paper's 0-255 units exceeds 2B."""
+    norms = to_paper_units(image).square().sum(dim=1, keepdim=True).sqrt()
+    image.mul_((2 * PAPER_B / norms).clamp(max=1.0))
 
 
 # ---------------------------------------------------------------- inversion
 
 
-def diverged(lr: float, what: str) -> UsageError:
-    """The error for a loss that is no longer finite, which a smaller learning rate avoids."""
-    return UsageError(f"the loss {what}: --lr {lr:g} is too large for this layer; try a smaller --lr")
+class Diverged(UsageError):
+    """The loss stopped being finite; `images` holds the last images whose loss was finite."""
+
+    def __init__(self, lr: float, step: int, images: Optional[torch.Tensor]):
+        super().__init__(f"the loss became non-finite at iteration {step}: --lr {lr:g} is too large "
+                         "for this layer; try a smaller --lr")
+        self.images = images
 
 
-def invert(model: nn.Module, layer: nn.Module, reference: torch.Tensor, *,
-           alpha: float = 6.0, beta: float = 2.0, lambda_alpha: float = 1e-5, lambda_tv: float = 1e-5,
-           epochs: int = 200, lr: float = DEFAULT_LR, momentum: float = 0.9,
-           decay_factor: float = 0.1, decay_epochs: int = 200,
-           callback: Optional[Callable[[int, dict], None]] = None) -> Inversion:
-    """Optimise a noise image until `layer`'s activations match those of `reference`; Ctrl-C stops early."""
-    weights = dict(alpha=alpha, beta=beta, lambda_alpha=lambda_alpha, lambda_tv=lambda_tv)
+def default_settings(objective: str, optimizer: str, param: str, epochs: int, stride: int) -> dict:
+    """The settings that depend on the objective, the optimizer and the layer's stride."""
+    return {
+        **OBJECTIVE_DEFAULTS[objective],
+        "lr": DEFAULT_LRS[objective, optimizer, param],
+        # the paper's two stages: 6/7 of the iterations with jitter, then the rest at 0.1x the rate
+        "decay_epochs": max(1, round(epochs * 6 / 7)) if objective == "paper" else 200,
+        # the authors' code crops at one of max(1, round(stride / 4)) offsets per axis
+        "jitter": max(1, round(stride / 4)) - 1 if objective == "paper" else 0,
+    }
+
+
+def initial_image(objective: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """The starting noise: the seed's 1e-3 * N(0, 1), or the paper's uniform noise of norm about B."""
+    if objective == "seed":
+        return 1e-3 * torch.randn(shape, generator=generator)
+    noise = 2 * torch.rand(shape, generator=generator) - 1
+    # the authors' code scales so that the 95th percentile becomes B / sqrt(3)
+    noise *= PAPER_B / math.sqrt(3) / noise.flatten().quantile(0.95)
+    return noise / to_paper_units(torch.ones(1, 3, 1, 1))
+
+
+class PixelImage:
+    """The image as it is: each pixel a free variable."""
+
+    def __init__(self, initial: torch.Tensor):
+        self.variable = initial.clone().requires_grad_()
+
+    def render(self) -> torch.Tensor:
+        """The normalised image."""
+        return self.variable
+
+    def assign(self, image: torch.Tensor) -> None:
+        """Set the variable so that render() gives `image`."""
+        self.variable.data.copy_(image)
+
+
+class FourierImage:
+    """lucent's parameterisation: a decorrelated-colour spectrum scaled by 1/frequency, so that the
+    optimiser moves low frequencies first and the image stays smooth."""
+
+    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device):
+        self.size = shape[-2:]
+        frequency_y = torch.fft.fftfreq(self.size[0], device=device)[:, None]
+        frequency_x = torch.fft.rfftfreq(self.size[1], device=device)[None, :]
+        frequency = (frequency_y.square() + frequency_x.square()).sqrt()
+        self.scale = 1 / frequency.clamp_min(1 / max(self.size))
+        colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
+        self.colour = colour / colour.norm(dim=0).max()
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        noise = 0.01 * torch.randn(*shape[:-2], *self.scale.shape, 2, generator=generator)
+        self.variable = noise.to(device).requires_grad_()
+
+    def render(self) -> torch.Tensor:
+        """The normalised image."""
+        spectrum = torch.view_as_complex(self.variable) * self.scale
+        decorrelated = torch.fft.irfftn(spectrum, s=self.size, dim=(-2, -1), norm="ortho")
+        return torch.einsum("ij,bjhw->bihw", self.colour, decorrelated) / self.std
+
+    def assign(self, image: torch.Tensor) -> None:
+        """Set the variable so that render() gives `image`."""
+        decorrelated = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.colour), image * self.std)
+        spectrum = torch.fft.rfftn(decorrelated, dim=(-2, -1), norm="ortho") / self.scale
+        self.variable.data.copy_(torch.view_as_real(spectrum))
+
+
+def make_optimizer(name: str, variables: list, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration."""
+    if name == "sgd":
+        return torch.optim.SGD(variables, lr=lr, momentum=momentum, foreach=False)
+    if name == "adam":
+        return torch.optim.Adam(variables, lr=lr, betas=(momentum, 0.999), foreach=False)
+    return torch.optim.LBFGS(variables, lr=lr, max_iter=1, history_size=10)
+
+
+def autocast(precision: str, device: torch.device):
+    """A context that runs the forward pass in `precision` (fp32, bf16 or fp16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def invert(model: nn.Module, layers, references: torch.Tensor, *,
+           objective: str = "paper", optimizer: str = "adam", param: str = "fft",
+           alpha: float = 6.0, beta: float = 2.0, lambda_alpha: Optional[float] = None,
+           lambda_tv: Optional[float] = None, C: Optional[float] = None, jitter: Optional[int] = None,
+           epochs: int = 200, lr: Optional[float] = None, momentum: float = 0.9,
+           decay_factor: float = 0.1, decay_epochs: Optional[int] = None, precision: str = "fp32",
+           seed: int = 2023, callback: Optional[Callable] = None) -> Inversion:
+    """Optimise one image per row of `references` until its activations at its layer match the row's.
+
+    `layers` is one module, or one per row: all rows are optimised together in one batch, each only
+    by its own loss, and each gives what a call with that row alone gives. Settings left as None take
+    their default for the objective, the optimizer and the layer's stride. `callback(step, losses,
+    images)` sees each iteration's loss tensors, one dict per row, and a function that returns
+    the current images.
+    Ctrl-C stops early and returns the images so far.
+    """
+    count, device = len(references), references.device
+    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
+    if optimizer == "lbfgs" and count > 1:
+        raise UsageError("--optimizer lbfgs inverts one layer of one image per call: L-BFGS would "
+                         "couple the images of a batch")
     try:
-        with torch.no_grad():
-            target = layer_output(model, layer, reference)
+        with torch.no_grad(), autocast(precision, device):
+            outputs = layer_outputs(model, layers, references)
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
-        raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, reference.shape))} "
+        raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, references.shape[1:]))} "
                          f"input: change --input_size ({one_line(error)})") from None
-    target_norm = target.square().sum()
-    if target_norm == 0:
+    targets = [outputs[layer][row:row + 1].float() for row, layer in enumerate(layers)]
+    target_norms = [target.square().sum() for target in targets]
+    if any(norm == 0 for norm in target_norms):
         raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")
-    image = (1e-3 * torch.randn_like(reference)).requires_grad_()
-    optimizer = torch.optim.SGD([image], lr=lr, momentum=momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_epochs, gamma=decay_factor)
-    iterations, interrupted = 0, False
+    height, width = references.shape[-2:]
+    chosen = dict(lambda_alpha=lambda_alpha, lambda_tv=lambda_tv, C=C, jitter=jitter, lr=lr,
+                  decay_epochs=decay_epochs)
+    settings = [{**default_settings(objective, optimizer, param, epochs,
+                                    height // target.shape[-1] if target.dim() == 4 else height),
+                 **{name: value for name, value in chosen.items() if value is not None}}
+                for target in targets]
+    weights = dict(alpha=alpha, beta=beta, lambda_alpha=settings[0]["lambda_alpha"],
+                   lambda_tv=settings[0]["lambda_tv"], C=settings[0]["C"])
+    lr, last_jitter_step = settings[0]["lr"], settings[0]["decay_epochs"]
+
+    # Each row has its own generator, seeded alike, so that it draws what a call of its own would.
+    # With jitter, a row's image is a canvas `jitter` pixels larger, seen through a randomly placed crop.
+    generators = [torch.Generator().manual_seed(seed) for _ in range(count)]
+    shifts = [row["jitter"] for row in settings]
+    canvases = []
+    for shift, generator in zip(shifts, generators):
+        shape = (1, 3, height + shift, width + shift)
+        canvases.append(FourierImage(shape, generator, device) if param == "fft"
+                        else PixelImage(initial_image(objective, shape, generator).to(device)))
+    middles = [(shift // 2, shift // 2) for shift in shifts]
+
+    def crop(images: list, offsets: list) -> torch.Tensor:
+        return torch.cat([image[..., dy:dy + height, dx:dx + width] for image, (dy, dx) in zip(images, offsets)])
+
+    def evaluate(images: list, offsets: list) -> list:
+        with autocast(precision, device):
+            outputs = layer_outputs(model, layers, crop(images, offsets))
+        return [objective_terms(objective, outputs[layer][row:row + 1].float(), targets[row],
+                                target_norms[row], images[row], **weights)
+                for row, layer in enumerate(layers)]
+
+    steps = make_optimizer(optimizer, [canvas.variable for canvas in canvases], lr, momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(steps, step_size=last_jitter_step, gamma=decay_factor)
+    # .item() makes a GPU wait, so there the loss is checked every 25 iterations; on a CPU, every one
+    check_every = 1 if device.type == "cpu" else 25
+    last_finite, iterations, interrupted = None, 0, False
     try:
         for step in range(1, epochs + 1):
-            optimizer.zero_grad(set_to_none=True)
-            terms = objective_terms(layer_output(model, layer, image), target, target_norm, image, **weights)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise diverged(lr, f"became {loss.item()} at iteration {step}")
-            loss.backward()
-            optimizer.step()
+            # jitter stops at the first learning-rate decay: the paper's second stage
+            offsets = [torch.randint(0, shift + 1, (2,), generator=generator).tolist()
+                       if shift and step <= last_jitter_step else middle
+                       for shift, generator, middle in zip(shifts, generators, middles)]
+            terms = []
+
+            def closure():
+                steps.zero_grad(set_to_none=True)
+                terms[:] = evaluate([canvas.render() for canvas in canvases], offsets)
+                loss = sum(sum(row.values()) for row in terms)
+                loss.backward()
+                return loss
+
+            checking = step % check_every == 0 or step == epochs
+            if checking:
+                last_finite = [canvas.variable.detach().clone() for canvas in canvases]
+            loss = steps.step(closure)
+            if checking and not torch.isfinite(loss):
+                for canvas, variable in zip(canvases, last_finite):
+                    canvas.variable.data.copy_(variable)
+                raise Diverged(lr, step, crop([canvas.render().detach() for canvas in canvases], middles)
+                               if step > 1 else None)
+            if objective == "paper":
+                with torch.no_grad():
+                    for canvas in canvases:
+                        image = canvas.render()
+                        apply_box_constraint(image)
+                        canvas.assign(image)
             scheduler.step()
             iterations = step
             if callback is not None:
-                callback(step, {name: value.item() for name, value in terms.items()})
+                callback(step, [{name: value.detach() for name, value in row.items()} for row in terms],
+                         lambda: crop([canvas.render().detach() for canvas in canvases], middles))
     except KeyboardInterrupt:
         interrupted = True
-    image = image.detach()
-    with torch.no_grad():  # the losses of the returned image, not of the one before the last step
-        final = objective_terms(layer_output(model, layer, image), target, target_norm, image, **weights)
-    losses = {name: value.item() for name, value in final.items()}
-    if not math.isfinite(sum(losses.values())):
-        raise diverged(lr, "became non-finite at the last step")
-    return Inversion(image, losses, iterations, interrupted)
+    with torch.no_grad():  # the losses of the returned images, not of the ones before the last step
+        wholes = [canvas.render() for canvas in canvases]
+        images = crop(wholes, middles)
+        final = evaluate(wholes, middles)
+    losses = [{**{name: value.item() for name, value in row.items()},
+               "feature_error": row["rec_loss"].item() / weights["C"]} for row in final]
+    if not all(math.isfinite(value) for row in losses for value in row.values()):
+        raise Diverged(lr, iterations, None)
+    return Inversion(images, losses, iterations, interrupted, settings)
 
 
 # ---------------------------------------------------------------- running and saving
@@ -380,16 +594,64 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def output_paths(args: argparse.Namespace) -> tuple:
+def output_paths(args: argparse.Namespace, image_path: str, layer_name: str) -> tuple:
     """The PNG path (--output, or <output_dir>/<stem>_<model>_<layer>.png) and the JSON beside it."""
     if args.output:
         png = Path(args.output)
         if png.suffix.lower() != ".png":
             raise UsageError(f"--output {png} must end in .png")
     else:
-        layer = seed_form(args.layer_name)  # features.4 and features_4 name the same file
-        png = Path(args.output_dir) / f"{Path(args.image_path).stem}_{args.model}_{layer}.png"
+        layer = seed_form(layer_name)  # features.4 and features_4 name the same file
+        png = Path(args.output_dir) / f"{Path(image_path).stem}_{args.model}_{layer}.png"
     return png, png.with_suffix(".json")
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this device can still allocate (MemAvailable on Linux, free GPU memory), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def check_memory(needed: float, device: torch.device, what: str) -> None:
+    """Refuse, before allocating, a job whose estimated memory exceeds what the device has free."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise UsageError(f"{what} needs about {needed / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}: use a smaller --input_size")
+
+
+def activation_bytes(model: nn.Module, layers: list, size: int, count: int, device: torch.device) -> float:
+    """Estimate an inversion's memory from a forward pass at a small size, scaled up by area."""
+    probe = min(size, 64)
+    elements = []
+
+    def count_output(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            elements.append(output.numel())
+
+    leaves = [module for module in model.modules() if not any(module.children())]
+    handles = [module.register_forward_hook(count_output) for module in leaves]
+    try:
+        with torch.no_grad():
+            layer_outputs(model, layers, torch.zeros(1, 3, probe, probe, device=device))
+    except FORWARD_ERRORS:
+        return 0.0  # the model refuses the probe size; the real size is checked when it runs
+    finally:
+        for handle in handles:
+            handle.remove()
+    # each activation is kept for the backward pass and gets a gradient: about three copies in fp32
+    return 3 * 4 * sum(elements) * (size / probe) ** 2 * count
 
 
 def check_writable(directory: Path) -> None:
@@ -419,21 +681,80 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def progress_reporter(epochs: int, every: int, quiet: bool):
-    """A tqdm bar and a loss line every `every` iterations, as a callback for `invert` (None when quiet)."""
+def progress_reporter(epochs: int, every: int, labels: list, quiet: bool):
+    """A tqdm bar and loss lines every `every` iterations, one per image (None when quiet)."""
     if quiet:
         return None, None
     bar = tqdm(total=epochs, unit="it", dynamic_ncols=True)
 
-    def report(step: int, losses: dict) -> None:
-        bar.set_postfix({name.removesuffix("_loss"): f"{value:.3g}" for name, value in losses.items()},
-                        refresh=False)
+    def report(step: int, losses: list, images: Callable) -> None:
         bar.update()
-        if step % every == 0 or step == epochs:
-            values = "  ".join(f"{name} {value:.4g}" for name, value in losses.items())
-            bar.write(f"iteration {step:>5}/{epochs}  {values}")
+        if step % every == 0 or step == epochs:  # .item() waits for a GPU, so only now and then
+            for label, row in zip(labels, losses):
+                values = "  ".join(f"{name} {value.item():.4g}" for name, value in row.items())
+                bar.write(f"iteration {step:>5}/{epochs}  {label}{values}")
 
     return report, bar
+
+
+def snapshot_saver(paths: list, every: int) -> tuple:
+    """A callback that writes every `every`-th iteration's images as PNG frames, and the frames kept."""
+    frames = [[] for _ in paths]
+
+    def save(step: int, losses: list, images: Callable) -> None:
+        if step % every == 0:
+            for path, kept, image in zip(paths, frames, images()):
+                picture = deprocess(image[None])
+                frame = path.with_name(f"{path.stem}_frames") / f"iteration_{step:05d}.png"
+                write_atomically(frame, lambda file: picture.save(file, format="PNG"))
+                kept.append(picture)
+
+    return save, frames
+
+
+def montage(original: Image.Image, tiles: list) -> Image.Image:
+    """A grid of labelled tiles: the original first, then each (label, picture) in order."""
+    tiles = [("original", original), *tiles]
+    side, label_height = original.width, 16
+    columns = math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (label, picture) in enumerate(tiles):
+        left, top = (index % columns) * side, (index // columns) * (side + label_height)
+        grid.paste(picture.resize((side, side)), (left, top))
+        draw.text((left + 4, top + side + 2), label, fill="black")
+    return grid
+
+
+def save_png(path: Path, picture: Image.Image) -> None:
+    """Write a PNG atomically."""
+    write_atomically(path, lambda file: picture.save(file, format="PNG"))
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """invert()'s keyword arguments from the parsed command line."""
+    names = ("objective", "optimizer", "param", "alpha", "beta", "lambda_alpha", "lambda_tv", "C", "jitter",
+             "epochs", "lr", "momentum", "decay_factor", "decay_epochs", "seed")
+    return {name: getattr(args, name) for name in names}
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """Turn --precision into fp32, bf16 or fp16 for this device."""
+    if spec == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    if spec != "auto":
+        return spec
+    return "bf16" if AUTO_BF16 and native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -446,44 +767,86 @@ def run(args: argparse.Namespace) -> int:
             print("  ".join(f"{cell:<24}" for cell in row).rstrip())
         return 0
     # the cheap checks come first, so that a typo fails before a model loads or downloads
-    reference = preprocess(load_image(args.image_path), args.input_size).to(device)
-    png_path, json_path = output_paths(args)
-    check_writable(png_path.parent)
+    image_paths = list(dict.fromkeys(args.image_path))
+    layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
+    stems = [Path(path).stem for path in image_paths]
+    if len(set(stems)) < len(stems):
+        raise UsageError("two --image_path files share a name stem, so their outputs would collide")
+    several = len(image_paths) * len(layer_names) > 1
+    if several and args.output:
+        raise UsageError("--output names one file: with several layers or images, use --output_dir")
+    precision = resolve_precision(args.precision, device)
+    count = len(image_paths) * len(layer_names)
+    # the images alone: a resized RGB copy, its tensor, and per row the canvas, its gradient and moments
+    check_memory(args.input_size ** 2 * 3 * (1 + 4 + 4 * 8 * count), torch.device("cpu"),
+                 f"--input_size {args.input_size}")
+    photos = [preprocess(load_image(path), args.input_size) for path in image_paths]
+    rows = [(photo, path, name) for photo, path in zip(photos, image_paths) for name in layer_names]
+    paths = [output_paths(args, path, name) for _, path, name in rows]
+    for png, _ in paths:
+        check_writable(png.parent)
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    _, layer = resolve_layer(model, args.layer_name)
-    report, bar = progress_reporter(args.epochs, args.stdout_epochs, args.quiet)
+    modules = {name: resolve_layer(model, name)[1] for name in layer_names}
+    check_memory(activation_bytes(model, list(modules.values()), args.input_size, count, device), device,
+                 f"inverting {', '.join(layer_names)} at --input_size {args.input_size}")
+
+    labels = [f"{Path(path).stem} {name}  " if several else "" for _, path, name in rows]
+    report, bar = progress_reporter(args.epochs, args.stdout_epochs, labels, args.quiet)
+    save, frames = snapshot_saver([png for png, _ in paths], args.save_every) if args.save_every else (None, None)
+    callbacks = [callback for callback in (report, save) if callback is not None]
     started = time.perf_counter()
     try:
-        result = invert(model, layer, reference, alpha=args.alpha, beta=args.beta,
-                        lambda_alpha=args.lambda_alpha, lambda_tv=args.lambda_tv, epochs=args.epochs,
-                        lr=args.lr, momentum=args.momentum, decay_factor=args.decay_factor,
-                        decay_epochs=args.decay_epochs, callback=report)
+        result = invert(model, [modules[name] for _, _, name in rows],
+                        torch.cat([photo for photo, _, _ in rows]).to(device),
+                        **settings_from_args(args), precision=precision,
+                        callback=lambda *state: [callback(*state) for callback in callbacks])
+    except Diverged as error:
+        for (png, _), image in zip(paths, [] if error.images is None else error.images):
+            save_png(png.with_suffix(".diverged.png"), deprocess(image[None]))
+        raise
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
 
-    record = {
-        "args": vars(args),
-        **result.losses,
-        "feature_error": result.losses["rec_loss"],
-        "iterations": result.iterations,
-        "seconds": round(seconds, 4),
-        "ms_per_iteration": round(1000 * seconds / max(result.iterations, 1), 3),
-        "device": str(device),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "interrupted": result.interrupted,
-    }
-    picture = deprocess(result.image)
-    write_atomically(png_path, lambda file: picture.save(file, format="PNG"))
-    write_atomically(json_path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+    pictures = [deprocess(image[None]) for image in result.image]
+    for (_, path, name), (png, json_path), picture, losses, settings in zip(
+            rows, paths, pictures, result.losses, result.settings):
+        record = {
+            "args": vars(args),
+            "image_path": path,
+            "layer_name": name,
+            "settings": settings,
+            **losses,
+            "iterations": result.iterations,
+            "seconds": round(seconds, 4),
+            "ms_per_iteration": round(1000 * seconds / max(result.iterations, 1), 3),
+            "batch": len(rows),
+            "precision": precision,
+            "device": str(device),
+            "torch_version": torch.__version__,
+            "torchvision_version": torchvision.__version__,
+            "interrupted": result.interrupted,
+        }
+        save_png(png, picture)
+        write_atomically(json_path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+        if not args.quiet:
+            print(f"saved {png} and {json_path.name}: feature_error {losses['feature_error']:.4f}")
+    if frames:
+        for (png, _), kept, picture in zip(paths, frames, pictures):
+            movie = kept + [picture]
+            write_atomically(png.with_suffix(".gif"), lambda file: movie[0].save(
+                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
+    if several:
+        for photo, path in zip(photos, image_paths):
+            tiles = [(name, picture) for (_, row_path, name), picture in zip(rows, pictures) if row_path == path]
+            grid = montage(deprocess(photo), tiles)
+            save_png(Path(args.output_dir) / f"{Path(path).stem}_{args.model}_montage.png", grid)
     if result.interrupted:
-        print(f"interrupted after {result.iterations} iterations: saved {png_path}", file=sys.stderr)
+        print(f"interrupted after {result.iterations} iterations: saved what it had", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(f"saved {png_path} and {json_path.name}: feature_error {record['feature_error']:.4f}, "
-              f"{seconds:.1f} s")
+        print(f"{len(rows)} inversion(s) in {seconds:.1f} s")
     return 0
 
 
@@ -495,6 +858,15 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default, except where the help text explains a default that depends on others."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, list):
+            return f"{action.help} (default: {' '.join(action.default)})"
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _checked(kind: type, test: Callable, requirement: str) -> Callable:
@@ -509,6 +881,7 @@ def _checked(kind: type, test: Callable, requirement: str) -> Callable:
 
 
 positive_int = _checked(int, lambda value: value > 0, "a positive integer")
+non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
 positive_float = _checked(float, lambda value: value > 0, "> 0")
 non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
 
@@ -516,41 +889,77 @@ non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line; every flag keeps the seed's name and default (except --lr: see README)."""
     parser = _ArgumentParser(
-        prog="invert.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="invert.py", formatter_class=_HelpFormatter,
         description="Recover an image whose activations at one layer of a torchvision CNN "
                     "match those of a photo (Mahendran & Vedaldi, CVPR 2015).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     add = parser.add_argument
-    add("--image_path", default=str(DEFAULT_IMAGE), help="the photo to invert (any format Pillow reads)")
+    add("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
+        help="the photo(s) to invert (any format Pillow reads); several are inverted together")
     add("--model", default="alexnet", help="a torchvision classification model name")
     add("--weights", default="DEFAULT",
         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
              "a path to a state-dict file, or 'none' for random weights")
     add("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
-    add("--layer_name", default="avgpool",
-        help="the layer to invert: features_4 (the seed's form) or features.4 (PyTorch's)")
+    add("--layer_name", nargs="+", default=["avgpool"],
+        help="the layer(s) to invert: features_4 (the seed's form) or features.4 (PyTorch's); "
+             "several are inverted together, in one batch")
     add("--list_layers", action="store_true", help="print every layer with its output shape, then exit")
+    add("--objective", choices=OBJECTIVES, default="paper",
+        help="seed: the seed's loss (lambdas 1e-5, noise start); paper: the IJCV 2016 normalised "
+             "loss with box constraint, jitter and two stages (see the README)")
+    add("--optimizer", choices=("sgd", "adam", "lbfgs"), default="adam",
+        help="sgd: SGD with momentum (the seed's); adam: Adam with --momentum as beta1; "
+             "lbfgs: L-BFGS, one step per iteration")
+    add("--param", choices=("pixel", "fft"), default="fft",
+        help="pixel: optimise pixels; fft: optimise a decorrelated-colour spectrum, as lucent does "
+             "(its start is faint noise whatever the --objective)")
     add("--alpha", type=positive_float, default=6.0, help="exponent of the alpha-norm prior")
     add("--beta", type=positive_float, default=2.0, help="exponent of the total-variation prior")
-    add("--lambda_alpha", type=non_negative_float, default=1e-5, help="weight of the alpha-norm prior")
-    add("--lambda_tv", type=non_negative_float, default=1e-5, help="weight of the total-variation prior")
+    add("--lambda_alpha", type=non_negative_float, default=None,
+        help="weight of the alpha-norm prior (default: 1e-05 with --objective seed, 1 with paper)")
+    add("--lambda_tv", type=non_negative_float, default=None,
+        help="weight of the total-variation prior (default: 1e-05 with --objective seed, 1 with paper)")
+    add("--C", type=positive_float, default=None,
+        help=f"weight of the feature term of --objective paper "
+             f"(default: {OBJECTIVE_DEFAULTS['paper']['C']:g}; the paper used 1 to 300)")
+    add("--jitter", type=non_negative_int, default=None,
+        help="random shift of the image each iteration, 0 to N pixels on each axis, until the first "
+             "learning-rate decay (default with --objective paper: a quarter of the layer's stride, less "
+             "one, as the authors' code; 0 with seed)")
     add("--epochs", type=positive_int, default=200, help="optimisation iterations")
-    add("--lr", type=positive_float, default=DEFAULT_LR,
-        help="SGD learning rate (the seed's 1e-2 leaves the image as noise)")
-    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    add("--lr", type=positive_float, default=None,
+        help="learning rate (default: " + ", ".join(
+            f"{rate:g} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
+        + "; the seed's 1e-2 leaves the image as noise)")
+    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum, or Adam's beta1")
     add("--stdout_epochs", type=positive_int, default=25, help="print the losses every this many iterations")
     add("--decay_factor", type=positive_float, default=0.1, help="learning-rate multiplier at each decay")
-    add("--decay_epochs", type=positive_int, default=200, help="iterations between learning-rate decays")
+    add("--decay_epochs", type=positive_int, default=None,
+        help="iterations between learning-rate decays (default: 200 with --objective seed, as the "
+             "seed; 6/7 of --epochs with paper, its two stages)")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     add("--seed", type=int, default=2023, help="random seed for Python and torch (CPU and CUDA)")
     add("--output", default=None, help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
     add("--output_dir", default="outputs", help="folder for outputs, created if missing")
+    add("--save_every", type=non_negative_int, default=0,
+        help="also save every N-th iteration as <name>_frames/iteration_N.png, and <name>.gif (0: off)")
+    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="the forward pass's precision, losses stay fp32 (auto: fp32 unless the README says "
+             "bf16 measured as good on this hardware; fp16 needs CUDA)")
     add("--quiet", action="store_true", help="no progress bar and no loss lines")
     return parser.parse_args(argv)
 
 
+def _interrupt(signum, frame):
+    """Turn SIGTERM into the KeyboardInterrupt that Ctrl-C raises, so that it saves the same way."""
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     """The command line: parse, run, and turn expected failures into one-line messages and exit codes."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return run(parse_args(argv))
     except UsageError as error:
@@ -559,6 +968,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("invert.py: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -238,21 +238,38 @@ def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
     return spellings[layer_name], model.get_submodule(spellings[layer_name])
 
 
-def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> dict:
-    """Run `model` on `images` until every module in `layers` has run and return {module: output}.
+def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> list:
+    """Run `model` on `images` until each row has reached its layer in `layers`; return each row's output.
 
-    The forward pass stops as soon as the last of them has run, so later layers are never computed.
+    The forward pass stops as soon as the deepest layer has run, so later layers are never computed.
+    Where the layers are children of one plain nn.Sequential, each row also leaves the batch at its
+    own layer: the rest of the chain runs only for the rows that need it.
     """
     wanted = list(dict.fromkeys(layers))
-    captured = {}
+    chain = chain_of(model, wanted) if len(wanted) > 1 else None
+    outputs = [None] * len(layers)
+    alive = list(range(len(layers)))  # the rows in the batch as it reaches each layer
+    reached = set()
 
     def hook(module, inputs, output):
-        if module not in captured:
-            # a copy where another layer still has to run: an in-place ReLU could change this output
-            several = len(wanted) > 1 and isinstance(output, torch.Tensor)
-            captured[module] = output.clone() if several else output
-        if len(captured) == len(wanted):
+        if module in reached:
+            return None
+        reached.add(module)
+        if not isinstance(output, torch.Tensor):
+            raise UsageError(f"a chosen layer returns a {type(output).__name__}, not a tensor; "
+                             "choose another (see --list_layers)")
+        staying = [index for index, row in enumerate(alive) if layers[row] is not module]
+        # where the whole batch runs on, a copy: an in-place ReLU could change this output
+        source = output if chain is not None or len(reached) == len(wanted) else output.clone()
+        for index, row in enumerate(alive):
+            if layers[row] is module:
+                outputs[row] = source[index:index + 1]
+        if len(reached) == len(wanted):
             raise _LayerReached
+        if chain is not None:
+            alive[:] = [alive[index] for index in staying]
+            return output[staying]
+        return None
 
     handles = [layer.register_forward_hook(hook) for layer in wanted]
     try:
@@ -262,13 +279,19 @@ def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
     finally:
         for handle in handles:
             handle.remove()
-    for layer in wanted:
-        if layer not in captured:
-            raise UsageError("a chosen layer is not used in the model's forward pass")
-        if not isinstance(captured[layer], torch.Tensor):
-            raise UsageError(f"a chosen layer returns a {type(captured[layer]).__name__}, not a tensor; "
-                             "choose another (see --list_layers)")
-    return captured
+    if len(reached) < len(wanted):
+        raise UsageError("a chosen layer is not used in the model's forward pass")
+    return outputs
+
+
+def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
+    """The plain nn.Sequential (no forward of its own) whose direct children all of `layers` are."""
+    for module in model.modules():
+        if type(module).forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
+            children = [id(child) for child in module.children()]
+            if all(id(layer) in children for layer in layers):
+                return module
+    return None
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -316,10 +339,13 @@ def pixel_norm_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def tv_prior(image: torch.Tensor, beta: float) -> torch.Tensor:
     """Total variation sum((dx^2 + dy^2)^(beta/2)), differences taken horizontally and vertically."""
-    dx = nn.functional.pad(image[..., :, 1:] - image[..., :, :-1], (1, 0, 0, 0))
-    dy = nn.functional.pad(image[..., 1:, :] - image[..., :-1, :], (0, 0, 1, 0))
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    if beta == 2:  # the common case, in a third of the time
+        return dx.square().sum() + dy.square().sum()
+    squares = nn.functional.pad(dx.square(), (1, 0, 0, 0)) + nn.functional.pad(dy.square(), (0, 0, 1, 0))
     # the clamp keeps the gradient finite where both differences are 0 and beta < 2
-    return (dx.square() + dy.square()).clamp_min(1e-12).pow(beta / 2).sum()
+    return squares.clamp_min(1e-12).pow(beta / 2).sum()
 
 
 def to_paper_units(image: torch.Tensor) -> torch.Tensor:
@@ -342,10 +368,10 @@ def objective_terms(objective: str, features, target, target_norm, image, *, alp
             "tv_loss": lambda_tv * tv_prior(pixels, beta) / (area * PAPER_V ** beta)}
 
 
-def apply_box_constraint(image: torch.Tensor) -> None:
-    """Shrink, in place, every pixel whose RGB norm in the paper's 0-255 units exceeds 2B."""
+def box_constraint(image: torch.Tensor) -> torch.Tensor:
+    """The image with every pixel whose RGB norm in the paper's 0-255 units exceeds 2B shrunk to 2B."""
     norms = to_paper_units(image).square().sum(dim=1, keepdim=True).sqrt()
-    image.mul_((2 * PAPER_B / norms).clamp(max=1.0))
+    return image * (2 * PAPER_B / norms).clamp(max=1.0)
 
 
 # ---------------------------------------------------------------- inversion
@@ -392,17 +418,13 @@ class PixelImage:
         """The normalised image."""
         return self.variable
 
-    def assign(self, image: torch.Tensor) -> None:
-        """Set the variable so that render() gives `image`."""
-        self.variable.data.copy_(image)
-
 
 class FourierImage:
     """lucent's parameterisation: a decorrelated-colour spectrum scaled by 1/frequency, so that the
     optimiser moves low frequencies first and the image stays smooth."""
 
-    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device):
-        self.size = shape[-2:]
+    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device, boxed: bool):
+        self.size, self.boxed = shape[-2:], boxed
         frequency_y = torch.fft.fftfreq(self.size[0], device=device)[:, None]
         frequency_x = torch.fft.rfftfreq(self.size[1], device=device)[None, :]
         frequency = (frequency_y.square() + frequency_x.square()).sqrt()
@@ -417,13 +439,9 @@ class FourierImage:
         """The normalised image."""
         spectrum = torch.view_as_complex(self.variable) * self.scale
         decorrelated = torch.fft.irfftn(spectrum, s=self.size, dim=(-2, -1), norm="ortho")
-        return torch.einsum("ij,bjhw->bihw", self.colour, decorrelated) / self.std
-
-    def assign(self, image: torch.Tensor) -> None:
-        """Set the variable so that render() gives `image`."""
-        decorrelated = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.colour), image * self.std)
-        spectrum = torch.fft.rfftn(decorrelated, dim=(-2, -1), norm="ortho") / self.scale
-        self.variable.data.copy_(torch.view_as_real(spectrum))
+        image = torch.einsum("ij,bjhw->bihw", self.colour, decorrelated) / self.std
+        # the box constraint as part of the image's definition: cheaper than a projection, two FFTs
+        return box_constraint(image) if self.boxed else image
 
 
 def make_optimizer(name: str, variables: list, lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -469,7 +487,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
         raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, references.shape[1:]))} "
                          f"input: change --input_size ({one_line(error)})") from None
-    targets = [outputs[layer][row:row + 1].float() for row, layer in enumerate(layers)]
+    targets = [output.float() for output in outputs]
     target_norms = [target.square().sum() for target in targets]
     if any(norm == 0 for norm in target_norms):
         raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")
@@ -491,7 +509,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
     canvases = []
     for shift, generator in zip(shifts, generators):
         shape = (1, 3, height + shift, width + shift)
-        canvases.append(FourierImage(shape, generator, device) if param == "fft"
+        canvases.append(FourierImage(shape, generator, device, boxed=objective == "paper") if param == "fft"
                         else PixelImage(initial_image(objective, shape, generator).to(device)))
     middles = [(shift // 2, shift // 2) for shift in shifts]
 
@@ -501,9 +519,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
     def evaluate(images: list, offsets: list) -> list:
         with autocast(precision, device):
             outputs = layer_outputs(model, layers, crop(images, offsets))
-        return [objective_terms(objective, outputs[layer][row:row + 1].float(), targets[row],
-                                target_norms[row], images[row], **weights)
-                for row, layer in enumerate(layers)]
+        return [objective_terms(objective, output.float(), targets[row], target_norms[row], images[row],
+                                **weights) for row, output in enumerate(outputs)]
 
     steps = make_optimizer(optimizer, [canvas.variable for canvas in canvases], lr, momentum)
     scheduler = torch.optim.lr_scheduler.StepLR(steps, step_size=last_jitter_step, gamma=decay_factor)
@@ -534,12 +551,10 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
                     canvas.variable.data.copy_(variable)
                 raise Diverged(lr, step, crop([canvas.render().detach() for canvas in canvases], middles)
                                if step > 1 else None)
-            if objective == "paper":
+            if objective == "paper" and param == "pixel":  # a Fourier image is boxed as it renders
                 with torch.no_grad():
                     for canvas in canvases:
-                        image = canvas.render()
-                        apply_box_constraint(image)
-                        canvas.assign(image)
+                        canvas.variable.copy_(box_constraint(canvas.variable))
             scheduler.step()
             iterations = step
             if callback is not None:
@@ -631,7 +646,7 @@ def check_memory(needed: float, device: torch.device, what: str) -> None:
                          f"{free / 2**30:.1f} GiB free on {device}: use a smaller --input_size")
 
 
-def activation_bytes(model: nn.Module, layers: list, size: int, count: int, device: torch.device) -> float:
+def activation_bytes(model: nn.Module, layers: list, size: int, images: int, device: torch.device) -> float:
     """Estimate an inversion's memory from a forward pass at a small size, scaled up by area."""
     probe = min(size, 64)
     elements = []
@@ -644,14 +659,14 @@ def activation_bytes(model: nn.Module, layers: list, size: int, count: int, devi
     handles = [module.register_forward_hook(count_output) for module in leaves]
     try:
         with torch.no_grad():
-            layer_outputs(model, layers, torch.zeros(1, 3, probe, probe, device=device))
+            layer_outputs(model, layers, torch.zeros(len(layers), 3, probe, probe, device=device))
     except FORWARD_ERRORS:
         return 0.0  # the model refuses the probe size; the real size is checked when it runs
     finally:
         for handle in handles:
             handle.remove()
     # each activation is kept for the backward pass and gets a gradient: about three copies in fp32
-    return 3 * 4 * sum(elements) * (size / probe) ** 2 * count
+    return 3 * 4 * sum(elements) * (size / probe) ** 2 * images
 
 
 def check_writable(directory: Path) -> None:
@@ -787,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
         check_writable(png.parent)
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
     modules = {name: resolve_layer(model, name)[1] for name in layer_names}
-    check_memory(activation_bytes(model, list(modules.values()), args.input_size, count, device), device,
+    check_memory(activation_bytes(model, list(modules.values()), args.input_size, len(image_paths), device), device,
                  f"inverting {', '.join(layer_names)} at --input_size {args.input_size}")
 
     labels = [f"{Path(path).stem} {name}  " if several else "" for _, path, name in rows]

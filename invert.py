@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Invert one layer of a pretrained CNN: find an image whose activations there match a photo's.
 
-Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them" (CVPR 2015).
+Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them" (CVPR 2015), with
+the normalised objective of their IJCV 2016 follow-up.
 
     python invert.py --image_path reference_images/astronaut.jpg --model alexnet --layer_name features_4
+    python invert.py --model vgg16 --layer_name features_4 features_9 features_16 features_23
 """
 import argparse
 import contextlib
@@ -57,6 +59,8 @@ DEFAULT_LRS = {
 }
 # lucent's square root of ImageNet's colour correlation, for --param fft
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+# --jitter auto: the authors' jitter, a quarter of the layer's stride less one
+AUTO_JITTER = -1
 # Whether --precision auto picks bf16 where the hardware runs it natively (see the README).
 AUTO_BF16 = False
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
@@ -91,16 +95,17 @@ def load_image(path) -> Image.Image:
         raise UsageError(f"--image_path {path} is a directory, not an image")
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)  # a loaded copy, upright
+            return to_rgb(ImageOps.exif_transpose(opened))  # a loaded copy, upright
     except FileNotFoundError:
         raise UsageError(f"--image_path {path}: no such file") from None
     except PermissionError:
         raise UsageError(f"--image_path {path}: permission denied") from None
     except Image.DecompressionBombError as error:
         raise UsageError(f"--image_path {path} is too large to decode safely ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for bad or truncated data
+    except MemoryError:
+        raise UsageError(f"--image_path {path} is too large to decode in the memory available") from None
+    except Exception as error:  # Pillow's decoders raise many types for damaged or hostile data
         raise UsageError(f"--image_path {path} is not a readable image ({one_line(error)})") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -200,7 +205,9 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
     if not path.is_file():
         raise UsageError(f"--weights {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UsageError(f"--weights {path} was refused: it holds Python objects beyond tensors, and "
                          "only plain state dicts are loaded (a pickle could run code)") from None
@@ -386,15 +393,14 @@ class Diverged(UsageError):
         self.images = images
 
 
-def default_settings(objective: str, optimizer: str, param: str, epochs: int, stride: int) -> dict:
-    """The settings that depend on the objective, the optimizer and the layer's stride."""
+def default_settings(objective: str, optimizer: str, param: str, epochs: int) -> dict:
+    """The settings whose defaults depend on the objective and the optimizer."""
     return {
         **OBJECTIVE_DEFAULTS[objective],
         "lr": DEFAULT_LRS[objective, optimizer, param],
         # the paper's two stages: 6/7 of the iterations with jitter, then the rest at 0.1x the rate
         "decay_epochs": max(1, round(epochs * 6 / 7)) if objective == "paper" else 200,
-        # the authors' code crops at one of max(1, round(stride / 4)) offsets per axis
-        "jitter": max(1, round(stride / 4)) - 1 if objective == "paper" else 0,
+        "jitter": 0,  # the paper's max(1, round(stride / 4)) - 1 measured worse at every layer
     }
 
 
@@ -494,10 +500,13 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
     height, width = references.shape[-2:]
     chosen = dict(lambda_alpha=lambda_alpha, lambda_tv=lambda_tv, C=C, jitter=jitter, lr=lr,
                   decay_epochs=decay_epochs)
-    settings = [{**default_settings(objective, optimizer, param, epochs,
-                                    height // target.shape[-1] if target.dim() == 4 else height),
+    settings = [{**default_settings(objective, optimizer, param, epochs),
                  **{name: value for name, value in chosen.items() if value is not None}}
-                for target in targets]
+                for _ in targets]
+    for row, target in zip(settings, targets):
+        if row["jitter"] == AUTO_JITTER:  # the authors' code crops at max(1, round(stride / 4)) offsets
+            stride = height // target.shape[-1] if target.dim() == 4 else height
+            row["jitter"] = max(1, round(stride / 4)) - 1
     weights = dict(alpha=alpha, beta=beta, lambda_alpha=settings[0]["lambda_alpha"],
                    lambda_tv=settings[0]["lambda_tv"], C=settings[0]["C"])
     lr, last_jitter_step = settings[0]["lr"], settings[0]["decay_epochs"]
@@ -543,14 +552,15 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
                 return loss
 
             checking = step % check_every == 0 or step == epochs
-            if checking:
-                last_finite = [canvas.variable.detach().clone() for canvas in canvases]
+            before = [canvas.variable.detach().clone() for canvas in canvases] if checking else None
             loss = steps.step(closure)
-            if checking and not torch.isfinite(loss):
-                for canvas, variable in zip(canvases, last_finite):
-                    canvas.variable.data.copy_(variable)
-                raise Diverged(lr, step, crop([canvas.render().detach() for canvas in canvases], middles)
-                               if step > 1 else None)
+            if checking:
+                if not torch.isfinite(loss):  # put back the last images whose loss was finite
+                    for canvas, variable in zip(canvases, last_finite or []):
+                        canvas.variable.data.copy_(variable)
+                    raise Diverged(lr, step, None if last_finite is None else
+                                   crop([canvas.render().detach() for canvas in canvases], middles))
+                last_finite = before
             if objective == "paper" and param == "pixel":  # a Fourier image is boxed as it renders
                 with torch.no_grad():
                     for canvas in canvases:
@@ -678,14 +688,16 @@ def check_writable(directory: Path) -> None:
 
 def write_atomically(path: Path, write: Callable) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:  # a full disk, a folder that vanished: the old file, if any, stays
+        raise UsageError(f"could not write {path} ({one_line(error)})") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -897,16 +909,21 @@ def _checked(kind: type, test: Callable, requirement: str) -> Callable:
 
 positive_int = _checked(int, lambda value: value > 0, "a positive integer")
 non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+
+
+def jitter_amount(text: str) -> int:
+    """--jitter: a number of pixels, or 'auto' for the authors' choice from the layer's stride."""
+    return AUTO_JITTER if text == "auto" else non_negative_int(text)
 positive_float = _checked(float, lambda value: value > 0, "> 0")
 non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line; every flag keeps the seed's name and default (except --lr: see README)."""
+    """Parse the command line: the seed's flags keep their names, and their defaults under --objective seed."""
     parser = _ArgumentParser(
         prog="invert.py", formatter_class=_HelpFormatter,
-        description="Recover an image whose activations at one layer of a torchvision CNN "
-                    "match those of a photo (Mahendran & Vedaldi, CVPR 2015).",
+        description="Recover images whose activations at layers of a torchvision CNN match those "
+                    "of photos (Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     add = parser.add_argument
     add("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
@@ -936,12 +953,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lambda_tv", type=non_negative_float, default=None,
         help="weight of the total-variation prior (default: 1e-05 with --objective seed, 1 with paper)")
     add("--C", type=positive_float, default=None,
-        help=f"weight of the feature term of --objective paper "
-             f"(default: {OBJECTIVE_DEFAULTS['paper']['C']:g}; the paper used 1 to 300)")
-    add("--jitter", type=non_negative_int, default=None,
+        help=f"weight C of the feature term (default: {OBJECTIVE_DEFAULTS['paper']['C']:g} with --objective "
+             "paper, 1 with seed; the paper used 1 to 300)")
+    add("--jitter", type=jitter_amount, default=0,
         help="random shift of the image each iteration, 0 to N pixels on each axis, until the first "
-             "learning-rate decay (default with --objective paper: a quarter of the layer's stride, less "
-             "one, as the authors' code; 0 with seed)")
+             "learning-rate decay; 'auto' is the authors' choice, a quarter of the layer's stride less one")
     add("--epochs", type=positive_int, default=200, help="optimisation iterations")
     add("--lr", type=positive_float, default=None,
         help="learning rate (default: " + ", ".join(

@@ -104,15 +104,15 @@ def test_paper_terms_are_normalised_in_0_255_units():
     assert terms["tv_loss"].item() == pytest.approx(2 * 6.5 ** 2 / 4, rel=1e-4)
 
 
-def test_jitter_keeps_the_image_shape_and_its_default_follows_the_stride(tiny):
+def test_jitter_keeps_the_image_shape_and_auto_follows_the_stride(tiny):
     reference = torch.randn(1, 3, 17, 15)
     result = invert.invert(tiny, tiny[3], reference, objective="paper", jitter=3, epochs=6)
     assert result.image.shape == reference.shape and result.settings[0]["jitter"] == 3
     strided = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16)).eval().requires_grad_(False)
-    result = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), objective="paper", epochs=2)
+    result = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), jitter=invert.AUTO_JITTER, epochs=2)
     assert result.settings[0]["jitter"] == 3 and result.image.shape == (1, 3, 64, 64)  # 4 offsets: 0 to 3
-    assert invert.invert(strided, strided[0], torch.randn(1, 3, 32, 32), epochs=2,
-                         objective="seed").settings[0]["jitter"] == 0
+    assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).settings[0]["jitter"] == 0
+    assert invert.parse_args(["--jitter", "auto"]).jitter == invert.AUTO_JITTER
 
 
 def test_jitter_stops_at_the_first_decay(tiny, monkeypatch):
@@ -601,7 +601,7 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         file.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(invert.UsageError, match="could not write"):
         invert.write_atomically(target, fail_halfway)
     assert target.read_bytes() == b"old"
     assert [path.name for path in tmp_path.iterdir()] == ["result.png"]

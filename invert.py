@@ -491,7 +491,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
         with torch.no_grad(), autocast(precision, device):
             outputs = layer_outputs(model, layers, references)
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
-        raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, references.shape[1:]))} "
+        shape = "x".join(map(str, references.shape[1:]))
+        raise UsageError(f"the model cannot compute this layer for a {shape} "
                          f"input: change --input_size ({one_line(error)})") from None
     targets = [output.float() for output in outputs]
     target_norms = [target.square().sum() for target in targets]
@@ -523,7 +524,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
     middles = [(shift // 2, shift // 2) for shift in shifts]
 
     def crop(images: list, offsets: list) -> torch.Tensor:
-        return torch.cat([image[..., dy:dy + height, dx:dx + width] for image, (dy, dx) in zip(images, offsets)])
+        return torch.cat([image[..., dy:dy + height, dx:dx + width]
+                          for image, (dy, dx) in zip(images, offsets)])
 
     def evaluate(images: list, offsets: list) -> list:
         with autocast(precision, device):
@@ -799,11 +801,11 @@ def run(args: argparse.Namespace) -> int:
     stems = [Path(path).stem for path in image_paths]
     if len(set(stems)) < len(stems):
         raise UsageError("two --image_path files share a name stem, so their outputs would collide")
-    several = len(image_paths) * len(layer_names) > 1
+    count = len(image_paths) * len(layer_names)
+    several = count > 1
     if several and args.output:
         raise UsageError("--output names one file: with several layers or images, use --output_dir")
     precision = resolve_precision(args.precision, device)
-    count = len(image_paths) * len(layer_names)
     # the images alone: a resized RGB copy, its tensor, and per row the canvas, its gradient and moments
     check_memory(args.input_size ** 2 * 3 * (1 + 4 + 4 * 8 * count), torch.device("cpu"),
                  f"--input_size {args.input_size}")
@@ -814,19 +816,21 @@ def run(args: argparse.Namespace) -> int:
         check_writable(png.parent)
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
     modules = {name: resolve_layer(model, name)[1] for name in layer_names}
-    check_memory(activation_bytes(model, list(modules.values()), args.input_size, len(image_paths), device), device,
-                 f"inverting {', '.join(layer_names)} at --input_size {args.input_size}")
+    needed = activation_bytes(model, list(modules.values()), args.input_size, len(image_paths), device)
+    check_memory(needed, device, f"inverting {', '.join(layer_names)} at --input_size {args.input_size}")
 
     labels = [f"{Path(path).stem} {name}  " if several else "" for _, path, name in rows]
     report, bar = progress_reporter(args.epochs, args.stdout_epochs, labels, args.quiet)
-    save, frames = snapshot_saver([png for png, _ in paths], args.save_every) if args.save_every else (None, None)
+    save, frames = (snapshot_saver([png for png, _ in paths], args.save_every) if args.save_every
+                    else (None, None))
     callbacks = [callback for callback in (report, save) if callback is not None]
     started = time.perf_counter()
     try:
         result = invert(model, [modules[name] for _, _, name in rows],
                         torch.cat([photo for photo, _, _ in rows]).to(device),
                         **settings_from_args(args), precision=precision,
-                        callback=lambda *state: [callback(*state) for callback in callbacks])
+                        callback=(lambda *state: [callback(*state) for callback in callbacks])
+                        if callbacks else None)
     except Diverged as error:
         for (png, _), image in zip(paths, [] if error.images is None else error.images):
             save_png(png.with_suffix(".diverged.png"), deprocess(image[None]))
@@ -866,7 +870,8 @@ def run(args: argparse.Namespace) -> int:
                 file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
     if several:
         for photo, path in zip(photos, image_paths):
-            tiles = [(name, picture) for (_, row_path, name), picture in zip(rows, pictures) if row_path == path]
+            tiles = [(name, picture) for (_, row_path, name), picture in zip(rows, pictures)
+                     if row_path == path]
             grid = montage(deprocess(photo), tiles)
             save_png(Path(args.output_dir) / f"{Path(path).stem}_{args.model}_montage.png", grid)
     if result.interrupted:
@@ -919,7 +924,7 @@ non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line: the seed's flags keep their names, and their defaults under --objective seed."""
+    """Parse the command line; the seed's flags keep their names and, under its objective, defaults."""
     parser = _ArgumentParser(
         prog="invert.py", formatter_class=_HelpFormatter,
         description="Recover images whose activations at layers of a torchvision CNN match those "

@@ -8,6 +8,7 @@
 (c) one call with 5 layers / 5 separate process calls, start-up included (target <= 0.5)
 (d) the same for 4 images
 (e) fp32 / bf16 ms per iteration, and the SSIM of each on the trained stand-in
+(f) the defaults' ms per iteration / the seed objective's (SGD, pixels) at vgg16_bn's benchmark layers
 
 Random weights (--weights none) except for SSIM: speed does not depend on trained values.
 Run it alone: a second torch process on the same cores skews every figure.
@@ -138,11 +139,24 @@ def main() -> None:
                                  "--output_dir", f"{scratch}/d4"]) for image in images)
         print(f"    {together:.1f} / {apart:.1f} s = {together / apart:.2f}")
 
+    print("\n(f) the defaults / the seed objective with SGD, ms per iteration, vgg16_bn at 224, "
+          "each timed twice, alternating (target <= 1)")
+    reference = invert.preprocess(photo, 224)
+    for index in (5, 12, 22, 32):
+        times = {"default": [], "seed": []}
+        for _ in range(2):
+            for label, settings in [("default", {}), ("seed", SEED_CONFIG)]:
+                times[label].append(invert_ms(vgg, vgg.features[index], reference, options.steps, **settings))
+        ours, seed = min(times["default"]), min(times["seed"])
+        print(f"    features_{index}: {ours:.1f} / {seed:.1f} ms = {ours / seed:.3f}")
+
     print("\n(e) fp32 / bf16 ms per iteration, default settings (bf16 runs as autocast around the forward)")
     for name, model, index, size in cases:
         reference = invert.preprocess(photo, size)
         fp32 = invert_ms(model, model.features[index], reference, options.steps)
-        bf16 = invert_ms(model, model.features[index], reference, options.steps, precision="bf16")
+        # emulated bf16 (no AMX or AVX512-BF16) runs about 20 times slower: a few iterations tell
+        bf16_steps = options.steps if invert.native_bf16(torch.device("cpu")) else 3
+        bf16 = invert_ms(model, model.features[index], reference, bf16_steps, precision="bf16")
         print(f"    {name} features_{index}: {fp32:.1f} / {bf16:.1f} ms = {fp32 / bf16:.2f}")
     if options.proxy:
         from benchmark_quality import ssim

@@ -780,9 +780,14 @@ def resolve_precision(spec: str, device: torch.device) -> str:
 def native_bf16(device: torch.device) -> bool:
     """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3 has no including_emulation, and counts only native bf16
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # private helpers, absent from older torch: then assume no
+        checks = [getattr(torch.cpu, name, None)
+                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return any(check() for check in checks if check is not None)
     return False
 
 

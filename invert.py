@@ -527,6 +527,9 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
         return torch.cat([image[..., dy:dy + height, dx:dx + width]
                           for image, (dy, dx) in zip(images, offsets)])
 
+    def current_images() -> torch.Tensor:
+        return crop([canvas.render().detach() for canvas in canvases], middles)
+
     def evaluate(images: list, offsets: list) -> list:
         with autocast(precision, device):
             outputs = layer_outputs(model, layers, crop(images, offsets))
@@ -560,8 +563,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
                 if not torch.isfinite(loss):  # put back the last images whose loss was finite
                     for canvas, variable in zip(canvases, last_finite or []):
                         canvas.variable.data.copy_(variable)
-                    raise Diverged(lr, step, None if last_finite is None else
-                                   crop([canvas.render().detach() for canvas in canvases], middles))
+                    raise Diverged(lr, step, None if last_finite is None else current_images())
                 last_finite = before
             if objective == "paper" and param == "pixel":  # a Fourier image is boxed as it renders
                 with torch.no_grad():
@@ -571,7 +573,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
             iterations = step
             if callback is not None:
                 callback(step, [{name: value.detach() for name, value in row.items()} for row in terms],
-                         lambda: crop([canvas.render().detach() for canvas in canvases], middles))
+                         current_images)
     except KeyboardInterrupt:
         interrupted = True
     with torch.no_grad():  # the losses of the returned images, not of the ones before the last step
@@ -734,8 +736,7 @@ def snapshot_saver(paths: list, every: int) -> tuple:
         if step % every == 0:
             for path, kept, image in zip(paths, frames, images()):
                 picture = deprocess(image[None])
-                frame = path.with_name(f"{path.stem}_frames") / f"iteration_{step:05d}.png"
-                write_atomically(frame, lambda file: picture.save(file, format="PNG"))
+                save_png(path.with_name(f"{path.stem}_frames") / f"iteration_{step:05d}.png", picture)
                 kept.append(picture)
 
     return save, frames

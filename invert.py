@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Invert one layer of a pretrained CNN: find an image whose activations there match a photo's.
+"""Invert layers of a pretrained CNN: find images whose activations there match a photo's.
 
 Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them" (CVPR 2015), with
 the normalised objective of their IJCV 2016 follow-up.
 
     python invert.py --image_path reference_images/astronaut.jpg --model alexnet --layer_name features_4
     python invert.py --model vgg16 --layer_name features_4 features_9 features_16 features_23
+
+From Python, on any nn.Module:
+
+    from invert import invert
+    result = invert(model, model.features[4], photo_tensor, objective="seed", epochs=100)
 """
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import json
 import math
@@ -21,8 +27,9 @@ import threading
 import time
 import urllib.parse
 import warnings
+from fractions import Fraction
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torchvision
@@ -37,6 +44,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
 OBJECTIVES = ("seed", "paper")
+OPTIMIZERS = ("sgd", "adam", "lbfgs")
+PARAMS = ("pixel", "fft")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # The paper's pixel scales in its mean-subtracted 0-255 units (Mahendran & Vedaldi, IJCV 2016):
@@ -44,12 +54,16 @@ TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # neighbouring pixels.
 PAPER_B = 80.0
 PAPER_V = PAPER_B / 6.5
-# Defaults that depend on --objective: the seed's weights, and the paper's normalised terms.
+# What --objective decides when a flag is not given. seed: the original design's whole method.
+# paper: the normalised terms, on the parameterisation and optimizer measured best for them. A
+# Fraction is a share of --epochs: the paper's two stages decay the rate after 6/7 of them.
 OBJECTIVE_DEFAULTS = {
-    "seed": {"lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0},
-    "paper": {"lambda_alpha": 1.0, "lambda_tv": 1.0, "C": 100.0},
+    "seed": {"optimizer": "sgd", "param": "pixel", "lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0,
+             "decay_epochs": 200},
+    "paper": {"optimizer": "adam", "param": "fft", "lambda_alpha": 1.0, "lambda_tv": 1.0, "C": 100.0,
+              "decay_epochs": Fraction(6, 7)},
 }
-# Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (see the README).
+# Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (tests/README.md).
 # The seed's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
 DEFAULT_LRS = {
     ("seed", "sgd", "pixel"): 100.0, ("seed", "adam", "pixel"): 0.1, ("seed", "lbfgs", "pixel"): 1.0,
@@ -59,10 +73,10 @@ DEFAULT_LRS = {
 }
 # lucent's square root of ImageNet's colour correlation, for --param fft
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
-# --jitter auto: the authors' jitter, a quarter of the layer's stride less one
-AUTO_JITTER = -1
-# Whether --precision auto picks bf16 where the hardware runs it natively (see the README).
+# Whether --precision auto picks bf16 where the hardware runs it natively (see tests/README.md).
 AUTO_BF16 = False
+# .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
+GPU_CHECK_EVERY = 25
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
 FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
@@ -75,14 +89,117 @@ class _LayerReached(Exception):
     """Raised by the layer hook so that the forward pass stops at the hooked layer."""
 
 
-class Inversion(NamedTuple):
-    """The result of `invert`: the normalised images, and per image its final losses and settings."""
+# ---------------------------------------------------------------- settings
 
-    image: torch.Tensor
-    losses: list
-    iterations: int
-    interrupted: bool
-    settings: list
+
+def _checked(kind: type, test: Callable, requirement: str) -> Callable:
+    """An argparse type that parses `kind` and insists on a finite value for which `test` holds."""
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
+
+
+positive_int = _checked(int, lambda value: value > 0, "a positive integer")
+non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda value: value > 0, "> 0")
+non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
+
+
+def jitter_amount(text: str) -> Union[int, str]:
+    """--jitter: a number of pixels, or 'auto' for the authors' choice from the layer's stride."""
+    return "auto" if text == "auto" else non_negative_int(text)
+
+
+def setting(default, help: str, **argparse_options):
+    """A field of Settings: its default, its help, and how argparse reads it."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How to invert. Each field is a keyword of invert() and a flag of the command line; None
+    means the default that OBJECTIVE_DEFAULTS and DEFAULT_LRS give for the objective."""
+
+    objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas "
+                             "1e-5); paper: the IJCV 2016 normalised loss with box constraint and two "
+                             "stages (see the README)", choices=OBJECTIVES)
+    optimizer: Optional[str] = setting(None, "sgd: SGD with momentum; adam: Adam with --momentum as "
+                                       "beta1; lbfgs: L-BFGS, one step per iteration", choices=OPTIMIZERS)
+    param: Optional[str] = setting(None, "pixel: optimise pixels; fft: optimise a decorrelated-colour "
+                                   "spectrum, as lucent does", choices=PARAMS)
+    alpha: float = setting(6.0, "exponent of the alpha-norm prior", type=positive_float)
+    beta: float = setting(2.0, "exponent of the total-variation prior", type=positive_float)
+    lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=non_negative_float)
+    lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=non_negative_float)
+    C: Optional[float] = setting(None, "weight of the feature term (the paper used 1 to 300)",
+                                 type=positive_float)
+    jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on "
+                                      "each axis, until the first learning-rate decay; 'auto' is the "
+                                      "authors' choice, a quarter of the layer's stride less one",
+                                      type=jitter_amount)
+    epochs: int = setting(200, "optimisation iterations", type=positive_int)
+    lr: Optional[float] = setting(None, "learning rate", type=positive_float)
+    momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=non_negative_float)
+    decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=positive_float)
+    decay_epochs: Optional[int] = setting(None, "iterations between learning-rate decays", type=positive_int)
+    precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: fp32 unless "
+                             "bf16 measured as good on this hardware; fp16 needs CUDA)", choices=PRECISIONS)
+    seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=int)
+
+
+def resolve(settings: Settings, device: torch.device) -> Settings:
+    """The settings with each None replaced by its default and the precision chosen for `device`."""
+    for field in dataclasses.fields(Settings):
+        choices, value = field.metadata.get("choices"), getattr(settings, field.name)
+        if choices and value is not None and value not in choices:
+            raise UsageError(f"--{field.name} {value!r} is not one of {', '.join(choices)}")
+    given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
+    chosen = {**OBJECTIVE_DEFAULTS[settings.objective], **given}
+    chosen.setdefault("lr", DEFAULT_LRS[chosen["objective"], chosen["optimizer"], chosen["param"]])
+    if isinstance(chosen["decay_epochs"], Fraction):
+        chosen["decay_epochs"] = max(1, round(chosen["epochs"] * chosen["decay_epochs"]))
+    chosen["precision"] = resolve_precision(chosen["precision"], device)
+    return Settings(**chosen)
+
+
+def default_help(name: str) -> str:
+    """How a setting whose default is None gets its value, in words for --help."""
+    if name == "lr":
+        return ", ".join(f"{rate:g} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
+
+    def words(value):
+        if isinstance(value, Fraction):
+            return f"{value} of --epochs"
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][name])} with --objective {objective}"
+                     for objective in OBJECTIVES)
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """Turn --precision into fp32, bf16 or fp16 for this device."""
+    if spec == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    if spec != "auto":
+        return spec
+    return "bf16" if AUTO_BF16 and native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3 has no including_emulation, and counts only native bf16
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # private helpers, absent from older torch: then assume no
+        checks = [getattr(torch.cpu, name, None)
+                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        return any(check() for check in checks if check is not None)
+    return False
 
 
 # ---------------------------------------------------------------- images
@@ -360,19 +477,19 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     return image * (255 * torch.tensor(IMAGENET_STD, device=image.device)).view(1, 3, 1, 1)
 
 
-def objective_terms(objective: str, features, target, target_norm, image, *, alpha, beta,
-                    lambda_alpha, lambda_tv, C) -> dict:
+def objective_terms(settings: Settings, features, target, target_norm, image) -> dict:
     """The three weighted terms, rec_loss, alpha_loss and tv_loss, of the seed's or the paper's objective."""
-    error = C * (features - target).square().sum() / target_norm
-    if objective == "seed":
+    error = settings.C * (features - target).square().sum() / target_norm
+    if settings.objective == "seed":
         return {"rec_loss": error,
-                "alpha_loss": lambda_alpha * alpha_prior(image, alpha),
-                "tv_loss": lambda_tv * tv_prior(image, beta)}
+                "alpha_loss": settings.lambda_alpha * alpha_prior(image, settings.alpha),
+                "tv_loss": settings.lambda_tv * tv_prior(image, settings.beta)}
     pixels = to_paper_units(image)
     area = image.shape[-2] * image.shape[-1]
     return {"rec_loss": error,
-            "alpha_loss": lambda_alpha * pixel_norm_prior(pixels, alpha) / (area * PAPER_B ** alpha),
-            "tv_loss": lambda_tv * tv_prior(pixels, beta) / (area * PAPER_V ** beta)}
+            "alpha_loss": settings.lambda_alpha * pixel_norm_prior(pixels, settings.alpha)
+            / (area * PAPER_B ** settings.alpha),
+            "tv_loss": settings.lambda_tv * tv_prior(pixels, settings.beta) / (area * PAPER_V ** settings.beta)}
 
 
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
@@ -381,30 +498,10 @@ def box_constraint(image: torch.Tensor) -> torch.Tensor:
     return image * (2 * PAPER_B / norms).clamp(max=1.0)
 
 
-# ---------------------------------------------------------------- inversion
+# ---------------------------------------------------------------- image parameterisations
 
 
-class Diverged(UsageError):
-    """The loss stopped being finite; `images` holds the last images whose loss was finite."""
-
-    def __init__(self, lr: float, step: int, images: Optional[torch.Tensor]):
-        super().__init__(f"the loss became non-finite at iteration {step}: --lr {lr:g} is too large "
-                         "for this layer; try a smaller --lr")
-        self.images = images
-
-
-def default_settings(objective: str, optimizer: str, param: str, epochs: int) -> dict:
-    """The settings whose defaults depend on the objective and the optimizer."""
-    return {
-        **OBJECTIVE_DEFAULTS[objective],
-        "lr": DEFAULT_LRS[objective, optimizer, param],
-        # the paper's two stages: 6/7 of the iterations with jitter, then the rest at 0.1x the rate
-        "decay_epochs": max(1, round(epochs * 6 / 7)) if objective == "paper" else 200,
-        "jitter": 0,  # the paper's max(1, round(stride / 4)) - 1 measured worse at every layer
-    }
-
-
-def initial_image(objective: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+def initial_noise(objective: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
     """The starting noise: the seed's 1e-3 * N(0, 1), or the paper's uniform noise of norm about B."""
     if objective == "seed":
         return 1e-3 * torch.randn(shape, generator=generator)
@@ -415,22 +512,29 @@ def initial_image(objective: str, shape: tuple, generator: torch.Generator) -> t
 
 
 class PixelImage:
-    """The image as it is: each pixel a free variable."""
+    """The image as it is: each pixel a free variable, projected into the box after each step."""
 
-    def __init__(self, initial: torch.Tensor):
-        self.variable = initial.clone().requires_grad_()
+    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device, objective: str):
+        self.variable = initial_noise(objective, shape, generator).to(device).requires_grad_()
+        self.boxed = objective == "paper"
 
     def render(self) -> torch.Tensor:
         """The normalised image."""
         return self.variable
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Project the pixels back into the paper's box."""
+        if self.boxed:
+            self.variable.copy_(box_constraint(self.variable))
 
 
 class FourierImage:
     """lucent's parameterisation: a decorrelated-colour spectrum scaled by 1/frequency, so that the
     optimiser moves low frequencies first and the image stays smooth."""
 
-    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device, boxed: bool):
-        self.size, self.boxed = shape[-2:], boxed
+    def __init__(self, shape: tuple, generator: torch.Generator, device: torch.device, objective: str):
+        self.size, self.boxed = shape[-2:], objective == "paper"
         frequency_y = torch.fft.fftfreq(self.size[0], device=device)[:, None]
         frequency_x = torch.fft.rfftfreq(self.size[1], device=device)[None, :]
         frequency = (frequency_y.square() + frequency_x.square()).sqrt()
@@ -449,14 +553,43 @@ class FourierImage:
         # the box constraint as part of the image's definition: cheaper than a projection, two FFTs
         return box_constraint(image) if self.boxed else image
 
+    def after_step(self) -> None:
+        """Nothing: the box is part of rendering."""
 
-def make_optimizer(name: str, variables: list, lr: float, momentum: float) -> torch.optim.Optimizer:
+
+PARAMETERISATIONS = {"pixel": PixelImage, "fft": FourierImage}
+
+
+# ---------------------------------------------------------------- inversion
+
+
+class Inversion(NamedTuple):
+    """What `invert` returns: the normalised images, per image its final losses and jitter, and the
+    settings as resolved."""
+
+    images: torch.Tensor
+    losses: list
+    iterations: int
+    interrupted: bool
+    settings: Settings
+    jitters: list
+
+
+class Diverged(UsageError):
+    """The loss stopped being finite; `images` holds the last images whose loss was finite."""
+
+    def __init__(self, message: str, images: Optional[torch.Tensor]):
+        super().__init__(message)
+        self.images = images
+
+
+def make_optimizer(settings: Settings, variables: list) -> torch.optim.Optimizer:
     """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration."""
-    if name == "sgd":
-        return torch.optim.SGD(variables, lr=lr, momentum=momentum, foreach=False)
-    if name == "adam":
-        return torch.optim.Adam(variables, lr=lr, betas=(momentum, 0.999), foreach=False)
-    return torch.optim.LBFGS(variables, lr=lr, max_iter=1, history_size=10)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(variables, lr=settings.lr, momentum=settings.momentum, foreach=False)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(variables, lr=settings.lr, betas=(settings.momentum, 0.999), foreach=False)
+    return torch.optim.LBFGS(variables, lr=settings.lr, max_iter=1, history_size=10)
 
 
 def autocast(precision: str, device: torch.device):
@@ -466,109 +599,124 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def invert(model: nn.Module, layers, references: torch.Tensor, *,
-           objective: str = "paper", optimizer: str = "adam", param: str = "fft",
-           alpha: float = 6.0, beta: float = 2.0, lambda_alpha: Optional[float] = None,
-           lambda_tv: Optional[float] = None, C: Optional[float] = None, jitter: Optional[int] = None,
-           epochs: int = 200, lr: Optional[float] = None, momentum: float = 0.9,
-           decay_factor: float = 0.1, decay_epochs: Optional[int] = None, precision: str = "fp32",
-           seed: int = 2023, callback: Optional[Callable] = None) -> Inversion:
-    """Optimise one image per row of `references` until its activations at its layer match the row's.
-
-    `layers` is one module, or one per row: all rows are optimised together in one batch, each only
-    by its own loss, and each gives what a call with that row alone gives. Settings left as None take
-    their default for the objective, the optimizer and the layer's stride. `callback(step, losses,
-    images)` sees each iteration's loss tensors, one dict per row, and a function that returns
-    the current images.
-    Ctrl-C stops early and returns the images so far.
-    """
-    count, device = len(references), references.device
-    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
-    if optimizer == "lbfgs" and count > 1:
-        raise UsageError("--optimizer lbfgs inverts one layer of one image per call: L-BFGS would "
-                         "couple the images of a batch")
+def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str) -> list:
+    """Each row's fp32 activations at its layer; UsageError where there is nothing sound to invert."""
     try:
-        with torch.no_grad(), autocast(precision, device):
+        with torch.no_grad(), autocast(precision, references.device):
             outputs = layer_outputs(model, layers, references)
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
         shape = "x".join(map(str, references.shape[1:]))
         raise UsageError(f"the model cannot compute this layer for a {shape} "
                          f"input: change --input_size ({one_line(error)})") from None
     targets = [output.float() for output in outputs]
-    target_norms = [target.square().sum() for target in targets]
-    if any(norm == 0 for norm in target_norms):
+    if not all(torch.isfinite(target).all() for target in targets):
+        raise UsageError(f"the layer's activations for this photo are not finite (NaN or inf) in "
+                         f"{precision}, before any optimisation: the weights are unsound or the "
+                         "precision overflows; --lr is not the cause")
+    if not all(target.any() for target in targets):
         raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")
+    return targets
+
+
+def auto_jitter(height: int, target: torch.Tensor) -> int:
+    """The authors' jitter, max(1, round(stride / 4)) crop offsets per axis, as pixels of shift."""
+    stride = height // target.shape[-1] if target.dim() == 4 else height
+    return max(1, round(stride / 4)) - 1
+
+
+class FiniteGuard:
+    """Takes optimizer steps, keeping the images of the latest step whose loss was finite; on a
+    non-finite loss it puts them back and raises Diverged, naming the likely cause."""
+
+    def __init__(self, canvases: list, current_images: Callable, lr: float, every: int, last: int):
+        self.canvases, self.current_images, self.lr = canvases, current_images, lr
+        self.every, self.last = every, last
+        self.finite = None  # the variables whose loss was last checked finite
+
+    def step(self, optimizer: torch.optim.Optimizer, closure: Callable, step: int) -> torch.Tensor:
+        """optimizer.step(closure), checked at the first, every `every`-th and the last step."""
+        if not (step == 1 or step % self.every == 0 or step == self.last):
+            return optimizer.step(closure)
+        before = [canvas.variable.detach().clone() for canvas in self.canvases]
+        loss = optimizer.step(closure)  # the loss of `before`, computed before the update
+        if torch.isfinite(loss):
+            self.finite = before
+            return loss
+        if self.finite is None:
+            raise Diverged(f"the loss is not finite at the start, before any step, so --lr is not the "
+                           "cause: the model gives non-finite values for this image (unsound weights?), "
+                           "or a weight such as --C is too large", None)
+        for canvas, variable in zip(self.canvases, self.finite):
+            canvas.variable.data.copy_(variable)
+        raise Diverged(f"the loss became non-finite at iteration {step}: --lr {self.lr:g} is too large "
+                       "for this layer; try a smaller --lr", self.current_images())
+
+
+def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
+           callback: Optional[Callable] = None, **overrides) -> Inversion:
+    """Optimise one image per row of `references` until its activations at its layer match the row's.
+
+    `layers` is one module, or one per row: all rows are optimised together in one batch, each only
+    by its own loss, and each gives what a call with that row alone gives. `settings` (or keywords
+    named as its fields) choose the method; what is left None takes its objective's default.
+    `callback(step, losses, images)` sees each iteration's loss tensors, one dict per row, and a
+    function that returns the current images. Ctrl-C stops early and returns the images so far.
+    """
+    settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
+    count, device = len(references), references.device
     height, width = references.shape[-2:]
-    chosen = dict(lambda_alpha=lambda_alpha, lambda_tv=lambda_tv, C=C, jitter=jitter, lr=lr,
-                  decay_epochs=decay_epochs)
-    settings = [{**default_settings(objective, optimizer, param, epochs),
-                 **{name: value for name, value in chosen.items() if value is not None}}
-                for _ in targets]
-    for row, target in zip(settings, targets):
-        if row["jitter"] == AUTO_JITTER:  # the authors' code crops at max(1, round(stride / 4)) offsets
-            stride = height // target.shape[-1] if target.dim() == 4 else height
-            row["jitter"] = max(1, round(stride / 4)) - 1
-    weights = dict(alpha=alpha, beta=beta, lambda_alpha=settings[0]["lambda_alpha"],
-                   lambda_tv=settings[0]["lambda_tv"], C=settings[0]["C"])
-    lr, last_jitter_step = settings[0]["lr"], settings[0]["decay_epochs"]
+    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
+    if settings.optimizer == "lbfgs" and count > 1:
+        raise UsageError("--optimizer lbfgs inverts one layer of one image per call: L-BFGS would "
+                         "couple the images of a batch")
+    targets = reference_features(model, layers, references, settings.precision)
+    target_norms = [target.square().sum() for target in targets]
+    jitters = [auto_jitter(height, target) if settings.jitter == "auto" else settings.jitter
+               for target in targets]
 
     # Each row has its own generator, seeded alike, so that it draws what a call of its own would.
     # With jitter, a row's image is a canvas `jitter` pixels larger, seen through a randomly placed crop.
-    generators = [torch.Generator().manual_seed(seed) for _ in range(count)]
-    shifts = [row["jitter"] for row in settings]
-    canvases = []
-    for shift, generator in zip(shifts, generators):
-        shape = (1, 3, height + shift, width + shift)
-        canvases.append(FourierImage(shape, generator, device, boxed=objective == "paper") if param == "fft"
-                        else PixelImage(initial_image(objective, shape, generator).to(device)))
-    middles = [(shift // 2, shift // 2) for shift in shifts]
+    generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
+    canvases = [PARAMETERISATIONS[settings.param]((1, 3, height + jitter, width + jitter), generator,
+                                                  device, settings.objective)
+                for jitter, generator in zip(jitters, generators)]
+    middles = [(jitter // 2, jitter // 2) for jitter in jitters]
 
-    def crop(images: list, offsets: list) -> torch.Tensor:
-        return torch.cat([image[..., dy:dy + height, dx:dx + width]
-                          for image, (dy, dx) in zip(images, offsets)])
+    def crop(wholes: list, offsets: list) -> torch.Tensor:
+        return torch.cat([whole[..., dy:dy + height, dx:dx + width] for whole, (dy, dx) in zip(wholes, offsets)])
 
     def current_images() -> torch.Tensor:
         return crop([canvas.render().detach() for canvas in canvases], middles)
 
-    def evaluate(images: list, offsets: list) -> list:
-        with autocast(precision, device):
-            outputs = layer_outputs(model, layers, crop(images, offsets))
-        return [objective_terms(objective, output.float(), targets[row], target_norms[row], images[row],
-                                **weights) for row, output in enumerate(outputs)]
+    def evaluate(wholes: list, offsets: list) -> list:
+        with autocast(settings.precision, device):
+            outputs = layer_outputs(model, layers, crop(wholes, offsets))
+        return [objective_terms(settings, output.float(), target, norm, whole)
+                for output, target, norm, whole in zip(outputs, targets, target_norms, wholes)]
 
-    steps = make_optimizer(optimizer, [canvas.variable for canvas in canvases], lr, momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(steps, step_size=last_jitter_step, gamma=decay_factor)
-    # .item() makes a GPU wait, so there the loss is checked every 25 iterations; on a CPU, every one
-    check_every = 1 if device.type == "cpu" else 25
-    last_finite, iterations, interrupted = None, 0, False
+    def closure():  # reads this iteration's `offsets`; L-BFGS may call it more than once a step
+        nonlocal terms
+        optimizer.zero_grad(set_to_none=True)
+        terms = evaluate([canvas.render() for canvas in canvases], offsets)
+        loss = sum(sum(row.values()) for row in terms)
+        loss.backward()
+        return loss
+
+    optimizer = make_optimizer(settings, [canvas.variable for canvas in canvases])
+    # the paper's second stage: the rate decays, and jitter stops, after decay_epochs iterations
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.decay_epochs,
+                                                gamma=settings.decay_factor)
+    guard = FiniteGuard(canvases, current_images, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY,
+                        settings.epochs)
+    terms, iterations, interrupted = [], 0, False
     try:
-        for step in range(1, epochs + 1):
-            # jitter stops at the first learning-rate decay: the paper's second stage
-            offsets = [torch.randint(0, shift + 1, (2,), generator=generator).tolist()
-                       if shift and step <= last_jitter_step else middle
-                       for shift, generator, middle in zip(shifts, generators, middles)]
-            terms = []
-
-            def closure():
-                steps.zero_grad(set_to_none=True)
-                terms[:] = evaluate([canvas.render() for canvas in canvases], offsets)
-                loss = sum(sum(row.values()) for row in terms)
-                loss.backward()
-                return loss
-
-            checking = step % check_every == 0 or step == epochs
-            before = [canvas.variable.detach().clone() for canvas in canvases] if checking else None
-            loss = steps.step(closure)
-            if checking:
-                if not torch.isfinite(loss):  # put back the last images whose loss was finite
-                    for canvas, variable in zip(canvases, last_finite or []):
-                        canvas.variable.data.copy_(variable)
-                    raise Diverged(lr, step, None if last_finite is None else current_images())
-                last_finite = before
-            if objective == "paper" and param == "pixel":  # a Fourier image is boxed as it renders
-                with torch.no_grad():
-                    for canvas in canvases:
-                        canvas.variable.copy_(box_constraint(canvas.variable))
+        for step in range(1, settings.epochs + 1):
+            offsets = [torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
+                       if jitter and step <= settings.decay_epochs else middle
+                       for jitter, generator, middle in zip(jitters, generators, middles)]
+            guard.step(optimizer, closure, step)  # render, forward, loss, backward, step
+            for canvas in canvases:
+                canvas.after_step()
             scheduler.step()
             iterations = step
             if callback is not None:
@@ -581,10 +729,11 @@ def invert(model: nn.Module, layers, references: torch.Tensor, *,
         images = crop(wholes, middles)
         final = evaluate(wholes, middles)
     losses = [{**{name: value.item() for name, value in row.items()},
-               "feature_error": row["rec_loss"].item() / weights["C"]} for row in final]
+               "feature_error": row["rec_loss"].item() / settings.C} for row in final]
     if not all(math.isfinite(value) for row in losses for value in row.values()):
-        raise Diverged(lr, iterations, None)
-    return Inversion(images, losses, iterations, interrupted, settings)
+        raise Diverged(f"the loss became non-finite by iteration {iterations}: --lr {settings.lr:g} is "
+                       "too large for this layer; try a smaller --lr", None)
+    return Inversion(images, losses, iterations, interrupted, settings, jitters)
 
 
 # ---------------------------------------------------------------- running and saving
@@ -623,16 +772,63 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def output_paths(args: argparse.Namespace, image_path: str, layer_name: str) -> tuple:
-    """The PNG path (--output, or <output_dir>/<stem>_<model>_<layer>.png) and the JSON beside it."""
+class Row(NamedTuple):
+    """One (photo, layer) pair of a call: one optimised image, saved as one PNG and one JSON."""
+
+    image_path: str
+    layer_name: str
+    png: Path
+
+    @property
+    def json(self) -> Path:
+        return self.png.with_suffix(".json")
+
+    @property
+    def frames(self) -> Path:
+        return self.png.with_name(f"{self.png.stem}_frames")
+
+
+def montage_path(args: argparse.Namespace, image_path: str) -> Path:
+    """Where a call with several rows puts a photo's montage."""
+    return Path(args.output_dir) / f"{Path(image_path).stem}_{args.model}_montage.png"
+
+
+def plan_rows(args: argparse.Namespace) -> list:
+    """One Row per (photo, layer), photo by photo, after the checks that need no model or photo."""
+    image_paths = list(dict.fromkeys(args.image_path))
+    layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
+    stems = [Path(path).stem for path in image_paths]
+    if len(set(stems)) < len(stems):
+        raise UsageError("two --image_path files share a name stem, so their outputs would collide")
+    several = len(image_paths) * len(layer_names) > 1
     if args.output:
-        png = Path(args.output)
-        if png.suffix.lower() != ".png":
-            raise UsageError(f"--output {png} must end in .png")
-    else:
-        layer = seed_form(layer_name)  # features.4 and features_4 name the same file
-        png = Path(args.output_dir) / f"{Path(image_path).stem}_{args.model}_{layer}.png"
-    return png, png.with_suffix(".json")
+        if several:
+            raise UsageError("--output names one file: with several layers or images, use --output_dir")
+        if Path(args.output).suffix.lower() != ".png":
+            raise UsageError(f"--output {args.output} must end in .png")
+    rows = [Row(path, name, Path(args.output) if args.output else
+                Path(args.output_dir) / f"{Path(path).stem}_{args.model}_{name}.png")
+            for path in image_paths for name in layer_names]
+    files = [path for row in rows for path in (row.png, row.json, row.png.with_suffix(".diverged.png"))]
+    if args.save_every:
+        files += [row.png.with_suffix(".gif") for row in rows]
+    if several:
+        files += [montage_path(args, path) for path in image_paths]
+    for path in files:
+        check_writable(path)
+    for row in rows if args.save_every else []:
+        check_writable(row.frames, folder=True)
+    return rows
+
+
+def check_writable(path: Path, folder: bool = False) -> None:
+    """Fail before the run, not after it, if `path` cannot be written as a file (or a folder)."""
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"cannot write {path}: something that is not a {kind} is already there")
+    existing = next(parent for parent in (path if folder else path.parent, *path.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {path}: {existing} is not a writable directory")
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -683,13 +879,6 @@ def activation_bytes(model: nn.Module, layers: list, size: int, images: int, dev
     return 3 * 4 * sum(elements) * (size / probe) ** 2 * images
 
 
-def check_writable(directory: Path) -> None:
-    """Fail before the run, not after it, if `directory` cannot be created or written."""
-    existing = next(path for path in (directory, *directory.parents) if path.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write outputs to {directory}: {existing} is not a writable directory")
-
-
 def write_atomically(path: Path, write: Callable) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path` in one step."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -704,6 +893,11 @@ def write_atomically(path: Path, write: Callable) -> None:
         raise UsageError(f"could not write {path} ({one_line(error)})") from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_png(path: Path, picture: Image.Image) -> None:
+    """Write a PNG atomically."""
+    write_atomically(path, lambda file: picture.save(file, format="PNG"))
 
 
 def one_line(error: BaseException) -> str:
@@ -728,18 +922,29 @@ def progress_reporter(epochs: int, every: int, labels: list, quiet: bool):
     return report, bar
 
 
-def snapshot_saver(paths: list, every: int) -> tuple:
+def snapshot_saver(rows: list, every: int) -> tuple:
     """A callback that writes every `every`-th iteration's images as PNG frames, and the frames kept."""
-    frames = [[] for _ in paths]
+    frames = [[] for _ in rows]
 
     def save(step: int, losses: list, images: Callable) -> None:
         if step % every == 0:
-            for path, kept, image in zip(paths, frames, images()):
+            for row, kept, image in zip(rows, frames, images()):
                 picture = deprocess(image[None])
-                save_png(path.with_name(f"{path.stem}_frames") / f"iteration_{step:05d}.png", picture)
+                save_png(row.frames / f"iteration_{step:05d}.png", picture)
                 kept.append(picture)
 
     return save, frames
+
+
+def chained(*callbacks: Optional[Callable]) -> Optional[Callable]:
+    """One callback that calls each of `callbacks` that is not None, in order."""
+    present = [callback for callback in callbacks if callback is not None]
+
+    def call(*state) -> None:
+        for callback in present:
+            callback(*state)
+
+    return call if present else None
 
 
 def montage(original: Image.Image, tiles: list) -> Image.Image:
@@ -757,129 +962,84 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
     return grid
 
 
-def save_png(path: Path, picture: Image.Image) -> None:
-    """Write a PNG atomically."""
-    write_atomically(path, lambda file: picture.save(file, format="PNG"))
-
-
-def settings_from_args(args: argparse.Namespace) -> dict:
-    """invert()'s keyword arguments from the parsed command line."""
-    names = ("objective", "optimizer", "param", "alpha", "beta", "lambda_alpha", "lambda_tv", "C", "jitter",
-             "epochs", "lr", "momentum", "decay_factor", "decay_epochs", "seed")
-    return {name: getattr(args, name) for name in names}
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """Turn --precision into fp32, bf16 or fp16 for this device."""
-    if spec == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if spec != "auto":
-        return spec
-    return "bf16" if AUTO_BF16 and native_bf16(device) else "fp32"
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
-    if device.type == "cuda":
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.3 has no including_emulation, and counts only native bf16
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # private helpers, absent from older torch: then assume no
-        checks = [getattr(torch.cpu, name, None)
-                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        return any(check() for check in checks if check is not None)
-    return False
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the command line's job; return the exit code."""
-    device = pick_device(args.device)
-    seed_everything(args.seed)
-    if args.list_layers:
-        model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-        for row in layer_shapes(model, args.input_size, device):
-            print("  ".join(f"{cell:<24}" for cell in row).rstrip())
-        return 0
-    # the cheap checks come first, so that a typo fails before a model loads or downloads
-    image_paths = list(dict.fromkeys(args.image_path))
-    layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
-    stems = [Path(path).stem for path in image_paths]
-    if len(set(stems)) < len(stems):
-        raise UsageError("two --image_path files share a name stem, so their outputs would collide")
-    count = len(image_paths) * len(layer_names)
-    several = count > 1
-    if several and args.output:
-        raise UsageError("--output names one file: with several layers or images, use --output_dir")
-    precision = resolve_precision(args.precision, device)
-    # the images alone: a resized RGB copy, its tensor, and per row the canvas, its gradient and moments
-    check_memory(args.input_size ** 2 * 3 * (1 + 4 + 4 * 8 * count), torch.device("cpu"),
-                 f"--input_size {args.input_size}")
-    photos = [preprocess(load_image(path), args.input_size) for path in image_paths]
-    rows = [(photo, path, name) for photo, path in zip(photos, image_paths) for name in layer_names]
-    paths = [output_paths(args, path, name) for _, path, name in rows]
-    for png, _ in paths:
-        check_writable(png.parent)
-    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    modules = {name: resolve_layer(model, name)[1] for name in layer_names}
-    needed = activation_bytes(model, list(modules.values()), args.input_size, len(image_paths), device)
-    check_memory(needed, device, f"inverting {', '.join(layer_names)} at --input_size {args.input_size}")
-
-    labels = [f"{Path(path).stem} {name}  " if several else "" for _, path, name in rows]
-    report, bar = progress_reporter(args.epochs, args.stdout_epochs, labels, args.quiet)
-    save, frames = (snapshot_saver([png for png, _ in paths], args.save_every) if args.save_every
-                    else (None, None))
-    callbacks = [callback for callback in (report, save) if callback is not None]
-    started = time.perf_counter()
-    try:
-        result = invert(model, [modules[name] for _, _, name in rows],
-                        torch.cat([photo for photo, _, _ in rows]).to(device),
-                        **settings_from_args(args), precision=precision,
-                        callback=(lambda *state: [callback(*state) for callback in callbacks])
-                        if callbacks else None)
-    except Diverged as error:
-        for (png, _), image in zip(paths, [] if error.images is None else error.images):
-            save_png(png.with_suffix(".diverged.png"), deprocess(image[None]))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - started
-
-    pictures = [deprocess(image[None]) for image in result.image]
-    for (_, path, name), (png, json_path), picture, losses, settings in zip(
-            rows, paths, pictures, result.losses, result.settings):
+def save_outputs(args: argparse.Namespace, rows: list, photos: dict, result: Inversion, seconds: float,
+                 frames: Optional[list], device: torch.device) -> None:
+    """Write each row's PNG and JSON record, then its GIF, then each photo's montage."""
+    pictures = [deprocess(image[None]) for image in result.images]
+    for row, picture, losses, jitter in zip(rows, pictures, result.losses, result.jitters):
         record = {
             "args": vars(args),
-            "image_path": path,
-            "layer_name": name,
-            "settings": settings,
+            "image_path": row.image_path,
+            "layer_name": row.layer_name,
+            "settings": dataclasses.asdict(result.settings),
+            "jitter": jitter,
             **losses,
             "iterations": result.iterations,
             "seconds": round(seconds, 4),
             "ms_per_iteration": round(1000 * seconds / max(result.iterations, 1), 3),
             "batch": len(rows),
-            "precision": precision,
             "device": str(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
             "interrupted": result.interrupted,
         }
-        save_png(png, picture)
-        write_atomically(json_path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+        save_png(row.png, picture)
+        write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
         if not args.quiet:
-            print(f"saved {png} and {json_path.name}: feature_error {losses['feature_error']:.4f}")
-    if frames:
-        for (png, _), kept, picture in zip(paths, frames, pictures):
-            movie = kept + [picture]
-            write_atomically(png.with_suffix(".gif"), lambda file: movie[0].save(
-                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
-    if several:
-        for photo, path in zip(photos, image_paths):
-            tiles = [(name, picture) for (_, row_path, name), picture in zip(rows, pictures)
-                     if row_path == path]
-            grid = montage(deprocess(photo), tiles)
-            save_png(Path(args.output_dir) / f"{Path(path).stem}_{args.model}_montage.png", grid)
+            print(f"saved {row.png} and {row.json.name}: feature_error {losses['feature_error']:.4f}")
+    for row, kept, picture in zip(rows, frames or [], pictures):
+        movie = kept + [picture]
+        write_atomically(row.png.with_suffix(".gif"), lambda file: movie[0].save(
+            file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
+    if len(rows) > 1:
+        for path, photo in photos.items():
+            tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures) if row.image_path == path]
+            save_png(montage_path(args, path), montage(deprocess(photo), tiles))
+
+
+def list_layers(args: argparse.Namespace, device: torch.device) -> int:
+    """Print every layer of the model with its output shape at --input_size."""
+    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+    for row in layer_shapes(model, args.input_size, device):
+        print("  ".join(f"{cell:<24}" for cell in row).rstrip())
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan, optimise, save: the command line's job; return the exit code."""
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    if args.list_layers:
+        return list_layers(args, device)
+    # the cheap checks come first, so that a typo fails before a model loads or downloads
+    settings = resolve(settings_from_args(args), device)
+    rows = plan_rows(args)
+    # the images alone: a resized RGB copy, its tensor, and per row the canvas, its gradient and moments
+    check_memory(args.input_size ** 2 * 3 * (1 + 4 + 4 * 8 * len(rows)), torch.device("cpu"),
+                 f"--input_size {args.input_size}")
+    photos = {path: preprocess(load_image(path), args.input_size) for path in dict.fromkeys(args.image_path)}
+    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+    modules = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in rows}
+    needed = activation_bytes(model, list(modules.values()), args.input_size, len(photos), device)
+    check_memory(needed, device, f"inverting {', '.join(modules)} at --input_size {args.input_size}")
+
+    labels = [f"{Path(row.image_path).stem} {row.layer_name}  " if len(rows) > 1 else "" for row in rows]
+    report, bar = progress_reporter(settings.epochs, args.stdout_epochs, labels, args.quiet)
+    save_frames, frames = snapshot_saver(rows, args.save_every) if args.save_every else (None, None)
+    started = time.perf_counter()
+    try:
+        result = invert(model, [modules[row.layer_name] for row in rows],
+                        torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
+                        callback=chained(report, save_frames))
+    except Diverged as error:
+        for row, image in zip(rows, [] if error.images is None else error.images):
+            save_png(row.png.with_suffix(".diverged.png"), deprocess(image[None]))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    save_outputs(args, rows, photos, result, seconds, frames, device)
     if result.interrupted:
         print(f"interrupted after {result.iterations} iterations: saved what it had", file=sys.stderr)
         return 130
@@ -899,7 +1059,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each flag's default, except where the help text explains a default that depends on others."""
+    """Show each flag's default; a setting whose default is None says how it is chosen instead."""
 
     def _get_help_string(self, action):
         if isinstance(action.default, list):
@@ -907,90 +1067,49 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def _checked(kind: type, test: Callable, requirement: str) -> Callable:
-    """An argparse type that parses `kind` and insists on a finite value for which `test` holds."""
-    def parse(text: str):
-        value = kind(text)
-        if not (math.isfinite(value) and test(value)):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
-
-
-positive_int = _checked(int, lambda value: value > 0, "a positive integer")
-non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
-
-
-def jitter_amount(text: str) -> int:
-    """--jitter: a number of pixels, or 'auto' for the authors' choice from the layer's stride."""
-    return AUTO_JITTER if text == "auto" else non_negative_int(text)
-positive_float = _checked(float, lambda value: value > 0, "> 0")
-non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line; the seed's flags keep their names and, under its objective, defaults."""
+    """Parse the command line: its inputs and outputs, then one flag per field of Settings."""
     parser = _ArgumentParser(
         prog="invert.py", formatter_class=_HelpFormatter,
         description="Recover images whose activations at layers of a torchvision CNN match those "
                     "of photos (Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
-    add = parser.add_argument
-    add("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
-        help="the photo(s) to invert (any format Pillow reads); several are inverted together")
-    add("--model", default="alexnet", help="a torchvision classification model name")
-    add("--weights", default="DEFAULT",
-        help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
-             "a path to a state-dict file, or 'none' for random weights")
-    add("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
-    add("--layer_name", nargs="+", default=["avgpool"],
-        help="the layer(s) to invert: features_4 (the seed's form) or features.4 (PyTorch's); "
-             "several are inverted together, in one batch")
-    add("--list_layers", action="store_true", help="print every layer with its output shape, then exit")
-    add("--objective", choices=OBJECTIVES, default="paper",
-        help="seed: the seed's loss (lambdas 1e-5, noise start); paper: the IJCV 2016 normalised "
-             "loss with box constraint, jitter and two stages (see the README)")
-    add("--optimizer", choices=("sgd", "adam", "lbfgs"), default="adam",
-        help="sgd: SGD with momentum (the seed's); adam: Adam with --momentum as beta1; "
-             "lbfgs: L-BFGS, one step per iteration")
-    add("--param", choices=("pixel", "fft"), default="fft",
-        help="pixel: optimise pixels; fft: optimise a decorrelated-colour spectrum, as lucent does "
-             "(its start is faint noise whatever the --objective)")
-    add("--alpha", type=positive_float, default=6.0, help="exponent of the alpha-norm prior")
-    add("--beta", type=positive_float, default=2.0, help="exponent of the total-variation prior")
-    add("--lambda_alpha", type=non_negative_float, default=None,
-        help="weight of the alpha-norm prior (default: 1e-05 with --objective seed, 1 with paper)")
-    add("--lambda_tv", type=non_negative_float, default=None,
-        help="weight of the total-variation prior (default: 1e-05 with --objective seed, 1 with paper)")
-    add("--C", type=positive_float, default=None,
-        help=f"weight C of the feature term (default: {OBJECTIVE_DEFAULTS['paper']['C']:g} with --objective "
-             "paper, 1 with seed; the paper used 1 to 300)")
-    add("--jitter", type=jitter_amount, default=0,
-        help="random shift of the image each iteration, 0 to N pixels on each axis, until the first "
-             "learning-rate decay; 'auto' is the authors' choice, a quarter of the layer's stride less one")
-    add("--epochs", type=positive_int, default=200, help="optimisation iterations")
-    add("--lr", type=positive_float, default=None,
-        help="learning rate (default: " + ", ".join(
-            f"{rate:g} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
-        + "; the seed's 1e-2 leaves the image as noise)")
-    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum, or Adam's beta1")
-    add("--stdout_epochs", type=positive_int, default=25, help="print the losses every this many iterations")
-    add("--decay_factor", type=positive_float, default=0.1, help="learning-rate multiplier at each decay")
-    add("--decay_epochs", type=positive_int, default=None,
-        help="iterations between learning-rate decays (default: 200 with --objective seed, as the "
-             "seed; 6/7 of --epochs with paper, its two stages)")
-    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    add("--seed", type=int, default=2023, help="random seed for Python and torch (CPU and CUDA)")
-    add("--output", default=None, help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
-    add("--output_dir", default="outputs", help="folder for outputs, created if missing")
-    add("--save_every", type=non_negative_int, default=0,
-        help="also save every N-th iteration as <name>_frames/iteration_N.png, and <name>.gif (0: off)")
-    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="the forward pass's precision, losses stay fp32 (auto: fp32 unless the README says "
-             "bf16 measured as good on this hardware; fp16 needs CUDA)")
-    add("--quiet", action="store_true", help="no progress bar and no loss lines")
+    inputs = parser.add_argument_group("what to invert")
+    inputs.add_argument("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
+                        help="the photo(s) to invert (any format Pillow reads); several are inverted together")
+    inputs.add_argument("--model", default="alexnet", help="a torchvision classification model name")
+    inputs.add_argument("--weights", default="DEFAULT",
+                        help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
+                             "a path to a state-dict file, or 'none' for random weights")
+    inputs.add_argument("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
+    inputs.add_argument("--layer_name", nargs="+", default=["avgpool"],
+                        help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
+                             "(PyTorch's); several are inverted together, in one batch")
+    inputs.add_argument("--list_layers", action="store_true",
+                        help="print every layer with its output shape, then exit")
+    method = parser.add_argument_group("how to invert (the keywords of invert())")
+    for field in dataclasses.fields(Settings):
+        options = dict(field.metadata)
+        explained = f" (default: {default_help(field.name)})" if field.default is None else ""
+        method.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
+                            **options)
+    running = parser.add_argument_group("running and output")
+    running.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    running.add_argument("--output", default=None,
+                         help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
+    running.add_argument("--output_dir", default="outputs", help="folder for outputs, created if missing")
+    running.add_argument("--save_every", type=non_negative_int, default=0,
+                         help="also save every N-th iteration as <name>_frames/iteration_N.png, and "
+                              "<name>.gif (0: off)")
+    running.add_argument("--stdout_epochs", type=positive_int, default=25,
+                         help="print the losses every this many iterations")
+    running.add_argument("--quiet", action="store_true", help="no progress bar and no loss lines")
     return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The Settings the command line chose: one field per flag of the same name."""
+    return Settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)})
 
 
 def _interrupt(signum, frame):

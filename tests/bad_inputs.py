@@ -7,16 +7,13 @@ Each case is made in a scratch folder and gives the arguments to invert.py and w
 import io
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-# a small random network, so that each case runs in a fraction of a second
-FAST = ["--model", "squeezenet1_1", "--weights", "none", "--input_size", "64",
-        "--layer_name", "features_3", "--epochs", "3", "--quiet"]
+from conftest import FAST  # a small random network, so that each case runs in a fraction of a second
+
 PAYLOAD_MARKER = "payload_ran"
 
 
@@ -145,8 +142,7 @@ def main() -> None:
     """Print each case's outcome through invert.main as a Markdown table."""
     import contextlib
     import tempfile
-    sys.path.insert(0, str(ROOT))
-    import invert
+    import invert  # conftest put the repository root on sys.path
     with tempfile.TemporaryDirectory() as scratch:
         table = cases(Path(scratch) / "inputs")
         print("| case | expected | exit code | message |\n|---|---|---|---|")

@@ -1,8 +1,9 @@
 """Reconstruction quality of each objective x optimizer, and of the defaults: a script, not a test.
 
 Inverts vgg16_bn features_5, 12, 22 and 32 of the trained stand-in (conv blocks 1-4 trained; see
-DEVELOPERS.md) on every photo in reference_images/, then random-weights alexnet features_0 ... 12
-(default and seed+sgd only), and prints feature error, SSIM against the preprocessed original, seconds and iterations:
+tests/README.md) on every photo in reference_images/, then random-weights alexnet features_0 ... 12
+(default and seed+sgd only), and prints feature error, SSIM against the preprocessed original,
+seconds and iterations:
 
     python ../shared/tools/trained_vgg16bn.py /tmp/vgg16_bn_proxy.pth
     python tests/benchmark_quality.py /tmp/vgg16_bn_proxy.pth --grid outputs/readme/quality_grid.png
@@ -51,8 +52,8 @@ def measure(model, photo: Path, layer_name: str, flags: list, size: int) -> tupl
     reference = invert.preprocess(invert.load_image(photo), size)
     _, layer = invert.resolve_layer(model, layer_name)
     started = time.perf_counter()
-    result = invert.invert(model, layer, reference, **invert.settings_from_args(args))
-    return result, time.perf_counter() - started, ssim(result.image, reference)
+    result = invert.invert(model, layer, reference, invert.settings_from_args(args))
+    return result, time.perf_counter() - started, ssim(result.images, reference)
 
 
 def grid(rows: list, columns: list, tiles: dict, originals: dict, path: Path) -> None:
@@ -109,7 +110,7 @@ def main() -> None:
                           f"| {math.sqrt(error):.3f} | {score:.3f} | {seconds:.1f} | {result.iterations} |",
                           flush=True)
                     if model_name == "vgg16_bn" and photo == photos[0]:
-                        tiles[layer_name, name] = invert.deprocess(result.image)
+                        tiles[layer_name, name] = invert.deprocess(result.images)
                         originals[layer_name] = invert.deprocess(invert.preprocess(invert.load_image(photo), size))
     if options.grid:
         grid(options.layers, list(configs), tiles, originals, options.grid)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import invert  # noqa: E402
 
-SEED_CONFIG = dict(objective="seed", optimizer="sgd", param="pixel")
+SEED_CONFIG = dict(objective="seed")  # SGD on pixels, the original design
 
 
 def invert_ms(model, layer, reference, steps: int, **settings) -> float:
@@ -57,7 +57,7 @@ def bare_step(truncated: torch.nn.Module, size: int):
     return step
 
 
-def seed_step(model, layer, reference, lr: float = invert.DEFAULT_LRS["seed", "sgd", "pixel"]):
+def seed_step(model, layer, reference):
     """The seed's design: the whole network runs every iteration, a hook keeps the layer's output."""
     captured = {}
     layer.register_forward_hook(lambda module, inputs, output: captured.update(out=output))
@@ -65,13 +65,13 @@ def seed_step(model, layer, reference, lr: float = invert.DEFAULT_LRS["seed", "s
         model(reference)
         target = captured["out"].clone()
     image = (1e-3 * torch.randn_like(reference)).requires_grad_()
-    optimizer = torch.optim.SGD([image], lr=lr, momentum=0.9)
+    settings = invert.resolve(invert.Settings(objective="seed"), reference.device)
+    optimizer = torch.optim.SGD([image], lr=settings.lr, momentum=settings.momentum)
 
     def step():
         optimizer.zero_grad()
         model(image)
-        terms = invert.objective_terms("seed", captured["out"], target, target.square().sum(), image,
-                                       alpha=6, beta=2, lambda_alpha=1e-5, lambda_tv=1e-5, C=1.0)
+        terms = invert.objective_terms(settings, captured["out"], target, target.square().sum(), image)
         sum(terms.values()).backward()
         optimizer.step()
     return step
@@ -168,7 +168,7 @@ def main() -> None:
             for precision in ("fp32", "bf16"):
                 started = time.perf_counter()
                 result = invert.invert(trained, trained.features[index], reference, precision=precision)
-                scores.append((ssim(result.image, reference), time.perf_counter() - started))
+                scores.append((ssim(result.images, reference), time.perf_counter() - started))
             (fp32_ssim, fp32_s), (bf16_ssim, bf16_s) = scores
             print(f"    vgg16_bn features_{index}: SSIM fp32 {fp32_ssim:.3f} ({fp32_s:.0f} s), "
                   f"bf16 {bf16_ssim:.3f} ({bf16_s:.0f} s), difference {bf16_ssim - fp32_ssim:+.3f}")

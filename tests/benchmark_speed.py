@@ -1,177 +1,201 @@
 """Where invert.py's time goes, as ratios measured in one run: a script, not a test.
 
-    python tests/benchmark_speed.py                        # (a) to (d), and (e) without SSIM
-    python tests/benchmark_speed.py --proxy /tmp/vgg16_bn_proxy.pth   # (e) with SSIM on the stand-in
+    python tests/benchmark_speed.py                                   # the CPU here: every table
+    python tests/benchmark_speed.py --proxy /tmp/vgg16_bn_proxy.pth   # with SSIM, fp32 against bf16
+    python tests/benchmark_speed.py --device cuda --quick             # one GPU, in under 5 minutes
 
-(a) invert's ms per iteration / a bare truncated forward + backward loop (target <= 1.15)
-(b) the seed's full-network-plus-hook loop / ours, alexnet features_4 (target >= 2)
-(c) one call with 5 layers / 5 separate process calls, start-up included (target <= 0.5)
-(d) the same for 4 images
-(e) fp32 / bf16 ms per iteration, and the SSIM of each on the trained stand-in
-(f) the defaults' ms per iteration / the seed objective's (SGD, pixels) at vgg16_bn's benchmark layers
+(1) batches: ms per iteration per image of N photos in one call, against a bare truncated forward
+    and backward of a batch of N, with the process's peak memory (target: ratio <= 1.15)
+(2) overhead: the default settings' ms per iteration against the bare step, at the benchmark layers
+    (target: <= 1.15 where the bare step takes 5 ms or more, <= 1.5 below)
+(3) precision: fp32 against bf16 ms per iteration, and with --proxy the SSIM of each on the trained
+    stand-in (bf16 may be the default only where it costs no more than 0.01 SSIM)
+(4) GPU only: cudnn.benchmark on against off
+(5) whole runs: 200 default iterations of alexnet features_12 and of vgg16_bn features_32, and a
+    batch of 16 photos against one (GPU targets: under 1 s, under 3 s, under 3x)
 
-Random weights (--weights none) except for SSIM: speed does not depend on trained values.
-Run it alone: a second torch process on the same cores skews every figure.
+Random weights except for SSIM: speed does not depend on trained values. Run it alone: a second
+torch process on the same cores slows both. A device that is not there is an error, never a
+fallback to the CPU.
 """
 import argparse
-import subprocess
+import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import invert  # noqa: E402
 
-SEED_CONFIG = dict(objective="seed")  # SGD on pixels, the original design
+# (model, layer index, input size): the layers the targets name
+LAYERS = [("alexnet", 1, 227), ("alexnet", 4, 227), ("alexnet", 12, 227), ("vgg16_bn", 5, 224),
+          ("vgg16_bn", 22, 224), ("vgg16_bn", 32, 224)]
+SSIM_LAYERS = [5, 12, 22, 32]
 
 
-def invert_ms(model, layer, reference, steps: int, **settings) -> float:
-    """invert's wall time per iteration, from the callback's clock, after a warm-up iteration."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device, so that a clock reading covers the work queued before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def invert_ms(model, layer, references, steps: int, **settings) -> float:
+    """invert's ms per iteration, from the end of its first iteration to the end of its last."""
     stamps = []
-    invert.invert(model, layer, reference, epochs=steps + 1,
-                  callback=lambda step, losses, images: stamps.append(time.perf_counter()), **settings)
-    return 1000 * (stamps[-1] - stamps[0]) / steps
+
+    def clock(step, losses, images):
+        if step in (1, steps + 1):
+            synchronize(references.device)
+            stamps.append(time.perf_counter())
+
+    invert.invert(model, layer, references, epochs=steps + 1, callback=clock, **settings)
+    return 1000 * (stamps[1] - stamps[0]) / steps
 
 
-def loop_ms(step, steps: int) -> float:
-    """Wall time per call of step(), after one warm-up call."""
+def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precision: str = "fp32") -> float:
+    """A truncated forward and backward to a batch of images, nothing else: the floor for an iteration."""
+    truncated = model.features[:index + 1]
+    images = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
+
+    def step():
+        images.grad = None
+        with invert.autocast(precision, device):
+            output = truncated(images)
+        output.float().sum().backward()
+
     step()
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return 1000 * (time.perf_counter() - started) / steps
 
 
-def bare_step(truncated: torch.nn.Module, size: int):
-    """One truncated forward and backward to the image, nothing else: the floor for an iteration."""
-    image = torch.randn(1, 3, size, size, requires_grad=True)
-
-    def step():
-        image.grad = None
-        truncated(image).square().sum().backward()
-    return step
-
-
-def seed_step(model, layer, reference):
-    """The seed's design: the whole network runs every iteration, a hook keeps the layer's output."""
-    captured = {}
-    layer.register_forward_hook(lambda module, inputs, output: captured.update(out=output))
-    with torch.no_grad():
-        model(reference)
-        target = captured["out"].clone()
-    image = (1e-3 * torch.randn_like(reference)).requires_grad_()
-    settings = invert.resolve(invert.Settings(objective="seed"), reference.device)
-    optimizer = torch.optim.SGD([image], lr=settings.lr, momentum=settings.momentum)
-
-    def step():
-        optimizer.zero_grad()
-        model(image)
-        terms = invert.objective_terms(settings, captured["out"], target, target.square().sum(), image)
-        sum(terms.values()).backward()
-        optimizer.step()
-    return step
-
-
-def cli_seconds(args: list) -> float:
-    """Wall time of one `python invert.py ...` process, start-up and model loading included."""
+def run_seconds(model, layer, references, **settings) -> float:
+    """Wall time of a whole invert call, set-up and final evaluation included."""
+    synchronize(references.device)
     started = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "invert.py"), *args], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    invert.invert(model, layer, references, **settings)
+    synchronize(references.device)
     return time.perf_counter() - started
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """The device's peak memory so far: allocated GPU memory, or the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def machine(device: torch.device) -> str:
+    """What the figures were measured on."""
+    cpu = (f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+           f"AVX512-BF16 {getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()}, "
+           f"AMX {getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()}")
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}{gpu}; native bf16 on "
+            f"{device}: {invert.native_bf16(device)}; --precision auto picks "
+            f"{invert.resolve_precision('auto', device)}")
+
+
 def main() -> None:
-    """Measure and print (a) to (e)."""
+    """Measure and print each table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--proxy", help="the trained vgg16_bn stand-in, for (e)'s SSIM")
-    parser.add_argument("--steps", type=int, default=20, help="iterations timed per figure")
-    parser.add_argument("--epochs", type=int, default=200, help="iterations of each call in (c) and (d)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="fewer rows: one image against a batch of 16")
+    parser.add_argument("--proxy", help="the trained vgg16_bn stand-in, for SSIM fp32 against bf16")
+    parser.add_argument("--steps", type=int, default=None, help="iterations timed per figure")
+    parser.add_argument("--total", type=int, default=200, help="iterations of each whole run in (5)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for (1)")
     options = parser.parse_args()
+    try:
+        device = invert.pick_device(options.device)
+    except invert.UsageError as error:
+        sys.exit(f"benchmark_speed.py: {error}")
+    steps = options.steps or (20 if options.quick or device.type == "cuda" else 10)
+    batches = options.batches or ([1, 16] if options.quick else [1, 2, 4, 8])
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16 here: {invert.native_bf16(torch.device('cpu'))}\n")
+    print(machine(device) + "\n")
+    models = {name: invert.load_model(name, "none", progress=False).to(device) for name in ("alexnet", "vgg16_bn")}
+    assert all(parameter.device.type == device.type for model in models.values() for parameter in model.parameters())
     photo = invert.load_image(invert.DEFAULT_IMAGE)
-    alexnet = invert.load_model("alexnet", "none", progress=False)
-    vgg = invert.load_model("vgg16_bn", "none", progress=False)
-    cases = [("alexnet", alexnet, 12, 227), ("vgg16_bn", vgg, 22, 224)]
+    references = {size: invert.preprocess(photo, size).to(device) for size in (224, 227)}
+    vgg = models["vgg16_bn"]
 
-    print("(a) invert's ms per iteration / a bare truncated forward + backward (target <= 1.15)")
-    for name, model, index, size in cases:
-        reference = invert.preprocess(photo, size)
-        bare = loop_ms(bare_step(model.features[:index + 1], size), options.steps)
-        for label, settings in [("default", {}), ("seed", SEED_CONFIG)]:
-            ours = invert_ms(model, model.features[index], reference, options.steps, **settings)
-            print(f"    {name} features_{index}, {label:7s}: {ours:7.1f} / {bare:7.1f} ms = {ours / bare:.3f}")
+    print("(1) batches: vgg16_bn at 224, ms per iteration per image (target: ours / bare <= 1.15)")
+    print("| layer | N | ours | bare | ours / bare | peak memory so far (GB) |\n|---|---|---|---|---|---|")
+    for index in (22, 5):
+        for count in batches:
+            photos = torch.cat([references[224].flip(-1) if row % 2 else references[224] for row in range(count)])
+            ours = invert_ms(vgg, vgg.features[index], photos, steps) / count
+            bare = bare_ms(vgg, index, count, 224, steps, device) / count
+            print(f"| features_{index} | {count} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} "
+                  f"| {peak_memory_gb(device):.1f} |", flush=True)
 
-    print("\n(b) the seed's full network + hook / ours, alexnet features_4, seed objective (target >= 2)")
-    reference = invert.preprocess(photo, 227)
-    full = loop_ms(seed_step(alexnet, alexnet.features[4], reference), options.steps)
-    alexnet.features[4]._forward_hooks.clear()
-    ours = invert_ms(alexnet, alexnet.features[4], reference, options.steps, **SEED_CONFIG)
-    print(f"    {full:.1f} / {ours:.1f} ms = {full / ours:.2f}")
+    print("\n(2) overhead: default settings, ms per iteration (target: <= 1.15 where bare >= 5 ms, else <= 1.5)")
+    print("| layer | ours | bare | ours / bare | target |\n|---|---|---|---|---|")
+    for name, index, size in LAYERS:
+        model = models[name]
+        ours = invert_ms(model, model.features[index], references[size], steps)
+        bare = bare_ms(model, index, 1, size, steps, device)
+        print(f"| {name} features_{index} | {ours:.2f} | {bare:.2f} | {ours / bare:.3f} "
+              f"| {1.15 if bare >= 5 else 1.5} |", flush=True)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        common = ["--model", "alexnet", "--weights", "none", "--epochs", str(options.epochs), "--quiet"]
-        layers = ["features_1", "features_4", "features_7", "features_9", "features_11"]
-        print(f"\n(c) one call with 5 layers / 5 separate calls, alexnet, {options.epochs} iterations each "
-              "(target <= 0.5)")
-        together = cli_seconds([*common, "--layer_name", *layers, "--output_dir", f"{scratch}/c1"])
-        apart = sum(cli_seconds([*common, "--layer_name", layer, "--output_dir", f"{scratch}/c5"])
-                    for layer in layers)
-        print(f"    {together:.1f} / {apart:.1f} s = {together / apart:.2f}  ({', '.join(layers)})")
-
-        images = []
-        for index, transpose in enumerate([None, Image.Transpose.FLIP_LEFT_RIGHT,
-                                           Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_180]):
-            path = Path(scratch) / f"photo{index}.png"
-            (photo if transpose is None else photo.transpose(transpose)).save(path)
-            images.append(str(path))
-        print(f"\n(d) one call with 4 images / 4 separate calls, alexnet features_7, {options.epochs} iterations")
-        together = cli_seconds([*common, "--layer_name", "features_7", "--image_path", *images,
-                                "--output_dir", f"{scratch}/d1"])
-        apart = sum(cli_seconds([*common, "--layer_name", "features_7", "--image_path", image,
-                                 "--output_dir", f"{scratch}/d4"]) for image in images)
-        print(f"    {together:.1f} / {apart:.1f} s = {together / apart:.2f}")
-
-    print("\n(f) the defaults / the seed objective with SGD, ms per iteration, vgg16_bn at 224, "
-          "each timed twice, alternating (target <= 1)")
-    reference = invert.preprocess(photo, 224)
-    for index in (5, 12, 22, 32):
-        times = {"default": [], "seed": []}
-        for _ in range(2):
-            for label, settings in [("default", {}), ("seed", SEED_CONFIG)]:
-                times[label].append(invert_ms(vgg, vgg.features[index], reference, options.steps, **settings))
-        ours, seed = min(times["default"]), min(times["seed"])
-        print(f"    features_{index}: {ours:.1f} / {seed:.1f} ms = {ours / seed:.3f}")
-
-    print("\n(e) fp32 / bf16 ms per iteration, default settings (bf16 runs as autocast around the forward)")
-    for name, model, index, size in cases:
-        reference = invert.preprocess(photo, size)
-        fp32 = invert_ms(model, model.features[index], reference, options.steps)
+    print("\n(3) precision: default settings, ms per iteration")
+    print("| layer | fp32 | bf16 | fp32 / bf16 |\n|---|---|---|---|")
+    for name, index, size in LAYERS:
+        model = models[name]
+        fp32 = invert_ms(model, model.features[index], references[size], steps, precision="fp32")
         # emulated bf16 (no AMX or AVX512-BF16) runs about 20 times slower: a few iterations tell
-        bf16_steps = options.steps if invert.native_bf16(torch.device("cpu")) else 3
-        bf16 = invert_ms(model, model.features[index], reference, bf16_steps, precision="bf16")
-        print(f"    {name} features_{index}: {fp32:.1f} / {bf16:.1f} ms = {fp32 / bf16:.2f}")
+        bf16 = invert_ms(model, model.features[index], references[size],
+                         steps if invert.native_bf16(device) else 2, precision="bf16")
+        print(f"| {name} features_{index} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f} |", flush=True)
     if options.proxy:
         from benchmark_quality import ssim
-        trained = invert.load_model("vgg16_bn", options.proxy, progress=False)
-        reference = invert.preprocess(photo, 224)
-        print("    SSIM on the trained stand-in, 224, default settings, 200 iterations:")
-        for index in (5, 12, 22, 32):
-            scores = []
+        trained = invert.load_model("vgg16_bn", options.proxy, progress=False).to(device)
+        print(f"\nSSIM on the trained stand-in, 224, default settings, {options.total} iterations")
+        print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n|---|---|---|---|---|---|")
+        for index in SSIM_LAYERS:
+            scores, seconds = [], []
             for precision in ("fp32", "bf16"):
                 started = time.perf_counter()
-                result = invert.invert(trained, trained.features[index], reference, precision=precision)
-                scores.append((ssim(result.images, reference), time.perf_counter() - started))
-            (fp32_ssim, fp32_s), (bf16_ssim, bf16_s) = scores
-            print(f"    vgg16_bn features_{index}: SSIM fp32 {fp32_ssim:.3f} ({fp32_s:.0f} s), "
-                  f"bf16 {bf16_ssim:.3f} ({bf16_s:.0f} s), difference {bf16_ssim - fp32_ssim:+.3f}")
+                result = invert.invert(trained, trained.features[index], references[224], precision=precision,
+                                       epochs=options.total)
+                seconds.append(time.perf_counter() - started)
+                scores.append(ssim(result.images.cpu(), references[224].cpu()))
+            print(f"| features_{index} | {scores[0]:.4f} | {scores[1]:.4f} | {scores[1] - scores[0]:+.4f} "
+                  f"| {seconds[0]:.0f} | {seconds[1]:.0f} |", flush=True)
+
+    if device.type == "cuda":
+        print("\n(4) cudnn.benchmark, default settings, ms per iteration")
+        print("| layer | off | on | off / on |\n|---|---|---|---|")
+        for name, index, size in LAYERS:
+            model = models[name]
+            times = []
+            for choice in (False, True):
+                torch.backends.cudnn.benchmark = choice
+                invert_ms(model, model.features[index], references[size], 3)  # let it choose its kernels
+                times.append(invert_ms(model, model.features[index], references[size], steps))
+            torch.backends.cudnn.benchmark = False
+            print(f"| {name} features_{index} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f} |")
+
+    print(f"\n(5) whole runs, default settings, {options.total} iterations, set-up included")
+    alexnet = models["alexnet"]
+    run_seconds(alexnet, alexnet.features[12], references[227], epochs=3)  # warm-up
+    alexnet_seconds = run_seconds(alexnet, alexnet.features[12], references[227], epochs=options.total)
+    vgg_seconds = run_seconds(vgg, vgg.features[32], references[224], epochs=options.total)
+    short = max(1, options.total // 10)
+    one = run_seconds(vgg, vgg.features[22], references[224], epochs=short)
+    many = run_seconds(vgg, vgg.features[22], references[224].expand(batches[-1], -1, -1, -1),
+                       epochs=short)
+    print(f"    alexnet features_12: {alexnet_seconds:.2f} s (GPU target < 1 s)")
+    print(f"    vgg16_bn features_32: {vgg_seconds:.2f} s (GPU target < 3 s)")
+    print(f"    vgg16_bn features_22, {short} iterations, a batch of {batches[-1]} / one image: "
+          f"{many:.2f} / {one:.2f} s = {many / one:.2f} (GPU target < 3)")
 
 
 if __name__ == "__main__":

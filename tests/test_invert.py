@@ -88,7 +88,7 @@ def test_every_objective_optimizer_and_param_reduces_its_loss(objective, optimiz
     history = []
     result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), objective=objective,
                            optimizer=optimizer, param=param, epochs=40, lr=lr,
-                           callback=lambda step, losses, images: history.append(sum(losses[0].values()).item()))
+                           callback=lambda step, losses, images: history.append(sum(losses.values()).item()))
     assert len(history) == 40 and result.iterations == 40 and not result.interrupted
     final = sum(result.losses[0][name] for name in ("rec_loss", "alpha_loss", "tv_loss"))
     assert final < 0.5 * history[0], (history[0], final)
@@ -101,7 +101,7 @@ def test_paper_terms_are_normalised_in_0_255_units():
     image[0, :, 0, 0] = torch.tensor([80.0, 0, 0]) / (255 * invert.IMAGENET_STD[0])  # norm B at one pixel
     features, target = torch.ones(1, 4), torch.zeros(1, 4)
     settings = invert.Settings(objective="paper", lambda_alpha=1.0, lambda_tv=1.0, C=3.0)
-    terms = invert.objective_terms(settings, features, target, target.new_tensor(2.0), image)
+    terms = invert.objective_terms(settings, features, target, target.new_tensor([2.0]), image)
     assert terms["rec_loss"].item() == pytest.approx(3 * 4 / 2)
     assert terms["alpha_loss"].item() == pytest.approx(1 / 4, rel=1e-4)  # one pixel at B, of four
     # that pixel differs by B from its right and lower neighbours: 2 B^2 / (4 V^2) = 2 * 6.5^2 / 4
@@ -111,13 +111,30 @@ def test_paper_terms_are_normalised_in_0_255_units():
 def test_priors_match_their_definitions():
     image = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]]]])
     assert invert.alpha_prior(image, 6.0).item() == pytest.approx(1 + 64 + 0.5 ** 6 + 729)
-    assert torch.isfinite(invert.alpha_prior(torch.tensor([-0.5, 0.5]), 2.5))  # |x| before the power
+    assert torch.isfinite(invert.alpha_prior(torch.tensor([[-0.5, 0.5]]), 2.5)).all()  # |x| before the power
     # dx: (-3) at (0,1) and 2.5 at (1,1); dy: -0.5 at (1,0) and 5 at (1,1)
     assert invert.tv_prior(image, 2.0).item() == pytest.approx(9 + 0.25 + 2.5 ** 2 + 25)
     assert invert.tv_prior(image, 1.0).item() == pytest.approx(3 + 0.5 + (2.5 ** 2 + 25) ** 0.5)
     gradient_image = image.clone().requires_grad_()
     invert.tv_prior(gradient_image, 1.0).backward()  # beta < 2 must not give NaN gradients
     assert torch.isfinite(gradient_image.grad).all()
+
+
+def test_the_papers_priors_have_autograds_gradient():
+    pixels = (60 * torch.randn(2, 3, 9, 7)).requires_grad_()
+    alpha, tv = invert.PaperPriors.apply(pixels, 6.0)
+    (2 * alpha + 3 * tv).sum().backward()
+    written, pixels.grad = pixels.grad, None
+    expected_alpha, expected_tv = invert.pixel_norm_prior(pixels, 6.0), invert.tv_prior(pixels, 2.0)
+    (2 * expected_alpha + 3 * expected_tv).sum().backward()
+    assert torch.allclose(alpha, expected_alpha, rtol=1e-5) and torch.allclose(tv, expected_tv, rtol=1e-5)
+    assert torch.allclose(written, pixels.grad, rtol=1e-4, atol=1e-3 * pixels.grad.abs().max().item())
+
+
+def test_fourier_images_use_fast_fft_lengths():
+    assert [invert.fft_size(length) for length in (224, 227, 64, 17, 1)] == [224, 240, 64, 18, 1]
+    image = invert.FourierImage((17, 15), [torch.Generator().manual_seed(0)], torch.device("cpu"), "paper")
+    assert image.render().shape == (1, 3, 17, 15)
 
 
 def test_jitter_keeps_the_image_shape_and_auto_follows_the_stride(tiny):
@@ -489,19 +506,24 @@ def test_unsound_weights_are_named_before_the_work(photo, tmp_path, cli):
 # ---------------------------------------------------------------- batches of layers and images
 
 
-def test_one_batched_iteration_matches_single_layer_iterations():
+@pytest.mark.parametrize("settings", [dict(SEED, jitter="auto"), dict(optimizer="sgd", lr=0.003)],
+                         ids=["seed-pixel-auto-jitter", "paper-fft"])
+def test_batched_rows_match_single_calls(settings):
     torch.manual_seed(0)
     model = invert.random_model("squeezenet1_1").eval().requires_grad_(False)
-    layers = [model.features[3], model.features[6], model.features[10]]
-    references = torch.randn(3, 3, 64, 64)
+    # rows 0 and 2 share a layer, and with auto jitter a canvas, that row 1 does not
+    layers = [model.features[3], model.features[10], model.features[3], model.features[6]]
+    references = torch.randn(4, 3, 64, 64)
     # SGD, whose step is linear in the gradient: Adam's first step is lr * sign(gradient), which
     # turns a rounding difference in a near-zero gradient into a full step
-    together = invert.invert(model, layers, references, **SEED, epochs=3)
+    together = invert.invert(model, layers, references, **settings, epochs=3)
     for row, layer in enumerate(layers):
-        alone = invert.invert(model, layer, references[row:row + 1], **SEED, epochs=3)
-        # a batched convolution adds in another order: equal to float rounding, not bit for bit
-        assert torch.allclose(together.images[row], alone.images[0], atol=1e-5)
+        alone = invert.invert(model, layer, references[row:row + 1], **settings, epochs=3)
+        # a batched convolution or FFT adds in another order: equal to float rounding, not bit for bit
+        assert torch.allclose(together.images[row], alone.images[0], atol=1e-4)
         assert together.losses[row]["feature_error"] == pytest.approx(alone.losses[0]["feature_error"], rel=1e-5)
+        assert together.jitters[row] == alone.jitters[0]
+    assert (len(set(together.jitters)) > 1) == (settings.get("jitter") == "auto")
 
 
 def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli):

@@ -54,14 +54,23 @@ TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # neighbouring pixels.
 PAPER_B = 80.0
 PAPER_V = PAPER_B / 6.5
+# --C auto: the paper's weight of the feature term, kept up to this layer stride, then falling
+# with the stride's square (measured on the trained stand-in: tests/README.md)
+PAPER_C = 100.0
+FULL_C_STRIDE = 4
+# The plateau rule ends runs early only at layers of this stride or less: deeper layers' losses stall
+# at the first stage's rate while their pictures still gain from the last stage (tests/README.md).
+PLATEAU_STRIDE = 2
+# The paper's two stages: this share of the iterations, then the rest at --decay_factor times the rate.
+FIRST_STAGE = Fraction(6, 7)
 # What --objective decides when a flag is not given. seed: the original design's whole method.
 # paper: the normalised terms, on the parameterisation and optimizer measured best for them. A
-# Fraction is a share of --epochs: the paper's two stages decay the rate after 6/7 of them.
+# Fraction is a share of --epochs.
 OBJECTIVE_DEFAULTS = {
     "seed": {"optimizer": "sgd", "param": "pixel", "lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0,
-             "decay_epochs": 200},
-    "paper": {"optimizer": "adam", "param": "fft", "lambda_alpha": 1.0, "lambda_tv": 1.0, "C": 100.0,
-              "decay_epochs": Fraction(6, 7)},
+             "decay_epochs": 200, "plateau": 0.0},
+    "paper": {"optimizer": "adam", "param": "fft", "lambda_alpha": 1.0, "lambda_tv": 1.0, "C": "auto",
+              "decay_epochs": FIRST_STAGE, "plateau": 0.01},
 }
 # Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (tests/README.md).
 # The seed's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
@@ -75,6 +84,8 @@ DEFAULT_LRS = {
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
 GPU_CHECK_EVERY = 25
+# the plateau rule compares each image's loss with its loss this many iterations before
+PLATEAU_WINDOW = 10
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
 FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
@@ -107,9 +118,12 @@ positive_float = _checked(float, lambda value: value > 0, "> 0")
 non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
 
 
-def jitter_amount(text: str) -> Union[int, str]:
-    """--jitter: a number of pixels, or 'auto' for the authors' choice from the layer's stride."""
-    return "auto" if text == "auto" else non_negative_int(text)
+def auto_or(parse: Callable) -> Callable:
+    """An argparse type that takes 'auto' (a value chosen from the layer's stride) or what `parse` takes."""
+    def parse_or_auto(text: str):
+        return "auto" if text == "auto" else parse(text)
+    parse_or_auto.__name__ = parse.__name__
+    return parse_or_auto
 
 
 def setting(default, help: str, **argparse_options):
@@ -133,13 +147,23 @@ class Settings:
     beta: float = setting(2.0, "exponent of the total-variation prior", type=positive_float)
     lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=non_negative_float)
     lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=non_negative_float)
-    C: Optional[float] = setting(None, "weight of the feature term (the paper used 1 to 300)",
-                                 type=positive_float)
+    C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); "
+                                         f"'auto': {PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, "
+                                         f"then {PAPER_C:g} * ({FULL_C_STRIDE} / stride)^2, so that the "
+                                         "priors weigh more where the layer keeps less",
+                                         type=auto_or(positive_float))
     jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on "
                                       "each axis, until the first learning-rate decay; 'auto' is the "
                                       "authors' choice, a quarter of the layer's stride less one",
-                                      type=jitter_amount)
-    epochs: int = setting(200, "optimisation iterations", type=positive_int)
+                                      type=auto_or(non_negative_int))
+    epochs: int = setting(200, "optimisation iterations: exactly this many with --plateau 0, else at most",
+                          type=positive_int)
+    plateau: Optional[float] = setting(None, f"end the first stage once no image's lowest loss has "
+                                       f"fallen by this fraction over the last {PLATEAU_WINDOW} iterations, "
+                                       f"at layers of stride {PLATEAU_STRIDE} or less; a last stage at "
+                                       f"--decay_factor times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as "
+                                       "long as the first, follows, and the run stops. 0 runs exactly "
+                                       "--epochs iterations", type=non_negative_float)
     lr: Optional[float] = setting(None, "learning rate", type=positive_float)
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=non_negative_float)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=positive_float)
@@ -524,10 +548,10 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     return image * (255 * torch.tensor(IMAGENET_STD, device=image.device)).view(1, 3, 1, 1)
 
 
-def data_term(settings: Settings, features, targets, target_norms) -> torch.Tensor:
+def data_term(C: float, features, targets, target_norms) -> torch.Tensor:
     """Each row's weighted feature error C * ||features - target||^2 / ||target||^2."""
     squares = nn.functional.mse_loss(features, targets, reduction="none")  # one kernel, both ways
-    return settings.C * per_row(squares) / target_norms
+    return C * per_row(squares) / target_norms
 
 
 def prior_terms(settings: Settings, images) -> dict:
@@ -547,8 +571,8 @@ def prior_terms(settings: Settings, images) -> dict:
 
 def objective_terms(settings: Settings, features, targets, target_norms, images) -> dict:
     """The three weighted terms of each row, rec_loss, alpha_loss and tv_loss, of the seed's or the
-    paper's objective."""
-    return {"rec_loss": data_term(settings, features, targets, target_norms), **prior_terms(settings, images)}
+    paper's objective, for settings whose C is a number."""
+    return {"rec_loss": data_term(settings.C, features, targets, target_norms), **prior_terms(settings, images)}
 
 
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
@@ -642,15 +666,15 @@ PARAMETERISATIONS = {"pixel": PixelImage, "fft": FourierImage}
 
 
 class Inversion(NamedTuple):
-    """What `invert` returns: the normalised images, per image its final losses and jitter, and the
-    settings as resolved."""
+    """What `invert` returns: the normalised images, per image its final losses and the settings its
+    layer decided, how many iterations ran and why they stopped, and the settings as resolved."""
 
     images: torch.Tensor
     losses: list
     iterations: int
-    interrupted: bool
+    stopped: str  # why: "epochs" (all of them ran), "plateau" or "interrupted" (Ctrl-C)
     settings: Settings
-    jitters: list
+    layer_settings: list  # per image, the settings its layer's stride decided: jitter, C and plateau
 
 
 class Diverged(UsageError):
@@ -699,10 +723,14 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
     return targets
 
 
-def auto_jitter(height: int, target: torch.Tensor) -> int:
-    """The authors' jitter, max(1, round(stride / 4)) crop offsets per axis, as pixels of shift."""
+def layer_settings(settings: Settings, height: int, target: torch.Tensor) -> dict:
+    """The jitter, C and plateau tolerance of a row whose layer gives `target` for an input `height`
+    pixels high, from the layer's stride (the whole input for a layer without a grid) where 'auto'.
+    The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
     stride = height // target.shape[-1] if target.dim() == 4 else height
-    return max(1, round(stride / 4)) - 1
+    return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
+            "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
+            "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0}
 
 
 def row_order(groups: list) -> Optional[torch.Tensor]:
@@ -745,6 +773,44 @@ class FiniteGuard:
                        "for this layer; try a smaller --lr", self.current_images())
 
 
+class Schedule:
+    """When the rate decays, jitter stops and the run ends. The rate decays every decay_epochs
+    iterations (the seed's StepLR). With a plateau tolerance, the first decay comes as soon as no
+    image's lowest loss has fallen by that fraction over PLATEAU_WINDOW iterations, and the run
+    ends after a last stage as long, relative to the first, as the paper's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, settings: Settings, tolerances: list):
+        self.optimizer, self.settings, self.tolerances = optimizer, settings, tolerances
+        self.step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.decay_epochs,
+                                                       gamma=settings.decay_factor)
+        self.first_decay = settings.decay_epochs  # the last iteration of the first stage
+        self.last = settings.epochs  # the last iteration
+        self.lowest = None  # each image's lowest loss so far: Adam's loss oscillates
+        self.before = None  # the same, PLATEAU_WINDOW iterations ago
+
+    def jittering(self, step: int) -> bool:
+        """Whether `step` is in the first stage, the one with jitter."""
+        return step <= self.first_decay
+
+    def step(self, step: int, terms: dict) -> None:
+        """Account for iteration `step`, whose losses before its update were `terms`."""
+        self.step_lr.step()
+        if not self.settings.plateau or step > self.first_decay:
+            return
+        loss = sum(values.detach() for values in terms.values())
+        self.lowest = loss if self.lowest is None else torch.minimum(self.lowest, loss)
+        if step % PLATEAU_WINDOW or step == self.first_decay:
+            return
+        now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
+        if self.before is not None and all(before - lowest < tolerance * abs(before) for before, lowest, tolerance
+                                           in zip(self.before, now, self.tolerances)):
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.settings.decay_factor
+            self.first_decay = step
+            self.last = min(self.last, step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
+        self.before = now
+
+
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
            callback: Optional[Callable] = None, **overrides) -> Inversion:
     """Optimise one image per row of `references` until its activations at its layer match the row's.
@@ -766,10 +832,9 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     targets = reference_features(model, layers, references, settings.precision)
     target_norms = [per_row(target.square()) for _, target in targets]
     by_layer = row_order([rows for rows, _ in targets])
-    jitters = [0] * count
-    for rows, target in targets:
-        for row in rows:
-            jitters[row] = auto_jitter(height, target) if settings.jitter == "auto" else settings.jitter
+    per_layer = [layer_settings(settings, height, target) for _, target in targets]
+    by_row = {row: chosen for (rows, _), chosen in zip(targets, per_layer) for row in rows}
+    jitters = [by_row[row]["jitter"] for row in range(count)]
 
     # Each row has its own generator, seeded alike, so that it draws what a call of its own would.
     # With jitter, a row's image is a canvas `jitter` pixels larger, seen through a randomly placed
@@ -797,8 +862,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
         """Each row's terms: the feature error at its layer, and the priors over its canvas."""
         with autocast(settings.precision, device):
             outputs = layer_batches(model, layers, crop(wholes, offsets))
-        errors = [data_term(settings, output.float(), target, norms)
-                  for (_, output), (_, target), norms in zip(outputs, targets, target_norms)]
+        errors = [data_term(chosen["C"], output.float(), target, norms)
+                  for (_, output), (_, target), norms, chosen in zip(outputs, targets, target_norms, per_layer)]
         priors = [prior_terms(settings, whole) for whole in wholes]
         return {"rec_loss": in_row_order(errors, by_layer),
                 **{name: in_row_order([terms[name] for terms in priors], by_canvas) for name in priors[0]}}
@@ -812,36 +877,37 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
         return loss
 
     optimizer = make_optimizer(settings, [canvas.variable for canvas in canvases])
-    # the paper's second stage: the rate decays, and jitter stops, after decay_epochs iterations
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.decay_epochs,
-                                                gamma=settings.decay_factor)
+    schedule = Schedule(optimizer, settings, [by_row[row]["plateau"] for row in range(count)])
     guard = FiniteGuard(canvases, current_images, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY,
                         settings.epochs)
-    terms, iterations, interrupted = {}, 0, False
+    terms, iterations, stopped = {}, 0, "epochs"
     try:
         for step in range(1, settings.epochs + 1):
+            if step > schedule.last:
+                stopped = "plateau"
+                break
             offsets = [torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
-                       if jitter and step <= settings.decay_epochs else middle
+                       if jitter and schedule.jittering(step) else middle
                        for jitter, generator, middle in zip(jitters, generators, middles)]
             guard.step(optimizer, closure, step)  # render, forward, loss, backward, step
             for canvas in canvases:
                 canvas.after_step()
-            scheduler.step()
+            schedule.step(step, terms)
             iterations = step
             if callback is not None:
                 callback(step, {name: values.detach() for name, values in terms.items()}, current_images)
     except KeyboardInterrupt:
-        interrupted = True
+        stopped = "interrupted"
     with torch.no_grad():  # the losses of the returned images, not of the ones before the last step
         wholes = [canvas.render() for canvas in canvases]
         images = crop(wholes, middles).detach().clone()
         final = {name: values.tolist() for name, values in evaluate(wholes, middles).items()}
     losses = [{**{name: values[row] for name, values in final.items()},
-               "feature_error": final["rec_loss"][row] / settings.C} for row in range(count)]
+               "feature_error": final["rec_loss"][row] / by_row[row]["C"]} for row in range(count)]
     if not all(math.isfinite(value) for row in losses for value in row.values()):
         raise Diverged(f"the loss became non-finite by iteration {iterations}: --lr {settings.lr:g} is "
                        "too large for this layer; try a smaller --lr", None)
-    return Inversion(images, losses, iterations, interrupted, settings, jitters)
+    return Inversion(images, losses, iterations, stopped, settings, [by_row[row] for row in range(count)])
 
 
 # ---------------------------------------------------------------- running and saving
@@ -1075,13 +1141,13 @@ def save_outputs(args: argparse.Namespace, rows: list, photos: dict, result: Inv
                  frames: Optional[list], device: torch.device) -> None:
     """Write each row's PNG and JSON record, then its GIF, then each photo's montage."""
     pictures = [deprocess(image[None]) for image in result.images]
-    for row, picture, losses, jitter in zip(rows, pictures, result.losses, result.jitters):
+    for row, picture, losses, chosen in zip(rows, pictures, result.losses, result.layer_settings):
         record = {
             "args": vars(args),
             "image_path": row.image_path,
             "layer_name": row.layer_name,
             "settings": dataclasses.asdict(result.settings),
-            "jitter": jitter,
+            "layer_settings": chosen,
             **losses,
             "iterations": result.iterations,
             "seconds": round(seconds, 4),
@@ -1090,7 +1156,7 @@ def save_outputs(args: argparse.Namespace, rows: list, photos: dict, result: Inv
             "device": str(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
-            "interrupted": result.interrupted,
+            "stopped": result.stopped,
         }
         save_png(row.png, picture)
         write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
@@ -1149,7 +1215,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     seconds = time.perf_counter() - started
     save_outputs(args, rows, photos, result, seconds, frames, device)
-    if result.interrupted:
+    if result.stopped == "interrupted":
         print(f"interrupted after {result.iterations} iterations: saved what it had", file=sys.stderr)
         return 130
     if not args.quiet:

@@ -1,17 +1,19 @@
-"""Reconstruction quality of each objective x optimizer, and of the defaults: a script, not a test.
+"""Reconstruction quality of the defaults against the seed's method and other settings: a script, not a test.
 
-Inverts vgg16_bn features_5, 12, 22 and 32 of the trained stand-in (conv blocks 1-4 trained; see
-tests/README.md) on every photo in reference_images/, then random-weights alexnet features_0 ... 12
-(default and seed+sgd only), and prints feature error, SSIM against the preprocessed original,
-seconds and iterations:
+Inverts vgg16_bn features_5, 12, 22, 32 and 36 of the trained stand-in (conv blocks 1-4 trained;
+see tests/README.md) for every photo in reference_images/ (or --photos), and prints per run the
+feature error, SSIM against the preprocessed original at full size and 4x downsampled (what a deep
+layer keeps of layout and colour, apart from texture), the iterations it ran and why it stopped,
+and its optimisation time over the time of 200 bare iterations (a truncated forward and backward,
+timed here for each layer):
 
     python ../shared/tools/trained_vgg16bn.py /tmp/vgg16_bn_proxy.pth
     python tests/benchmark_quality.py /tmp/vgg16_bn_proxy.pth --grid outputs/readme/quality_grid.png
 
-Run it alone: a second torch process on the same cores skews the seconds. Needs scikit-image.
+fp32 unless --precision says otherwise. Run it alone: a second torch process on the same cores
+skews the times. Needs scikit-image.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,36 +26,36 @@ from skimage.metrics import structural_similarity
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import invert  # noqa: E402
+from benchmark_speed import bare_ms  # noqa: E402
 
 SIZE = 224
-VGG_LAYERS = ["features_5", "features_12", "features_22", "features_32"]
-ALEXNET_LAYERS = [f"features_{index}" for index in range(13)]
-# the defaults (paper + adam + fft), and each objective x optimizer on pixels, as in the paper
+LAYERS = [5, 12, 22, 32, 36]
 CONFIGS = {
     "default": [],
-    **{f"{objective}+{optimizer}": ["--objective", objective, "--optimizer", optimizer, "--param", "pixel"]
-       for objective in invert.OBJECTIVES for optimizer in ("sgd", "adam", "lbfgs")},
+    "previous": ["--C", "100", "--plateau", "0"],  # the defaults before C and the plateau followed the layer
+    "seed": ["--objective", "seed"],  # the original design's method
+    **{f"paper+{optimizer}+pixel": ["--optimizer", optimizer, "--param", "pixel"]
+       for optimizer in ("sgd", "adam", "lbfgs")},
 }
-RANDOM_CONFIGS = ["default", "seed+sgd"]
+DEFAULT_CONFIGS = ["default", "previous", "seed"]
 
 
-def ssim(image: torch.Tensor, original: torch.Tensor) -> float:
+def ssim(image: torch.Tensor, original: torch.Tensor, downsample: int = 1) -> float:
     """SSIM of two normalised 1x3xHxW images, compared as the 8-bit RGB pictures the tool saves."""
     def as_array(tensor):
-        return np.asarray(invert.deprocess(tensor))
+        picture = invert.deprocess(tensor)
+        return np.asarray(picture.resize((picture.width // downsample, picture.height // downsample), Image.BOX))
     return structural_similarity(as_array(image), as_array(original), channel_axis=2, data_range=255)
 
 
-def measure(model, photo: Path, layer_name: str, flags: list, size: int) -> tuple:
-    """Invert one layer as the command line would with `flags`; return (result, seconds, SSIM)."""
-    args = invert.parse_args(["--image_path", str(photo), "--input_size", str(size),
-                              "--layer_name", layer_name, *flags])
+def measure(model, photo: Path, index: int, flags: list) -> tuple:
+    """Invert one layer as the command line would with `flags`; return (result, seconds)."""
+    args = invert.parse_args(["--image_path", str(photo), "--input_size", str(SIZE), *flags])
     invert.seed_everything(args.seed)
-    reference = invert.preprocess(invert.load_image(photo), size)
-    _, layer = invert.resolve_layer(model, layer_name)
+    reference = invert.preprocess(invert.load_image(photo), SIZE)
     started = time.perf_counter()
-    result = invert.invert(model, layer, reference, invert.settings_from_args(args))
-    return result, time.perf_counter() - started, ssim(result.images, reference)
+    result = invert.invert(model, model.features[index], reference, invert.settings_from_args(args))
+    return result, time.perf_counter() - started
 
 
 def grid(rows: list, columns: list, tiles: dict, originals: dict, path: Path) -> None:
@@ -78,42 +80,39 @@ def main() -> None:
     """Parse the options, run every configuration and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", help="the trained vgg16_bn stand-in's state-dict file")
-    parser.add_argument("--layers", nargs="+", default=VGG_LAYERS)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument("--layers", nargs="+", type=int, default=LAYERS, help="indices into vgg16_bn.features")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--extra", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
-                        help="another configuration to try, e.g. --extra adam-lr0.05 '--lr 0.05'")
-    parser.add_argument("--no_random", action="store_true", help="skip the random-weights alexnet rows")
+                        help="another configuration to try, e.g. --extra lr0.05 '--lr 0.05'")
+    parser.add_argument("--photos", nargs="+", type=Path, help="the photos (default: those in reference_images/)")
+    parser.add_argument("--precision", default="fp32", help="the --precision of every run (default: fp32)")
     parser.add_argument("--grid", type=Path, help="also save a layers x configurations picture here")
     options = parser.parse_args()
     configs = {**{name: CONFIGS[name] for name in options.configs},
                **{name: flags.split() for name, flags in options.extra}}
-    photos = sorted(path for path in (ROOT / "reference_images").iterdir() if path.is_file())
-    runs = [("vgg16_bn", options.weights, options.layers, SIZE, "")]
-    if not options.no_random:
-        runs.append(("alexnet", "none", ALEXNET_LAYERS, 227, " (random)"))
+    photos = options.photos or sorted(path for path in (ROOT / "reference_images").iterdir() if path.is_file())
+    model = invert.load_model("vgg16_bn", options.weights, progress=False)
+    bare = {index: bare_ms(model, index, 1, SIZE, 10, torch.device("cpu")) for index in options.layers}
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| photo | model | layer | configuration | feature error | sqrt | SSIM | seconds | iterations |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, precision {options.precision}\n")
+    print("| photo | layer | configuration | feature error | SSIM | SSIM 4x down | iterations | stopped "
+          "| seconds | time / 200 bare |\n|---|---|---|---|---|---|---|---|---|---|")
     tiles, originals = {}, {}
-    for model_name, weights, layers, size, mark in runs:
-        model = invert.load_model(model_name, weights, progress=False)
-        for photo in photos:
-            for layer_name in layers:
-                chosen = configs if model_name == "vgg16_bn" else {
-                    name: flags for name, flags in configs.items() if name in RANDOM_CONFIGS}
-                for name, flags in chosen.items():
-                    result, seconds, score = measure(model, photo, layer_name, ["--model", model_name, *flags],
-                                                     size)
-                    error = result.losses[0]["feature_error"]
-                    print(f"| {photo.stem} | {model_name}{mark} | {layer_name} | {name} | {error:.4f} "
-                          f"| {math.sqrt(error):.3f} | {score:.3f} | {seconds:.1f} | {result.iterations} |",
-                          flush=True)
-                    if model_name == "vgg16_bn" and photo == photos[0]:
-                        tiles[layer_name, name] = invert.deprocess(result.images)
-                        originals[layer_name] = invert.deprocess(invert.preprocess(invert.load_image(photo), size))
+    for photo in photos:
+        for index in options.layers:
+            for name, flags in configs.items():
+                result, seconds = measure(model, photo, index, ["--precision", options.precision, *flags])
+                reference = invert.preprocess(invert.load_image(photo), SIZE)
+                print(f"| {photo.stem} | features_{index} | {name} | {result.losses[0]['feature_error']:.4f} "
+                      f"| {ssim(result.images, reference):.3f} | {ssim(result.images, reference, 4):.3f} "
+                      f"| {result.iterations} | {result.stopped} | {seconds:.1f} "
+                      f"| {1000 * seconds / (200 * bare[index]):.2f} |", flush=True)
+                if photo == photos[0]:
+                    tiles[f"features_{index}", name] = invert.deprocess(result.images)
+                    originals[f"features_{index}"] = invert.deprocess(reference)
     if options.grid:
-        grid(options.layers, list(configs), tiles, originals, options.grid)
+        grid([f"features_{index}" for index in options.layers], list(configs), tiles, originals, options.grid)
 
 
 if __name__ == "__main__":

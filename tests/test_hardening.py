@@ -110,7 +110,7 @@ def test_a_signal_mid_run_saves_the_current_image(signum, tmp_path):
     process.communicate(timeout=120)
     assert process.returncode == 130
     record = json.loads(output.with_suffix(".json").read_text())
-    assert record["interrupted"] is True and 1 <= record["iterations"] < 100000
+    assert record["stopped"] == "interrupted" and 1 <= record["iterations"] < 100000
     assert Image.open(output).size == (64, 64)
 
 

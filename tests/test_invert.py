@@ -1,6 +1,7 @@
 """Offline tests of invert.py's method, settings, layers and command line: tiny models, few iterations."""
 import dataclasses
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def test_the_objective_decides_its_defaults_and_flags_override_them():
     assert (seed.optimizer, seed.param, seed.lr, seed.lambda_alpha, seed.C, seed.decay_epochs) == \
            ("sgd", "pixel", 100.0, 1e-5, 1.0, 200)
     paper = invert.resolve(invert.Settings(epochs=70), cpu)
-    assert (paper.optimizer, paper.param, paper.lr, paper.C, paper.decay_epochs) == ("adam", "fft", 0.01, 100.0, 60)
+    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", 0.01, 60)
+    assert paper.C == invert.OBJECTIVE_DEFAULTS["paper"]["C"]
     mixed = invert.resolve(invert.Settings(objective="seed", optimizer="adam", C=7.0), cpu)
     assert (mixed.optimizer, mixed.param, mixed.lr, mixed.C) == ("adam", "pixel", 0.1, 7.0)
     assert invert.resolve(seed, cpu) == seed  # resolving twice changes nothing
@@ -89,7 +91,7 @@ def test_every_objective_optimizer_and_param_reduces_its_loss(objective, optimiz
     result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), objective=objective,
                            optimizer=optimizer, param=param, epochs=40, lr=lr,
                            callback=lambda step, losses, images: history.append(sum(losses.values()).item()))
-    assert len(history) == 40 and result.iterations == 40 and not result.interrupted
+    assert len(history) == 40 and result.iterations == 40 and result.stopped == "epochs"
     final = sum(result.losses[0][name] for name in ("rec_loss", "alpha_loss", "tv_loss"))
     assert final < 0.5 * history[0], (history[0], final)
     assert result.losses[0]["feature_error"] < 0.5
@@ -137,15 +139,17 @@ def test_fourier_images_use_fast_fft_lengths():
     assert image.render().shape == (1, 3, 17, 15)
 
 
-def test_jitter_keeps_the_image_shape_and_auto_follows_the_stride(tiny):
+def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
     reference = torch.randn(1, 3, 17, 15)
     result = invert.invert(tiny, tiny[3], reference, jitter=3, epochs=6)
-    assert result.images.shape == reference.shape and result.jitters == [3]
+    assert result.images.shape == reference.shape and result.layer_settings[0]["jitter"] == 3
     strided = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16)).eval().requires_grad_(False)
     result = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), jitter="auto", epochs=2)
-    assert result.jitters == [3] and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
+    assert result.layer_settings[0]["jitter"] == 3 and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
+    assert result.layer_settings[0]["C"] == invert.PAPER_C * (4 / 16) ** 2 and result.settings.C == "auto"
+    assert invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]["C"] == invert.PAPER_C
     assert result.images.shape == (1, 3, 64, 64)
-    assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).jitters == [0]
+    assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings[0]["jitter"] == 0
 
 
 def test_jitter_stops_at_the_first_decay(tiny):
@@ -185,13 +189,31 @@ def test_only_the_image_is_optimised_and_the_result_is_a_picture(tiny):
     assert min(low) == 0 and max(high) == 255
 
 
+def test_a_plateau_ends_the_run_after_a_last_stage_at_the_lower_rate(tiny):
+    reference = torch.randn(1, 3, 16, 16)
+    # a fall of less than 99 % over a window counts as a plateau: the first comparison ends the stage
+    result = invert.invert(tiny, tiny[3], reference, objective="paper", epochs=500, plateau=0.99)
+    window = invert.PLATEAU_WINDOW
+    assert result.stopped == "plateau" and result.iterations == 2 * window + math.ceil(2 * window / 6)
+    exact = invert.invert(tiny, tiny[3], reference, objective="paper", epochs=37, plateau=0.0)
+    assert exact.stopped == "epochs" and exact.iterations == 37
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = invert.Schedule(optimizer, invert.resolve(invert.Settings(plateau=0.1, epochs=300), torch.device("cpu")),
+                               [0.1])
+    for step in range(1, 2 * window + 1):  # a loss that stays flat
+        optimizer.step()
+        schedule.step(step, {"rec_loss": torch.tensor([1.0])})
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1) and not schedule.jittering(2 * window + 1)
+    assert schedule.last == 2 * window + math.ceil(2 * window / 6)
+
+
 def test_ctrl_c_returns_the_images_so_far(tiny):
     def interrupt(step, losses, images):
         if step == 3:
             raise KeyboardInterrupt
 
     result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), **SEED, epochs=50, callback=interrupt)
-    assert result.interrupted and result.iterations == 3 and result.images.shape == (1, 3, 16, 16)
+    assert result.stopped == "interrupted" and result.iterations == 3 and result.images.shape == (1, 3, 16, 16)
 
 
 def test_divergence_blames_the_learning_rate_only_when_it_is_the_cause(tiny):
@@ -347,7 +369,8 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["settings"] == dataclasses.asdict(invert.resolve(
         invert.Settings(objective="seed", lr=3.0, epochs=5), torch.device("cpu")))
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
-    assert record["jitter"] == 0 and record["iterations"] == 5 and record["interrupted"] is False
+    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0}
+    assert record["iterations"] == 5 and record["stopped"] == "epochs"
     assert 0 < record["feature_error"] < 1.5
     assert record["rec_loss"] == pytest.approx(record["settings"]["C"] * record["feature_error"])
     assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, abs=0.05)
@@ -522,8 +545,9 @@ def test_batched_rows_match_single_calls(settings):
         # a batched convolution or FFT adds in another order: equal to float rounding, not bit for bit
         assert torch.allclose(together.images[row], alone.images[0], atol=1e-4)
         assert together.losses[row]["feature_error"] == pytest.approx(alone.losses[0]["feature_error"], rel=1e-5)
-        assert together.jitters[row] == alone.jitters[0]
-    assert (len(set(together.jitters)) > 1) == (settings.get("jitter") == "auto")
+        assert together.layer_settings[row] == alone.layer_settings[0]
+    jitters = {chosen["jitter"] for chosen in together.layer_settings}
+    assert (len(jitters) > 1) == (settings.get("jitter") == "auto")
 
 
 def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli):

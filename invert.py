@@ -208,7 +208,7 @@ def resolve_precision(spec: str, device: torch.device) -> str:
         raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
     if spec != "auto":
         return spec
-    # bf16 measured 1.3-1.9x faster, within 0.005 SSIM of fp32 at every layer (tests/README.md)
+    # natively, bf16 is faster and within 0.01 SSIM of fp32 at every benchmark layer (tests/README.md)
     return "bf16" if native_bf16(device) else "fp32"
 
 
@@ -572,7 +572,8 @@ def prior_terms(settings: Settings, images) -> dict:
 def objective_terms(settings: Settings, features, targets, target_norms, images) -> dict:
     """The three weighted terms of each row, rec_loss, alpha_loss and tv_loss, of the seed's or the
     paper's objective, for settings whose C is a number."""
-    return {"rec_loss": data_term(settings.C, features, targets, target_norms), **prior_terms(settings, images)}
+    return {"rec_loss": data_term(settings.C, features, targets, target_norms),
+            **prior_terms(settings, images)}
 
 
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
@@ -642,7 +643,8 @@ class FourierImage:
         colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
         self.paper_colour = 255 * colour / colour.norm(dim=0).max()  # to the paper's 0-255 units
         self.paper_std = 255 * torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        rows = [0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator) for generator in generators]
+        rows = [0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
+                for generator in generators]
         self.variable = torch.cat(rows).to(device).requires_grad_()
 
     def render(self) -> torch.Tensor:
@@ -690,10 +692,11 @@ def make_optimizer(settings: Settings, variables: list) -> torch.optim.Optimizer
     if settings.optimizer == "sgd":
         return torch.optim.SGD(variables, lr=settings.lr, momentum=settings.momentum, foreach=False)
     if settings.optimizer == "adam":
+        betas = (settings.momentum, 0.999)
         try:  # one fused kernel per step; torch before 2.4 has it for CUDA only
-            return torch.optim.Adam(variables, lr=settings.lr, betas=(settings.momentum, 0.999), fused=True)
+            return torch.optim.Adam(variables, lr=settings.lr, betas=betas, fused=True)
         except RuntimeError:
-            return torch.optim.Adam(variables, lr=settings.lr, betas=(settings.momentum, 0.999), foreach=False)
+            return torch.optim.Adam(variables, lr=settings.lr, betas=betas, foreach=False)
     return torch.optim.LBFGS(variables, lr=settings.lr, max_iter=1, history_size=10)
 
 
@@ -764,7 +767,7 @@ class FiniteGuard:
             self.finite = before
             return loss
         if self.finite is None:
-            raise Diverged(f"the loss is not finite at the start, before any step, so --lr is not the "
+            raise Diverged("the loss is not finite at the start, before any step, so --lr is not the "
                            "cause: the model gives non-finite values for this image (unsound weights?), "
                            "or a weight such as --C is too large", None)
         for canvas, variable in zip(self.canvases, self.finite):
@@ -781,6 +784,7 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, settings: Settings, tolerances: list):
         self.optimizer, self.settings, self.tolerances = optimizer, settings, tolerances
+        self.watching = any(tolerances)  # whether a plateau can end the first stage
         self.step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.decay_epochs,
                                                        gamma=settings.decay_factor)
         self.first_decay = settings.decay_epochs  # the last iteration of the first stage
@@ -795,15 +799,16 @@ class Schedule:
     def step(self, step: int, terms: dict) -> None:
         """Account for iteration `step`, whose losses before its update were `terms`."""
         self.step_lr.step()
-        if not self.settings.plateau or step > self.first_decay:
+        if not self.watching or step > self.first_decay:
             return
         loss = sum(values.detach() for values in terms.values())
         self.lowest = loss if self.lowest is None else torch.minimum(self.lowest, loss)
         if step % PLATEAU_WINDOW or step == self.first_decay:
             return
         now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
-        if self.before is not None and all(before - lowest < tolerance * abs(before) for before, lowest, tolerance
-                                           in zip(self.before, now, self.tolerances)):
+        rows = zip(self.before or [], now, self.tolerances)
+        if self.before is not None and all(before - lowest < tolerance * abs(before)
+                                           for before, lowest, tolerance in rows):
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.settings.decay_factor
             self.first_decay = step
@@ -842,9 +847,9 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
     groups = [[row for row in range(count) if jitters[row] == jitter] for jitter in dict.fromkeys(jitters)]
     by_canvas = row_order(groups)
-    canvases = [PARAMETERISATIONS[settings.param]((height + jitters[rows[0]], width + jitters[rows[0]]),
-                                                  [generators[row] for row in rows], device, settings.objective)
-                for rows in groups]
+    canvases = [PARAMETERISATIONS[settings.param](
+        (height + jitters[rows[0]], width + jitters[rows[0]]), [generators[row] for row in rows], device,
+        settings.objective) for rows in groups]
     middles = [(jitter // 2, jitter // 2) for jitter in jitters]
 
     def crop(wholes: list, offsets: list) -> torch.Tensor:
@@ -862,8 +867,9 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
         """Each row's terms: the feature error at its layer, and the priors over its canvas."""
         with autocast(settings.precision, device):
             outputs = layer_batches(model, layers, crop(wholes, offsets))
+        layer_targets = zip(outputs, targets, target_norms, per_layer)
         errors = [data_term(chosen["C"], output.float(), target, norms)
-                  for (_, output), (_, target), norms, chosen in zip(outputs, targets, target_norms, per_layer)]
+                  for (_, output), (_, target), norms, chosen in layer_targets]
         priors = [prior_terms(settings, whole) for whole in wholes]
         return {"rec_loss": in_row_order(errors, by_layer),
                 **{name: in_row_order([terms[name] for terms in priors], by_canvas) for name in priors[0]}}
@@ -1168,7 +1174,8 @@ def save_outputs(args: argparse.Namespace, rows: list, photos: dict, result: Inv
             file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
     if len(rows) > 1:
         for path, photo in photos.items():
-            tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures) if row.image_path == path]
+            tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures)
+                     if row.image_path == path]
             save_png(montage_path(args, path), montage(deprocess(photo), tiles))
 
 
@@ -1251,12 +1258,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     inputs = parser.add_argument_group("what to invert")
     inputs.add_argument("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
-                        help="the photo(s) to invert (any format Pillow reads); several are inverted together")
+                        help="the photo(s) to invert (any format Pillow reads); several are inverted "
+                             "together")
     inputs.add_argument("--model", default="alexnet", help="a torchvision classification model name")
     inputs.add_argument("--weights", default="DEFAULT",
                         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
                              "a path to a state-dict file, or 'none' for random weights")
-    inputs.add_argument("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
+    inputs.add_argument("--input_size", type=positive_int, default=227,
+                        help="side of the square input, in pixels")
     inputs.add_argument("--layer_name", nargs="+", default=["avgpool"],
                         help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
                              "(PyTorch's); several are inverted together, in one batch")
@@ -1269,7 +1278,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         method.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
                             **options)
     running = parser.add_argument_group("running and output")
-    running.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    running.add_argument("--device", default="auto",
+                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     running.add_argument("--output", default=None,
                          help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
     running.add_argument("--output_dir", default="outputs", help="folder for outputs, created if missing")

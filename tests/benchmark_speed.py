@@ -126,21 +126,21 @@ def main() -> None:
     references = {size: invert.preprocess(photo, size).to(device) for size in (224, 227)}
     vgg = models["vgg16_bn"]
 
-    print("(1) batches: vgg16_bn at 224, ms per iteration per image (target: ours / bare <= 1.15)")
+    print("(1) batches: vgg16_bn at 224, fp32, ms per iteration per image (target: ours / bare <= 1.15)")
     print("| layer | N | ours | bare | ours / bare | peak memory so far (GB) |\n|---|---|---|---|---|---|")
     for index in (22, 5):
         for count in batches:
             photos = torch.cat([references[224].flip(-1) if row % 2 else references[224] for row in range(count)])
-            ours = invert_ms(vgg, vgg.features[index], photos, steps) / count
+            ours = invert_ms(vgg, vgg.features[index], photos, steps, precision="fp32") / count
             bare = bare_ms(vgg, index, count, 224, steps, device) / count
             print(f"| features_{index} | {count} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} "
                   f"| {peak_memory_gb(device):.1f} |", flush=True)
 
-    print("\n(2) overhead: default settings, ms per iteration (target: <= 1.15 where bare >= 5 ms, else <= 1.5)")
+    print("\n(2) overhead: default settings, fp32, ms per iteration (target: <= 1.15 where bare >= 5 ms, else <= 1.5)")
     print("| layer | ours | bare | ours / bare | target |\n|---|---|---|---|---|")
     for name, index, size in LAYERS:
         model = models[name]
-        ours = invert_ms(model, model.features[index], references[size], steps)
+        ours = invert_ms(model, model.features[index], references[size], steps, precision="fp32")
         bare = bare_ms(model, index, 1, size, steps, device)
         print(f"| {name} features_{index} | {ours:.2f} | {bare:.2f} | {ours / bare:.3f} "
               f"| {1.15 if bare >= 5 else 1.5} |", flush=True)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -543,9 +544,15 @@ class PaperPriors(torch.autograd.Function):
         return grad, None
 
 
+@functools.lru_cache(maxsize=None)
+def paper_scale(device: torch.device) -> torch.Tensor:
+    """255 * std per channel, as a 1x3x1x1 tensor on `device`: made once, not every iteration."""
+    return (255 * torch.tensor(IMAGENET_STD, device=device)).view(1, 3, 1, 1)
+
+
 def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised pixels -> the paper's mean-subtracted 0-255 pixels: x * 255 * std."""
-    return image * (255 * torch.tensor(IMAGENET_STD, device=image.device)).view(1, 3, 1, 1)
+    return image * paper_scale(image.device)
 
 
 def data_term(C: float, features, targets, target_norms) -> torch.Tensor:
@@ -576,10 +583,14 @@ def objective_terms(settings: Settings, features, targets, target_norms, images)
             **prior_terms(settings, images)}
 
 
+def box_factor(pixels: torch.Tensor) -> torch.Tensor:
+    """Per pixel of images in the paper's 0-255 units, the factor that shrinks an RGB norm above 2B to 2B."""
+    return (2 * PAPER_B / pixels.square().sum(dim=1, keepdim=True).sqrt()).clamp(max=1.0)
+
+
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
     """The image with every pixel whose RGB norm in the paper's 0-255 units exceeds 2B shrunk to 2B."""
-    norms = to_paper_units(image).square().sum(dim=1, keepdim=True).sqrt()
-    return image * (2 * PAPER_B / norms).clamp(max=1.0)
+    return image * box_factor(to_paper_units(image))
 
 
 # ---------------------------------------------------------------- image parameterisations
@@ -642,7 +653,6 @@ class FourierImage:
         self.scale = 1 / frequency.clamp_min(1 / max(self.canvas))
         colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
         self.paper_colour = 255 * colour / colour.norm(dim=0).max()  # to the paper's 0-255 units
-        self.paper_std = 255 * torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         rows = [0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
                 for generator in generators]
         self.variable = torch.cat(rows).to(device).requires_grad_()
@@ -654,8 +664,8 @@ class FourierImage:
         decorrelated = canvas[..., :self.size[0], :self.size[1]]
         pixels = torch.einsum("ij,bjhw->bihw", self.paper_colour, decorrelated)  # in the paper's units
         if self.boxed:  # the box as part of the image's definition: cheaper than a projection, two FFTs
-            pixels = pixels * (2 * PAPER_B / pixels.square().sum(dim=1, keepdim=True).sqrt()).clamp(max=1.0)
-        return pixels / self.paper_std
+            pixels = pixels * box_factor(pixels)
+        return pixels / paper_scale(pixels.device)
 
     def after_step(self) -> None:
         """Nothing: the box is part of rendering."""
@@ -736,16 +746,18 @@ def layer_settings(settings: Settings, height: int, target: torch.Tensor) -> dic
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0}
 
 
-def row_order(groups: list) -> Optional[torch.Tensor]:
+def row_order(groups: list, device: torch.device) -> Optional[torch.Tensor]:
     """The permutation that puts rows listed group by group back in row order (None: they are)."""
     order = [row for rows in groups for row in rows]
-    return None if order == sorted(order) else torch.tensor(sorted(range(len(order)), key=order.__getitem__))
+    if order == sorted(order):
+        return None
+    return torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
 
 
 def in_row_order(parts: list, permutation: Optional[torch.Tensor]) -> torch.Tensor:
     """Join tensors of rows listed group by group, in row order."""
     joined = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return joined if permutation is None else joined[permutation.to(joined.device)]
+    return joined if permutation is None else joined[permutation]
 
 
 class FiniteGuard:
@@ -796,6 +808,11 @@ class Schedule:
         """Whether `step` is in the first stage, the one with jitter."""
         return step <= self.first_decay
 
+    def stalled(self, lowest: list) -> bool:
+        """Whether no image's lowest loss fell by its tolerance since PLATEAU_WINDOW iterations ago."""
+        return all(before - now < tolerance * abs(before)
+                   for before, now, tolerance in zip(self.before, lowest, self.tolerances))
+
     def step(self, step: int, terms: dict) -> None:
         """Account for iteration `step`, whose losses before its update were `terms`."""
         self.step_lr.step()
@@ -806,9 +823,7 @@ class Schedule:
         if step % PLATEAU_WINDOW or step == self.first_decay:
             return
         now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
-        rows = zip(self.before or [], now, self.tolerances)
-        if self.before is not None and all(before - lowest < tolerance * abs(before)
-                                           for before, lowest, tolerance in rows):
+        if self.before is not None and self.stalled(now):
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.settings.decay_factor
             self.first_decay = step
@@ -836,7 +851,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
                          "couple the images of a batch")
     targets = reference_features(model, layers, references, settings.precision)
     target_norms = [per_row(target.square()) for _, target in targets]
-    by_layer = row_order([rows for rows, _ in targets])
+    by_layer = row_order([rows for rows, _ in targets], device)
     per_layer = [layer_settings(settings, height, target) for _, target in targets]
     by_row = {row: chosen for (rows, _), chosen in zip(targets, per_layer) for row in rows}
     jitters = [by_row[row]["jitter"] for row in range(count)]
@@ -846,7 +861,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     # crop; rows of one jitter share one batched canvas.
     generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
     groups = [[row for row in range(count) if jitters[row] == jitter] for jitter in dict.fromkeys(jitters)]
-    by_canvas = row_order(groups)
+    by_canvas = row_order(groups, device)
     canvases = [PARAMETERISATIONS[settings.param](
         (height + jitters[rows[0]], width + jitters[rows[0]]), [generators[row] for row in rows], device,
         settings.objective) for rows in groups]

@@ -75,6 +75,13 @@ def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precis
     return 1000 * (time.perf_counter() - started) / steps
 
 
+def against_bare(model, index: int, references, steps: int) -> tuple:
+    """(invert's, the bare step's) ms per iteration in fp32, for a batch of `references` at features[index]."""
+    ours = invert_ms(model, model.features[index], references, steps, precision="fp32")
+    count, size = len(references), references.shape[-1]
+    return ours, bare_ms(model, index, count, size, steps, references.device)
+
+
 def run_seconds(model, layer, references, **settings) -> float:
     """Wall time of a whole invert call of exactly --epochs iterations, set-up and final evaluation included."""
     synchronize(references.device)
@@ -131,8 +138,7 @@ def main() -> None:
     for index in (22, 5):
         for count in batches:
             photos = torch.cat([references[224].flip(-1) if row % 2 else references[224] for row in range(count)])
-            ours = invert_ms(vgg, vgg.features[index], photos, steps, precision="fp32") / count
-            bare = bare_ms(vgg, index, count, 224, steps, device) / count
+            ours, bare = (ms / count for ms in against_bare(vgg, index, photos, steps))
             print(f"| features_{index} | {count} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} "
                   f"| {peak_memory_gb(device):.1f} |", flush=True)
 
@@ -140,8 +146,7 @@ def main() -> None:
     print("| layer | ours | bare | ours / bare | target |\n|---|---|---|---|---|")
     for name, index, size in LAYERS:
         model = models[name]
-        ours = invert_ms(model, model.features[index], references[size], steps, precision="fp32")
-        bare = bare_ms(model, index, 1, size, steps, device)
+        ours, bare = against_bare(model, index, references[size], steps)
         print(f"| {name} features_{index} | {ours:.2f} | {bare:.2f} | {ours / bare:.3f} "
               f"| {1.15 if bare >= 5 else 1.5} |", flush=True)
 
@@ -158,7 +163,8 @@ def main() -> None:
         from benchmark_quality import ssim
         trained = invert.load_model("vgg16_bn", options.proxy, progress=False).to(device)
         print(f"\nSSIM on the trained stand-in, 224, default settings, {options.total} iterations")
-        print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n|---|---|---|---|---|---|")
+        print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n"
+              "|---|---|---|---|---|---|")
         for index in SSIM_LAYERS:
             scores, seconds = [], []
             for precision in ("fp32", "bf16"):

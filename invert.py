@@ -13,6 +13,7 @@ From Python, on any nn.Module:
     result = invert(model, model.features[4], photo_tensor, objective="seed", epochs=100)
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -87,6 +88,11 @@ COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09
 GPU_CHECK_EVERY = 25
 # the plateau rule compares each image's loss with its loss this many iterations before
 PLATEAU_WINDOW = 10
+# the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
+MAX_WEIGHT = 1e30
+MAX_EXPONENT = 12.0
+# L-BFGS keeps this many past steps and gradients
+LBFGS_HISTORY = 10
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
 FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
@@ -102,33 +108,51 @@ class _LayerReached(Exception):
 # ---------------------------------------------------------------- settings
 
 
-def _checked(kind: type, test: Callable, requirement: str) -> Callable:
-    """An argparse type that parses `kind` and insists on a finite value for which `test` holds."""
-    def parse(text: str):
-        value = kind(text)
-        if not (math.isfinite(value) and test(value)):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+class Checked:
+    """An argparse type that parses `kind` and insists on a finite value for which `test` holds; its
+    check() applies the same rule to a value given through the Python API."""
+
+    def __init__(self, kind: type, test: Callable, requirement: str, auto: bool = False):
+        self.kind, self.test, self.requirement, self.auto = kind, test, requirement, auto
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+
+    def __call__(self, text: str):
+        if self.auto and text == "auto":
+            return text
+        value = self.kind(text)
+        if not self.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {self.requirement}, got {text}")
         return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
-    return parse
+
+    def holds(self, value) -> bool:
+        """Whether `value` is acceptable."""
+        if self.auto and value == "auto":
+            return True
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        return math.isfinite(value) and self.test(value)
+
+    def or_auto(self) -> "Checked":
+        """The same type, also taking 'auto' (a value chosen from the layer's stride)."""
+        return Checked(self.kind, self.test, f"{self.requirement} or auto", auto=True)
 
 
-positive_int = _checked(int, lambda value: value > 0, "a positive integer")
-non_negative_int = _checked(int, lambda value: value >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda value: value > 0, "> 0")
-non_negative_float = _checked(float, lambda value: value >= 0, ">= 0")
-
-
-def auto_or(parse: Callable) -> Callable:
-    """An argparse type that takes 'auto' (a value chosen from the layer's stride) or what `parse` takes."""
-    def parse_or_auto(text: str):
-        return "auto" if text == "auto" else parse(text)
-    parse_or_auto.__name__ = parse.__name__
-    return parse_or_auto
+positive_int = Checked(int, lambda value: value > 0, "a positive integer")
+non_negative_int = Checked(int, lambda value: value >= 0, "an integer >= 0")
+seed_int = Checked(int, lambda value: 0 <= value < 2 ** 64, "an integer from 0 to 2^64 - 1")
+positive_float = Checked(float, lambda value: value > 0, "> 0")
+# beyond these, a weighted term overflows float32 (about 3.4e38)
+weight = Checked(float, lambda value: 0 <= value <= MAX_WEIGHT, f"from 0 to {MAX_WEIGHT:g}")
+positive_weight = Checked(float, lambda value: 0 < value <= MAX_WEIGHT, f"> 0 and at most {MAX_WEIGHT:g}")
+# below 1 the alpha-norm and TV are not norms and their gradients are infinite at 0; above
+# MAX_EXPONENT a pixel at the box's edge (2B = 160) raised to it overflows float32
+exponent = Checked(float, lambda value: 1 <= value <= MAX_EXPONENT, f"from 1 to {MAX_EXPONENT:g}")
+below_one = Checked(float, lambda value: 0 <= value < 1, ">= 0 and < 1")
+decay = Checked(float, lambda value: 0 < value <= 1, "> 0 and at most 1")
 
 
 def setting(default, help: str, **argparse_options):
-    """A field of Settings: its default, its help, and how argparse reads it."""
+    """A field of Settings: its default, its help, and how argparse reads and checks it."""
     return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
 
 
@@ -144,43 +168,45 @@ class Settings:
                                        "beta1; lbfgs: L-BFGS, one step per iteration", choices=OPTIMIZERS)
     param: Optional[str] = setting(None, "pixel: optimise pixels; fft: optimise a decorrelated-colour "
                                    "spectrum, as lucent does", choices=PARAMS)
-    alpha: float = setting(6.0, "exponent of the alpha-norm prior", type=positive_float)
-    beta: float = setting(2.0, "exponent of the total-variation prior", type=positive_float)
-    lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=non_negative_float)
-    lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=non_negative_float)
+    alpha: float = setting(6.0, "exponent of the alpha-norm prior", type=exponent)
+    beta: float = setting(2.0, "exponent of the total-variation prior", type=exponent)
+    lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=weight)
+    lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=weight)
     C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); "
                                          f"'auto': {PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, "
                                          f"then {PAPER_C:g} * ({FULL_C_STRIDE} / stride)^2, so that the "
                                          "priors weigh more where the layer keeps less",
-                                         type=auto_or(positive_float))
+                                         type=positive_weight.or_auto())
     jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on "
                                       "each axis, until the first learning-rate decay; 'auto' is the "
                                       "authors' choice, a quarter of the layer's stride less one",
-                                      type=auto_or(non_negative_int))
+                                      type=non_negative_int.or_auto())
     epochs: int = setting(200, "optimisation iterations: exactly this many with --plateau 0, else at most",
                           type=positive_int)
-    plateau: Optional[float] = setting(None, f"end the first stage once no image's lowest loss has "
+    plateau: Optional[float] = setting(None, f"end an image's first stage once its lowest loss has not "
                                        f"fallen by this fraction over the last {PLATEAU_WINDOW} iterations, "
                                        f"at layers of stride {PLATEAU_STRIDE} or less; a last stage at "
                                        f"--decay_factor times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as "
-                                       "long as the first, follows, and the run stops. 0 runs exactly "
-                                       "--epochs iterations", type=non_negative_float)
+                                       "long as the first, follows, and the image is done. 0 runs exactly "
+                                       "--epochs iterations", type=below_one)
     lr: Optional[float] = setting(None, "learning rate", type=positive_float)
-    momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=non_negative_float)
-    decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=positive_float)
+    momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
+    decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
     decay_epochs: Optional[int] = setting(None, "iterations between learning-rate decays", type=positive_int)
     precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where "
                              "the hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, "
                              "else fp32; fp16 needs CUDA)", choices=PRECISIONS)
-    seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=int)
+    seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=seed_int)
 
 
 def resolve(settings: Settings, device: torch.device) -> Settings:
     """The settings with each None replaced by its default and the precision chosen for `device`."""
-    for field in dataclasses.fields(Settings):
-        choices, value = field.metadata.get("choices"), getattr(settings, field.name)
-        if choices and value is not None and value not in choices:
+    for field in dataclasses.fields(Settings):  # what argparse checks, for values from the Python API
+        value, choices, kind = getattr(settings, field.name), field.metadata.get("choices"), field.metadata.get("type")
+        if value is not None and choices and value not in choices:
             raise UsageError(f"--{field.name} {value!r} is not one of {', '.join(choices)}")
+        if value is not None and kind and not kind.holds(value):
+            raise UsageError(f"--{field.name} must be {kind.requirement}, got {value!r}")
     given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
     chosen = {**OBJECTIVE_DEFAULTS[settings.objective], **given}
     chosen.setdefault("lr", DEFAULT_LRS[chosen["objective"], chosen["optimizer"], chosen["param"]])
@@ -387,9 +413,20 @@ def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
     return spellings[layer_name], model.get_submodule(spellings[layer_name])
 
 
+@contextlib.contextmanager
+def forward_hooks(hooks: dict):
+    """Register each module's forward hook in `hooks` (module -> hook) for the block, then remove it."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> list:
     """Run `model` on `images` until each row has reached its layer in `layers`; return, per layer,
-    (the rows that chose it, their outputs as one tensor), in the order the layers ran.
+    (the layer, the rows that chose it, their outputs as one tensor), in the order the layers ran.
 
     The forward pass stops as soon as the deepest layer has run, so later layers are never computed.
     Where the layers are children of one plain nn.Sequential, each row also leaves the batch at its
@@ -401,7 +438,7 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
     alive = list(range(len(layers)))  # the rows in the batch as it reaches each layer
 
     def hook(module, inputs, output):
-        if any(module is done for done, _ in batches):
+        if any(module is done for done, _, _ in batches):
             return None
         if not isinstance(output, torch.Tensor):
             raise UsageError(f"a chosen layer returns a {type(output).__name__}, not a tensor; "
@@ -417,7 +454,7 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
             rows_output = source[here[0]:here[-1] + 1]
         else:
             rows_output = source[here]
-        batches.append((module, ([alive[index] for index in here], rows_output)))
+        batches.append((module, [alive[index] for index in here], rows_output))
         if last:
             raise _LayerReached
         if chain is not None:
@@ -425,23 +462,20 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
             return output[staying]
         return None
 
-    handles = [layer.register_forward_hook(hook) for layer in wanted]
-    try:
-        model(images)
-    except _LayerReached:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks({layer: hook for layer in wanted}):
+        try:
+            model(images)
+        except _LayerReached:
+            pass
     if len(batches) < len(wanted):
         raise UsageError("a chosen layer is not used in the model's forward pass")
-    return [batch for _, batch in batches]
+    return batches
 
 
 def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> list:
     """Each row's output at its layer in `layers`, as a 1xCxHxW slice (see layer_batches)."""
     outputs = [None] * len(layers)
-    for rows, batch in layer_batches(model, layers, images):
+    for _, rows, batch in layer_batches(model, layers, images):
         for index, row in enumerate(rows):
             outputs[row] = batch[index:index + 1]
     return outputs
@@ -459,25 +493,19 @@ def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
     """(seed-form name, dotted name, module type, output shape) of every submodule at this input size."""
+    named = [(name, module) for name, module in model.named_modules() if name]
     shapes = {}
 
-    def recorder(name):
-        def hook(module, inputs, output):  # returns None, so the output passes on unchanged
-            shapes.setdefault(name, describe(output))
-        return hook
+    def record(module, inputs, output):  # returns None, so the output passes on unchanged
+        shapes.setdefault(module, describe(output))
 
-    hooks = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
     unused = "not run in eval mode"
     try:
-        with torch.no_grad():
+        with forward_hooks({module: record for _, module in named}), torch.no_grad():
             model(torch.zeros(1, 3, size, size, device=device))
     except FORWARD_ERRORS:  # the layers before the failure still have their shapes
         unused = f"not reached: the model fails at --input_size {size}"
-    finally:
-        for handle in hooks:
-            handle.remove()
-    return [(seed_form(name), name, type(module).__name__, shapes.get(name, unused))
-            for name, module in model.named_modules() if name]
+    return [(seed_form(name), name, type(module).__name__, shapes.get(module, unused)) for name, module in named]
 
 
 def describe(output) -> str:
@@ -622,20 +650,22 @@ def fft_size(length: int) -> int:
 class PixelImage:
     """Images as they are: each pixel a free variable, projected into the box after each step."""
 
-    def __init__(self, size: tuple, generators: list, device: torch.device, objective: str):
-        rows = [initial_noise(objective, (1, 3, *size), generator) for generator in generators]
-        self.variable = torch.cat(rows).to(device).requires_grad_()
-        self.boxed = objective == "paper"
+    def __init__(self, size: tuple, device: torch.device, objective: str):
+        self.size, self.device, self.objective, self.boxed = size, device, objective, objective == "paper"
 
-    def render(self) -> torch.Tensor:
-        """The normalised images."""
-        return self.variable
+    def initial(self, generator: torch.Generator) -> torch.Tensor:
+        """A new 1x3xHxW variable: the objective's starting noise."""
+        return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device).requires_grad_()
+
+    def render(self, variables: torch.Tensor) -> torch.Tensor:
+        """The normalised images of a batch of variables."""
+        return variables
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, variable: torch.Tensor) -> None:
         """Project the pixels back into the paper's box."""
         if self.boxed:
-            self.variable.copy_(box_constraint(self.variable))
+            variable.copy_(box_constraint(variable))
 
 
 class FourierImage:
@@ -644,8 +674,8 @@ class FourierImage:
     whose sides have no prime factor above 7 (227 becomes 240), since an FFT of a prime length
     costs several times more; the image is its top-left corner."""
 
-    def __init__(self, size: tuple, generators: list, device: torch.device, objective: str):
-        self.size, self.boxed = size, objective == "paper"
+    def __init__(self, size: tuple, device: torch.device, objective: str):
+        self.size, self.device, self.boxed = size, device, objective == "paper"
         self.canvas = tuple(fft_size(length) for length in size)
         frequency_y = torch.fft.fftfreq(self.canvas[0], device=device)[:, None]
         frequency_x = torch.fft.rfftfreq(self.canvas[1], device=device)[None, :]
@@ -653,13 +683,15 @@ class FourierImage:
         self.scale = 1 / frequency.clamp_min(1 / max(self.canvas))
         colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
         self.paper_colour = 255 * colour / colour.norm(dim=0).max()  # to the paper's 0-255 units
-        rows = [0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
-                for generator in generators]
-        self.variable = torch.cat(rows).to(device).requires_grad_()
 
-    def render(self) -> torch.Tensor:
-        """The normalised images."""
-        spectrum = torch.view_as_complex(self.variable) * self.scale
+    def initial(self, generator: torch.Generator) -> torch.Tensor:
+        """A new variable: a faint random spectrum, real and imaginary parts in the last dimension."""
+        spectrum = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
+        return spectrum.to(self.device).requires_grad_()
+
+    def render(self, variables: torch.Tensor) -> torch.Tensor:
+        """The normalised images of a batch of variables."""
+        spectrum = torch.view_as_complex(variables) * self.scale
         canvas = torch.fft.irfftn(spectrum, s=self.canvas, dim=(-2, -1), norm="ortho")
         decorrelated = canvas[..., :self.size[0], :self.size[1]]
         pixels = torch.einsum("ij,bjhw->bihw", self.paper_colour, decorrelated)  # in the paper's units
@@ -667,7 +699,7 @@ class FourierImage:
             pixels = pixels * box_factor(pixels)
         return pixels / paper_scale(pixels.device)
 
-    def after_step(self) -> None:
+    def after_step(self, variable: torch.Tensor) -> None:
         """Nothing: the box is part of rendering."""
 
 
@@ -678,15 +710,15 @@ PARAMETERISATIONS = {"pixel": PixelImage, "fft": FourierImage}
 
 
 class Inversion(NamedTuple):
-    """What `invert` returns: the normalised images, per image its final losses and the settings its
-    layer decided, how many iterations ran and why they stopped, and the settings as resolved."""
+    """What `invert` returns, per row where a list: the normalised images, final losses, iterations
+    run and why they stopped, the settings as resolved, and the settings each row's layer decided."""
 
     images: torch.Tensor
-    losses: list
-    iterations: int
-    stopped: str  # why: "epochs" (all of them ran), "plateau" or "interrupted" (Ctrl-C)
+    losses: list  # per row: rec_loss, alpha_loss, tv_loss and feature_error of the returned image
+    iterations: list  # per row
+    stopped: list  # per row: "epochs" (all of them ran), "plateau" or "interrupted" (Ctrl-C)
     settings: Settings
-    layer_settings: list  # per image, the settings its layer's stride decided: jitter, C and plateau
+    layer_settings: list  # per row: the jitter, C and plateau tolerance its layer's stride decided
 
 
 class Diverged(UsageError):
@@ -697,17 +729,26 @@ class Diverged(UsageError):
         self.images = images
 
 
+def too_large_lr(iteration: int, lr: float) -> str:
+    """The message for a loss that became non-finite during the optimisation."""
+    return (f"the loss became non-finite at iteration {iteration}: --lr {lr:g} is too large for this "
+            "layer; try a smaller --lr")
+
+
 def make_optimizer(settings: Settings, variables: list) -> torch.optim.Optimizer:
-    """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration."""
+    """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration;
+    one parameter group per row, so that each row has its own learning rate."""
+    groups = [{"params": [variable]} for variable in variables]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(variables, lr=settings.lr, momentum=settings.momentum, foreach=False)
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, foreach=False)
     if settings.optimizer == "adam":
         betas = (settings.momentum, 0.999)
         try:  # one fused kernel per step; torch before 2.4 has it for CUDA only
-            return torch.optim.Adam(variables, lr=settings.lr, betas=betas, fused=True)
+            return torch.optim.Adam(groups, lr=settings.lr, betas=betas, fused=True)
         except RuntimeError:
-            return torch.optim.Adam(variables, lr=settings.lr, betas=betas, foreach=False)
-    return torch.optim.LBFGS(variables, lr=settings.lr, max_iter=1, history_size=10)
+            return torch.optim.Adam(groups, lr=settings.lr, betas=betas, foreach=False)
+    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
+    return torch.optim.LBFGS(groups, lr=settings.lr, max_iter=1, history_size=LBFGS_HISTORY)
 
 
 def autocast(precision: str, device: torch.device):
@@ -718,7 +759,8 @@ def autocast(precision: str, device: torch.device):
 
 
 def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str) -> list:
-    """Per layer, (its rows, their fp32 activations); UsageError where there is nothing sound to invert."""
+    """Per layer, (the layer, its rows, their fp32 activations); UsageError where there is nothing
+    sound to invert."""
     try:
         with torch.no_grad(), autocast(precision, references.device):
             batches = layer_batches(model, layers, references)
@@ -726,109 +768,247 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
         shape = "x".join(map(str, references.shape[1:]))
         raise UsageError(f"the model cannot compute this layer for a {shape} "
                          f"input: change --input_size ({one_line(error)})") from None
-    targets = [(rows, batch.float()) for rows, batch in batches]
-    if not all(torch.isfinite(target).all() for _, target in targets):
+    targets = [(layer, rows, batch.float()) for layer, rows, batch in batches]
+    if not all(torch.isfinite(target).all() for _, _, target in targets):
         raise UsageError(f"the layer's activations for this photo are not finite (NaN or inf) in "
                          f"{precision}, before any optimisation: the weights are unsound or the "
                          "precision overflows; --lr is not the cause")
-    if not all(target.flatten(1).any(1).all() for _, target in targets):
+    if not all(target.flatten(1).any(1).all() for _, _, target in targets):
         raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")
     return targets
 
 
-def layer_settings(settings: Settings, height: int, target: torch.Tensor) -> dict:
-    """The jitter, C and plateau tolerance of a row whose layer gives `target` for an input `height`
-    pixels high, from the layer's stride (the whole input for a layer without a grid) where 'auto'.
-    The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
-    stride = height // target.shape[-1] if target.dim() == 4 else height
+def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
+    """How many input pixels one step of the layer's output grid spans: the input's height over the
+    output's (the whole input for a layer without a grid)."""
+    return input_shape[-2] // output.shape[-2] if output.dim() == 4 else input_shape[-2]
+
+
+def layer_settings(settings: Settings, stride: int) -> dict:
+    """The jitter, C and plateau tolerance of a row whose layer has this stride, where 'auto' or
+    stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0}
 
 
-def row_order(groups: list, device: torch.device) -> Optional[torch.Tensor]:
-    """The permutation that puts rows listed group by group back in row order (None: they are)."""
-    order = [row for rows in groups for row in rows]
+def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
+    """The permutation that puts positions listed group by group back in order (None: they are)."""
+    order = [position for positions in groups for position in positions]
     if order == sorted(order):
         return None
     return torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
 
 
-def in_row_order(parts: list, permutation: Optional[torch.Tensor]) -> torch.Tensor:
-    """Join tensors of rows listed group by group, in row order."""
+def in_order(parts: list, permutation: Optional[torch.Tensor]) -> torch.Tensor:
+    """Join tensors of positions listed group by group, in order."""
     joined = torch.cat(parts) if len(parts) > 1 else parts[0]
     return joined if permutation is None else joined[permutation]
 
 
+class Targets:
+    """The per-layer side of a batch: each layer's rows, their target activations and norms, and
+    what the layer's stride decides; turns a forward pass's layer outputs into the feature terms of
+    the rows in use, in their order."""
+
+    def __init__(self, model: nn.Module, layers: list, references: torch.Tensor, settings: Settings):
+        self.layers, self.device = layers, references.device
+        self.by_layer, self.row_settings = {}, [None] * len(layers)
+        for layer, rows, target in reference_features(model, layers, references, settings.precision):
+            chosen = layer_settings(settings, layer_stride(references.shape, target))
+            self.by_layer[layer] = (rows, target, per_row(target.square()), chosen["C"])
+            for row in rows:
+                self.row_settings[row] = chosen
+        self.use(range(len(layers)))
+
+    def use(self, rows: Sequence[int]) -> None:
+        """From now on, compute the feature terms of `rows` alone, in this order."""
+        self.rows = list(rows)
+        position = {row: index for index, row in enumerate(self.rows)}
+        self.in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, norms, C)
+        for layer, (layer_rows, target, norms, C) in self.by_layer.items():
+            kept = [index for index, row in enumerate(layer_rows) if row in position]
+            if len(kept) < len(layer_rows):
+                target, norms = target[kept], norms[kept]
+            if kept:
+                self.in_use[layer] = ([position[layer_rows[index]] for index in kept], target, norms, C)
+        self.order = row_order([positions for positions, _, _, _ in self.in_use.values()], self.device)
+
+    def layers_in_use(self) -> list:
+        """The layer of each row in use."""
+        return [self.layers[row] for row in self.rows]
+
+    def feature_terms(self, outputs: list) -> torch.Tensor:
+        """Each row's weighted feature error C * ||features - target||^2 / ||target||^2, from
+        layer_batches' outputs (which list each layer's rows in the order of self.rows)."""
+        errors = {layer: data_term(C, output.float(), target, norms) for layer, _, output in outputs
+                  for _, target, norms, C in [self.in_use[layer]]}
+        return in_order([errors[layer] for layer in self.in_use], self.order)
+
+
+class Canvases:
+    """The images being optimised, one per row, and the bookkeeping between rows and canvases.
+
+    Each row is a variable of its own, so that it has its own learning rate and can stop on its
+    own, and draws from its own generator, so that it gets what a call of its own would. With
+    jitter, a row's canvas is `jitter` pixels larger than the input, and the network sees a crop of
+    it at offsets the row draws each iteration of its first stage. The rows in use that share a
+    jitter render as one batch.
+    """
+
+    def __init__(self, settings: Settings, size: Sequence[int], jitters: list, generators: list,
+                 device: torch.device):
+        self.size, self.jitters, self.generators, self.device = tuple(size), jitters, generators, device
+        self.middles = [(jitter // 2, jitter // 2) for jitter in jitters]
+        make = PARAMETERISATIONS[settings.param]
+        self.images = {jitter: make((self.size[0] + jitter, self.size[1] + jitter), device, settings.objective)
+                       for jitter in dict.fromkeys(jitters)}
+        self.variables = [self.images[jitter].initial(generator) for jitter, generator in zip(jitters, generators)]
+        self.use(range(len(jitters)))
+
+    def use(self, rows: Sequence[int]) -> None:
+        """From now on, render and crop `rows` alone, in this order."""
+        self.rows = list(rows)
+        self.groups = {}  # jitter -> its rows in use
+        for row in self.rows:
+            self.groups.setdefault(self.jitters[row], []).append(row)
+        position = {row: index for index, row in enumerate(self.rows)}
+        self.order = row_order([[position[row] for row in rows] for rows in self.groups.values()], self.device)
+
+    def render(self) -> list:
+        """Per jitter, the whole canvases of its rows in use, normalised."""
+        return [self.images[jitter].render(torch.cat([self.variables[row] for row in rows])
+                                           if len(rows) > 1 else self.variables[rows[0]])
+                for jitter, rows in self.groups.items()]
+
+    def offsets(self, jittering: Callable) -> dict:
+        """Each row's crop offsets this iteration: random while jittering(row), else the middle."""
+        return {row: torch.randint(0, self.jitters[row] + 1, (2,), generator=self.generators[row]).tolist()
+                if self.jitters[row] and jittering(row) else self.middles[row] for row in self.rows}
+
+    def crop(self, wholes: list, offsets: dict) -> torch.Tensor:
+        """The images the network sees, in the order of the rows in use, cut from their canvases."""
+        height, width = self.size
+        crops = [whole if not jitter else
+                 torch.cat([whole[index:index + 1, :, dy:dy + height, dx:dx + width]
+                            for index, (dy, dx) in enumerate(offsets[row] for row in rows)])
+                 for (jitter, rows), whole in zip(self.groups.items(), wholes)]
+        return in_order(crops, self.order)
+
+    def priors(self, settings: Settings, wholes: list) -> dict:
+        """Each row's weighted prior terms over its canvas, in the order of the rows in use."""
+        terms = [prior_terms(settings, whole) for whole in wholes]
+        return {name: in_order([parts[name] for parts in terms], self.order) for name in terms[0]}
+
+    @torch.no_grad()
+    def current(self) -> torch.Tensor:
+        """Every row's current image, the middle of its canvas: a copy."""
+        height, width = self.size
+        return torch.cat([self.images[jitter].render(variable)[..., dy:dy + height, dx:dx + width]
+                          for jitter, variable, (dy, dx) in zip(self.jitters, self.variables, self.middles)]).clone()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Let each parameterisation project the rows in use, e.g. into the paper's box."""
+        for jitter, rows in self.groups.items():
+            for row in rows:
+                self.images[jitter].after_step(self.variables[row])
+
+
 class FiniteGuard:
-    """Takes optimizer steps, keeping the images of the latest step whose loss was finite; on a
-    non-finite loss it puts them back and raises Diverged, naming the likely cause."""
+    """Keeps a copy of the variables whose loss was last checked finite; on a non-finite loss it
+    puts them back and raises Diverged, naming the likely cause."""
 
-    def __init__(self, canvases: list, current_images: Callable, lr: float, every: int, last: int):
-        self.canvases, self.current_images, self.lr = canvases, current_images, lr
-        self.every, self.last = every, last
-        self.finite = None  # the variables whose loss was last checked finite
+    def __init__(self, canvases: Canvases, lr: float, every: int):
+        self.canvases, self.lr, self.every = canvases, lr, every
+        self.kept = None  # row -> its variable when the loss was last checked finite
 
-    def step(self, optimizer: torch.optim.Optimizer, closure: Callable, step: int) -> torch.Tensor:
-        """optimizer.step(closure), checked at the first, every `every`-th and the last step."""
-        if not (step == 1 or step % self.every == 0 or step == self.last):
-            return optimizer.step(closure)
-        before = [canvas.variable.detach().clone() for canvas in self.canvases]
-        loss = optimizer.step(closure)  # the loss of `before`, computed before the update
-        if torch.isfinite(loss):
-            self.finite = before
-            return loss
-        if self.finite is None:
+    def due(self, step: int, last_steps: set) -> bool:
+        """Whether to check at `step`: the first, every `every`-th, and any row's last."""
+        return step == 1 or step % self.every == 0 or step in last_steps
+
+    def check(self, step: int, loss: torch.Tensor) -> None:
+        """Keep the variables if `loss`, theirs, is finite; else restore the kept ones and raise."""
+        if torch.isfinite(loss):  # rows that have stopped keep their copy from their last check
+            self.kept = {**(self.kept or {}),
+                         **{row: self.canvases.variables[row].detach().clone() for row in self.canvases.rows}}
+            return
+        if self.kept is None:
             raise Diverged("the loss is not finite at the start, before any step, so --lr is not the "
                            "cause: the model gives non-finite values for this image (unsound weights?), "
                            "or a weight such as --C is too large", None)
-        for canvas, variable in zip(self.canvases, self.finite):
-            canvas.variable.data.copy_(variable)
-        raise Diverged(f"the loss became non-finite at iteration {step}: --lr {self.lr:g} is too large "
-                       "for this layer; try a smaller --lr", self.current_images())
+        for row, variable in self.kept.items():
+            self.canvases.variables[row].data.copy_(variable)
+        raise Diverged(too_large_lr(step, self.lr), self.canvases.current())
 
 
 class Schedule:
-    """When the rate decays, jitter stops and the run ends. The rate decays every decay_epochs
-    iterations (the seed's StepLR). With a plateau tolerance, the first decay comes as soon as no
-    image's lowest loss has fallen by that fraction over PLATEAU_WINDOW iterations, and the run
-    ends after a last stage as long, relative to the first, as the paper's."""
+    """Each row's learning rate, stages and last iteration.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, settings: Settings, tolerances: list):
-        self.optimizer, self.settings, self.tolerances = optimizer, settings, tolerances
-        self.watching = any(tolerances)  # whether a plateau can end the first stage
-        self.step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=settings.decay_epochs,
-                                                       gamma=settings.decay_factor)
-        self.first_decay = settings.decay_epochs  # the last iteration of the first stage
-        self.last = settings.epochs  # the last iteration
-        self.lowest = None  # each image's lowest loss so far: Adam's loss oscillates
-        self.before = None  # the same, PLATEAU_WINDOW iterations ago
+    A row's rate is a pure function of the iteration and of where its first stage ended (as
+    nanoGPT's get_lr is): --lr in the first stage, then times --decay_factor at its end and every
+    --decay_epochs iterations after. Without a plateau tolerance the first stage is --decay_epochs
+    long. With one, a row's first stage ends as soon as its lowest loss has not fallen by that
+    fraction over PLATEAU_WINDOW iterations, and the row stops after a last stage as long,
+    relative to the first, as the paper's.
+    """
 
-    def jittering(self, step: int) -> bool:
-        """Whether `step` is in the first stage, the one with jitter."""
-        return step <= self.first_decay
+    def __init__(self, settings: Settings, tolerances: list, device: torch.device):
+        self.settings, self.tolerances = settings, tolerances
+        self.first_stage_end = [settings.decay_epochs] * len(tolerances)  # each row's last first-stage iteration
+        self.last = [settings.epochs] * len(tolerances)  # each row's last iteration
+        self.lowest = torch.full((len(tolerances),), math.inf, device=device)  # Adam's loss oscillates
+        self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
 
-    def stalled(self, lowest: list) -> bool:
-        """Whether no image's lowest loss fell by its tolerance since PLATEAU_WINDOW iterations ago."""
-        return all(before - now < tolerance * abs(before)
-                   for before, now, tolerance in zip(self.before, lowest, self.tolerances))
+    def rate(self, row: int, step: int) -> float:
+        """The learning rate of `row` at iteration `step`."""
+        end = self.first_stage_end[row]
+        decays = 0 if step <= end else 1 + (step - end - 1) // self.settings.decay_epochs
+        return self.settings.lr * self.settings.decay_factor ** decays
 
-    def step(self, step: int, terms: dict) -> None:
-        """Account for iteration `step`, whose losses before its update were `terms`."""
-        self.step_lr.step()
-        if not self.watching or step > self.first_decay:
+    def first_stage(self, row: int, step: int) -> bool:
+        """Whether `step` is in the first stage of `row`, the one with jitter."""
+        return step <= self.first_stage_end[row]
+
+    def rows_at(self, step: int) -> list:
+        """The rows that still run at iteration `step`."""
+        return [row for row, last in enumerate(self.last) if step <= last]
+
+    def set_rates(self, optimizer: torch.optim.Optimizer, step: int, rows: list) -> None:
+        """Give each of `rows` its rate for iteration `step`."""
+        for row in rows:
+            optimizer.param_groups[row]["lr"] = self.rate(row, step)
+
+    def record(self, step: int, rows: list, losses: torch.Tensor) -> None:
+        """Account for iteration `step`, whose `rows` had `losses` before its update."""
+        watched = [index for index, row in enumerate(rows) if self.tolerances[row] and self.first_stage(row, step)]
+        if not watched:
             return
-        loss = sum(values.detach() for values in terms.values())
-        self.lowest = loss if self.lowest is None else torch.minimum(self.lowest, loss)
-        if step % PLATEAU_WINDOW or step == self.first_decay:
+        positions = torch.tensor([rows[index] for index in watched], device=losses.device)
+        self.lowest[positions] = torch.minimum(self.lowest[positions], losses.detach()[watched])
+        if step % PLATEAU_WINDOW:
             return
         now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
-        if self.before is not None and self.stalled(now):
-            for group in self.optimizer.param_groups:
-                group["lr"] *= self.settings.decay_factor
-            self.first_decay = step
-            self.last = min(self.last, step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
+        for row in (rows[index] for index in watched):
+            if self.before is not None and step < self.first_stage_end[row] and self.stalled(row, now):
+                self.first_stage_end[row] = step
+                self.last[row] = min(self.last[row], step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
         self.before = now
+
+    def stalled(self, row: int, lowest: list) -> bool:
+        """Whether the row's lowest loss fell by less than its tolerance since PLATEAU_WINDOW iterations ago."""
+        return self.before[row] - lowest[row] < self.tolerances[row] * abs(self.before[row])
+
+    def stopped(self, row: int, reached: int) -> str:
+        """Why `row` stopped, if the loop got to iteration `reached`."""
+        if reached < self.last[row]:
+            return "interrupted"
+        return "plateau" if self.last[row] < self.settings.epochs else "epochs"
+
+
+def total(terms: dict) -> torch.Tensor:
+    """The loss that is minimised: every term of every row."""
+    return sum(values.sum() for values in terms.values())
 
 
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
@@ -839,96 +1019,86 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     by its own loss, and each gives what a call with that row alone gives. `settings` (or keywords
     named as its fields) choose the method; what is left None takes its objective's default.
     `callback(step, losses, images)` sees each iteration's losses, a dict of one tensor per term with
-    one value per row, and a function that returns the current images. Ctrl-C stops early and
-    returns the images so far.
+    one value per row (a row that has stopped keeps its last), and a function that returns the
+    current images. Ctrl-C stops early and returns the images so far.
     """
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
     count, device = len(references), references.device
-    height, width = references.shape[-2:]
     layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
+    if len(layers) != count:
+        raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
+                         f"got {len(layers)} layers for {count} rows")
     if settings.optimizer == "lbfgs" and count > 1:
         raise UsageError("--optimizer lbfgs inverts one layer of one image per call: L-BFGS would "
                          "couple the images of a batch")
-    targets = reference_features(model, layers, references, settings.precision)
-    target_norms = [per_row(target.square()) for _, target in targets]
-    by_layer = row_order([rows for rows, _ in targets], device)
-    per_layer = [layer_settings(settings, height, target) for _, target in targets]
-    by_row = {row: chosen for (rows, _), chosen in zip(targets, per_layer) for row in rows}
-    jitters = [by_row[row]["jitter"] for row in range(count)]
-
-    # Each row has its own generator, seeded alike, so that it draws what a call of its own would.
-    # With jitter, a row's image is a canvas `jitter` pixels larger, seen through a randomly placed
-    # crop; rows of one jitter share one batched canvas.
+    targets = Targets(model, layers, references, settings)
+    chosen = targets.row_settings
+    # each row's own generator, seeded alike, draws what a call of its own would
     generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
-    groups = [[row for row in range(count) if jitters[row] == jitter] for jitter in dict.fromkeys(jitters)]
-    by_canvas = row_order(groups, device)
-    canvases = [PARAMETERISATIONS[settings.param](
-        (height + jitters[rows[0]], width + jitters[rows[0]]), [generators[row] for row in rows], device,
-        settings.objective) for rows in groups]
-    middles = [(jitter // 2, jitter // 2) for jitter in jitters]
-
-    def crop(wholes: list, offsets: list) -> torch.Tensor:
-        """The rows' images, as the network sees them, from their canvases at their offsets."""
-        crops = [whole if not jitters[rows[0]] else
-                 torch.cat([whole[index:index + 1, :, dy:dy + height, dx:dx + width]
-                            for index, (dy, dx) in enumerate(offsets[row] for row in rows)])
-                 for rows, whole in zip(groups, wholes)]
-        return in_row_order(crops, by_canvas)
-
-    def current_images() -> torch.Tensor:  # a copy: a pixel image's crop can be its variable itself
-        return crop([canvas.render().detach() for canvas in canvases], middles).clone()
-
-    def evaluate(wholes: list, offsets: list) -> dict:
-        """Each row's terms: the feature error at its layer, and the priors over its canvas."""
-        with autocast(settings.precision, device):
-            outputs = layer_batches(model, layers, crop(wholes, offsets))
-        layer_targets = zip(outputs, targets, target_norms, per_layer)
-        errors = [data_term(chosen["C"], output.float(), target, norms)
-                  for (_, output), (_, target), norms, chosen in layer_targets]
-        priors = [prior_terms(settings, whole) for whole in wholes]
-        return {"rec_loss": in_row_order(errors, by_layer),
-                **{name: in_row_order([terms[name] for terms in priors], by_canvas) for name in priors[0]}}
-
-    def closure():  # reads this iteration's `offsets`; L-BFGS may call it more than once a step
-        nonlocal terms
-        optimizer.zero_grad(set_to_none=True)
-        terms = evaluate([canvas.render() for canvas in canvases], offsets)
-        loss = sum(values.sum() for values in terms.values())
-        loss.backward()
-        return loss
-
-    optimizer = make_optimizer(settings, [canvas.variable for canvas in canvases])
-    schedule = Schedule(optimizer, settings, [by_row[row]["plateau"] for row in range(count)])
-    guard = FiniteGuard(canvases, current_images, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY,
-                        settings.epochs)
-    terms, iterations, stopped = {}, 0, "epochs"
+    canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
+    optimizer = make_optimizer(settings, canvases.variables)
+    schedule = Schedule(settings, [row["plateau"] for row in chosen], device)
+    guard = FiniteGuard(canvases, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
+    latest = {}  # each term's latest value for every row, for the callback
+    reached = 0  # the last iteration that ran
     try:
         for step in range(1, settings.epochs + 1):
-            if step > schedule.last:
-                stopped = "plateau"
+            rows = schedule.rows_at(step)
+            if not rows:
                 break
-            offsets = [torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
-                       if jitter and schedule.jittering(step) else middle
-                       for jitter, generator, middle in zip(jitters, generators, middles)]
-            guard.step(optimizer, closure, step)  # render, forward, loss, backward, step
-            for canvas in canvases:
-                canvas.after_step()
-            schedule.step(step, terms)
-            iterations = step
+            if rows != canvases.rows:  # rows that have stopped cost nothing more
+                canvases.use(rows)
+                targets.use(rows)
+            offsets = canvases.offsets(lambda row: schedule.first_stage(row, step))
+            schedule.set_rates(optimizer, step, rows)
+            optimizer.zero_grad(set_to_none=True)
+            wholes = canvases.render()  # render
+            with autocast(settings.precision, device):  # forward
+                outputs = layer_batches(model, targets.layers_in_use(), canvases.crop(wholes, offsets))
+            terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}  # loss
+            loss = total(terms)
+            if guard.due(step, {schedule.last[row] for row in rows}):
+                guard.check(step, loss)
+            loss.backward()  # backward, step
+            optimizer.step(lambda: loss)
+            canvases.after_step()
+            schedule.record(step, rows, sum(terms.values()))  # record
+            reached = step
             if callback is not None:
-                callback(step, {name: values.detach() for name, values in terms.items()}, current_images)
+                callback(step, record_latest(latest, terms, rows, count), canvases.current)
     except KeyboardInterrupt:
-        stopped = "interrupted"
-    with torch.no_grad():  # the losses of the returned images, not of the ones before the last step
-        wholes = [canvas.render() for canvas in canvases]
-        images = crop(wholes, middles).detach().clone()
-        final = {name: values.tolist() for name, values in evaluate(wholes, middles).items()}
+        pass
+    return final_result(model, settings, targets, canvases, guard, schedule, reached)
+
+
+def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
+    """Update each term's latest value for every row with this iteration's values for `rows`."""
+    for name, values in terms.items():
+        if name not in latest:
+            latest[name] = torch.full((count,), math.nan, device=values.device)
+        latest[name][rows] = values.detach()
+    return dict(latest)
+
+
+@torch.no_grad()
+def final_result(model, settings: Settings, targets: Targets, canvases: Canvases, guard: FiniteGuard,
+                 schedule: Schedule, reached: int) -> Inversion:
+    """Evaluate every row's image at the middle of its canvas, as returned, and gather the result."""
+    every = range(len(canvases.variables))
+    canvases.use(every)
+    targets.use(every)
+    wholes = canvases.render()
+    images = canvases.crop(wholes, dict(enumerate(canvases.middles)))
+    with autocast(settings.precision, images.device):
+        outputs = layer_batches(model, targets.layers_in_use(), images)
+    terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
+    if not torch.isfinite(total(terms)):  # the last update, after the last check, broke it
+        guard.check(reached, total(terms))
+    final = {name: values.tolist() for name, values in terms.items()}
     losses = [{**{name: values[row] for name, values in final.items()},
-               "feature_error": final["rec_loss"][row] / by_row[row]["C"]} for row in range(count)]
-    if not all(math.isfinite(value) for row in losses for value in row.values()):
-        raise Diverged(f"the loss became non-finite by iteration {iterations}: --lr {settings.lr:g} is "
-                       "too large for this layer; try a smaller --lr", None)
-    return Inversion(images, losses, iterations, stopped, settings, [by_row[row] for row in range(count)])
+               "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]} for row in every]
+    return Inversion(images.detach().clone(), losses, [min(reached, last) for last in schedule.last],
+                     [schedule.stopped(row, reached) for row in every], settings, targets.row_settings)
 
 
 # ---------------------------------------------------------------- running and saving
@@ -968,11 +1138,12 @@ def seed_everything(seed: int) -> None:
 
 
 class Row(NamedTuple):
-    """One (photo, layer) pair of a call: one optimised image, saved as one PNG and one JSON."""
+    """One (photo, layer) pair of a call: one optimised image, and every file it writes."""
 
     image_path: str
     layer_name: str
     png: Path
+    montage: Optional[Path]  # the photo's montage of its layers, in a call with several rows
 
     @property
     def json(self) -> Path:
@@ -982,13 +1153,16 @@ class Row(NamedTuple):
     def frames(self) -> Path:
         return self.png.with_name(f"{self.png.stem}_frames")
 
+    @property
+    def gif(self) -> Path:
+        return self.png.with_suffix(".gif")
 
-def montage_path(args: argparse.Namespace, image_path: str) -> Path:
-    """Where a call with several rows puts a photo's montage."""
-    return Path(args.output_dir) / f"{Path(image_path).stem}_{args.model}_montage.png"
+    @property
+    def diverged(self) -> Path:
+        return self.png.with_suffix(".diverged.png")
 
 
-def plan_rows(args: argparse.Namespace) -> list:
+def plan(args: argparse.Namespace) -> list:
     """One Row per (photo, layer), photo by photo, after the checks that need no model or photo."""
     image_paths = list(dict.fromkeys(args.image_path))
     layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
@@ -1001,18 +1175,16 @@ def plan_rows(args: argparse.Namespace) -> list:
             raise UsageError("--output names one file: with several layers or images, use --output_dir")
         if Path(args.output).suffix.lower() != ".png":
             raise UsageError(f"--output {args.output} must end in .png")
-    rows = [Row(path, name, Path(args.output) if args.output else
-                Path(args.output_dir) / f"{Path(path).stem}_{args.model}_{name}.png")
+    prefix = {path: Path(args.output_dir) / f"{Path(path).stem}_{args.model}" for path in image_paths}
+    rows = [Row(path, name, Path(args.output) if args.output else Path(f"{prefix[path]}_{name}.png"),
+                Path(f"{prefix[path]}_montage.png") if several else None)
             for path in image_paths for name in layer_names]
-    files = [path for row in rows for path in (row.png, row.json, row.png.with_suffix(".diverged.png"))]
-    if args.save_every:
-        files += [row.png.with_suffix(".gif") for row in rows]
-    if several:
-        files += [montage_path(args, path) for path in image_paths]
-    for path in files:
-        check_writable(path)
-    for row in rows if args.save_every else []:
-        check_writable(row.frames, folder=True)
+    for row in rows:
+        for path in (row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
+                     *([row.montage] if row.montage else [])):
+            check_writable(path)
+        if args.save_every:
+            check_writable(row.frames, folder=True)
     return rows
 
 
@@ -1043,35 +1215,76 @@ def available_memory(device: torch.device) -> Optional[int]:
             return None
 
 
-def check_memory(needed: float, device: torch.device, what: str) -> None:
+def check_memory(needed: float, device: torch.device, what: str, helps: str) -> None:
     """Refuse, before allocating, a job whose estimated memory exceeds what the device has free."""
     free = available_memory(device)
     if free is not None and needed > free:
-        raise UsageError(f"{what} needs about {needed / 2**30:.1f} GiB, more than the "
-                         f"{free / 2**30:.1f} GiB free on {device}: use a smaller --input_size")
+        raise UsageError(f"{what} needs about {needed / 2**30:.3g} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB free on {device}: {helps}")
 
 
-def activation_bytes(model: nn.Module, layers: list, size: int, images: int, device: torch.device) -> float:
-    """Estimate an inversion's memory from a forward pass at a small size, scaled up by area."""
-    probe = min(size, 64)
+def load_photo(path: str, size: int) -> torch.Tensor:
+    """Open a photo and preprocess it, refusing first a resize that would not fit in memory."""
+    image = load_image(path)
+    # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
+    resized = 3 * size * size * max(image.size) / min(image.size)
+    check_memory(resized, torch.device("cpu"), f"resizing {path} to --input_size {size}",
+                 "use a smaller --input_size")
+    return preprocess(image, size)
+
+
+def canvas_copies(settings: Settings) -> int:
+    """How many canvas-sized float tensors a row keeps: the variable, its gradient, the optimizer's
+    state, the divergence guard's copy, and about a dozen rendering and prior steps for the backward pass."""
+    state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
+    return 1 + 1 + state + 1 + 12
+
+
+def layer_elements(model: nn.Module, layer: nn.Module, size: int, device: torch.device) -> Optional[tuple]:
+    """(elements of every module output up to `layer`, elements of its output, its stride) for one
+    image of side `size`; None if the model refuses that size."""
     elements = []
 
-    def count_output(module, inputs, output):
+    def count(module, inputs, output):
         if isinstance(output, torch.Tensor):
             elements.append(output.numel())
 
     leaves = [module for module in model.modules() if not any(module.children())]
-    handles = [module.register_forward_hook(count_output) for module in leaves]
     try:
-        with torch.no_grad():
-            layer_outputs(model, layers, torch.zeros(len(layers), 3, probe, probe, device=device))
+        with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
+            output = layer_outputs(model, [layer], torch.zeros(1, 3, size, size, device=device))[0]
     except FORWARD_ERRORS:
-        return 0.0  # the model refuses the probe size; the real size is checked when it runs
-    finally:
-        for handle in handles:
-            handle.remove()
-    # each activation is kept for the backward pass and gets a gradient: about three copies in fp32
-    return 3 * 4 * sum(elements) * (size / probe) ** 2 * images
+        return None
+    return sum(elements), output.numel(), layer_stride((size, size), output)
+
+
+def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
+              device: torch.device) -> collections.Counter:
+    """Estimate the memory one row at `layer` allocates, from a forward pass at a small size scaled
+    up by area, by the flag that sets each part: its layer's activations kept for the backward pass
+    with their gradients (about three float32 copies), its reference and target (--input_size); its
+    canvas (see canvas_copies; --jitter where that makes it larger than the input); and the `frames`
+    pictures kept for its GIF (--save_every)."""
+    probe = min(size, 64)
+    counted = layer_elements(model, layer, probe, device)
+    # a model that refuses the probe size is checked at the real size when it runs
+    activations, target, stride = (0, 0, 1) if counted is None else (value * (size / probe) ** 2 for value in counted)
+    jitter = layer_settings(settings, max(1, round(stride)))["jitter"]
+    canvas = 3 * (size + jitter) ** 2  # a Fourier canvas is a few percent larger: within the margin
+    parts = collections.Counter({"--input_size": 4 * (3 * activations + 3 * target + 3 * size * size)})
+    parts["--jitter" if jitter > size else "--input_size"] += 4 * canvas_copies(settings) * canvas
+    parts["--save_every"] += frames * 3 * size * size
+    return parts
+
+
+def memory_advice(parts: dict, settings: Settings) -> str:
+    """What would help most, for an estimate itemised by row_bytes."""
+    largest = max(parts, key=parts.get)
+    if largest == "--save_every":
+        return "use a larger --save_every, or 0"
+    if largest == "--jitter":
+        return "use a smaller --jitter"
+    return "use a smaller --input_size" + (" or another --optimizer" if settings.optimizer == "lbfgs" else "")
 
 
 def write_atomically(path: Path, write: Callable) -> None:
@@ -1158,40 +1371,44 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
     return grid
 
 
-def save_outputs(args: argparse.Namespace, rows: list, photos: dict, result: Inversion, seconds: float,
+def save_outputs(args: argparse.Namespace, rows: list, outcome: Union[Inversion, Diverged], seconds: float,
                  frames: Optional[list], device: torch.device) -> None:
-    """Write each row's PNG and JSON record, then its GIF, then each photo's montage."""
-    pictures = [deprocess(image[None]) for image in result.images]
-    for row, picture, losses, chosen in zip(rows, pictures, result.losses, result.layer_settings):
+    """Write what the optimisation gave: each row's PNG and JSON record, its GIF, and each photo's
+    montage; or, if it diverged, each row's last finite image as its .diverged.png."""
+    if isinstance(outcome, Diverged):
+        for row, image in zip(rows, [] if outcome.images is None else outcome.images):
+            save_png(row.diverged, deprocess(image[None]))
+        return
+    pictures = [deprocess(image[None]) for image in outcome.images]
+    for index, (row, picture) in enumerate(zip(rows, pictures)):
         record = {
             "args": vars(args),
             "image_path": row.image_path,
             "layer_name": row.layer_name,
-            "settings": dataclasses.asdict(result.settings),
-            "layer_settings": chosen,
-            **losses,
-            "iterations": result.iterations,
+            "settings": dataclasses.asdict(outcome.settings),
+            "layer_settings": outcome.layer_settings[index],
+            **outcome.losses[index],
+            "iterations": outcome.iterations[index],
+            "stopped": outcome.stopped[index],
             "seconds": round(seconds, 4),
-            "ms_per_iteration": round(1000 * seconds / max(result.iterations, 1), 3),
+            "ms_per_iteration": round(1000 * seconds / max(*outcome.iterations, 1), 3),
             "batch": len(rows),
             "device": str(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
-            "stopped": result.stopped,
         }
         save_png(row.png, picture)
         write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
         if not args.quiet:
-            print(f"saved {row.png} and {row.json.name}: feature_error {losses['feature_error']:.4f}")
+            print(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}")
     for row, kept, picture in zip(rows, frames or [], pictures):
         movie = kept + [picture]
-        write_atomically(row.png.with_suffix(".gif"), lambda file: movie[0].save(
+        write_atomically(row.gif, lambda file: movie[0].save(
             file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
-    if len(rows) > 1:
-        for path, photo in photos.items():
-            tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures)
-                     if row.image_path == path]
-            save_png(montage_path(args, path), montage(deprocess(photo), tiles))
+    for montage_path in dict.fromkeys(row.montage for row in rows if row.montage):
+        photo = rows[[row.montage for row in rows].index(montage_path)].image_path
+        tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures) if row.montage == montage_path]
+        save_png(montage_path, montage(deprocess(load_photo(photo, args.input_size)), tiles))
 
 
 def list_layers(args: argparse.Namespace, device: torch.device) -> int:
@@ -1202,6 +1419,27 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def optimise(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
+             device: torch.device) -> tuple:
+    """Invert every row in one batch, with progress and frames as the flags ask; return (the
+    Inversion, or the Diverged error with the last finite images; seconds; the frames kept)."""
+    photos = {path: load_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
+    labels = [f"{Path(row.image_path).stem} {row.layer_name}  " if len(rows) > 1 else "" for row in rows]
+    report, bar = progress_reporter(settings.epochs, args.stdout_epochs, labels, args.quiet)
+    save_frames, frames = snapshot_saver(rows, args.save_every) if args.save_every else (None, None)
+    started = time.perf_counter()
+    try:
+        outcome = invert(model, [layers[row.layer_name] for row in rows],
+                         torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
+                         callback=chained(report, save_frames))
+    except Diverged as error:
+        outcome = error
+    finally:
+        if bar is not None:
+            bar.close()
+    return outcome, time.perf_counter() - started, frames
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan, optimise, save: the command line's job; return the exit code."""
     device = pick_device(args.device)
@@ -1210,35 +1448,24 @@ def run(args: argparse.Namespace) -> int:
         return list_layers(args, device)
     # the cheap checks come first, so that a typo fails before a model loads or downloads
     settings = resolve(settings_from_args(args), device)
-    rows = plan_rows(args)
-    # the images alone: a resized RGB copy, its tensor, and per row the canvas, its gradient and moments
-    check_memory(args.input_size ** 2 * 3 * (1 + 4 + 4 * 8 * len(rows)), torch.device("cpu"),
-                 f"--input_size {args.input_size}")
-    photos = {path: preprocess(load_image(path), args.input_size) for path in dict.fromkeys(args.image_path)}
+    rows = plan(args)
+    for path in dict.fromkeys(row.image_path for row in rows):  # a damaged photo fails before any work
+        load_photo(path, args.input_size)
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    modules = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in rows}
-    needed = activation_bytes(model, list(modules.values()), args.input_size, len(photos), device)
-    check_memory(needed, device, f"inverting {', '.join(modules)} at --input_size {args.input_size}")
+    layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in rows}
+    frames = settings.epochs // args.save_every if args.save_every else 0
+    parts = collections.Counter()
+    for row in rows:
+        parts.update(row_bytes(model, layers[row.layer_name], args.input_size, settings, frames, device))
+    check_memory(sum(parts.values()), device, f"inverting {', '.join(layers)} at --input_size {args.input_size}",
+                 memory_advice(parts, settings) + (", or fewer photos or layers per call" if len(rows) > 1 else ""))
 
-    labels = [f"{Path(row.image_path).stem} {row.layer_name}  " if len(rows) > 1 else "" for row in rows]
-    report, bar = progress_reporter(settings.epochs, args.stdout_epochs, labels, args.quiet)
-    save_frames, frames = snapshot_saver(rows, args.save_every) if args.save_every else (None, None)
-    started = time.perf_counter()
-    try:
-        result = invert(model, [modules[row.layer_name] for row in rows],
-                        torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
-                        callback=chained(report, save_frames))
-    except Diverged as error:
-        for row, image in zip(rows, [] if error.images is None else error.images):
-            save_png(row.png.with_suffix(".diverged.png"), deprocess(image[None]))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - started
-    save_outputs(args, rows, photos, result, seconds, frames, device)
-    if result.stopped == "interrupted":
-        print(f"interrupted after {result.iterations} iterations: saved what it had", file=sys.stderr)
+    outcome, seconds, kept = optimise(args, rows, model, layers, settings, device)
+    save_outputs(args, rows, outcome, seconds, kept, device)
+    if isinstance(outcome, Diverged):
+        raise outcome
+    if "interrupted" in outcome.stopped:
+        print(f"interrupted after {max(outcome.iterations)} iterations: saved what it had", file=sys.stderr)
         return 130
     if not args.quiet:
         print(f"{len(rows)} inversion(s) in {seconds:.1f} s")

@@ -1,5 +1,6 @@
 """Hardening: awkward and hostile inputs, interruptions, divergence, concurrent runs and fuzzing."""
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -88,6 +89,32 @@ def test_a_failed_rewrite_keeps_the_previous_output(tmp_path, capsys, monkeypatc
     assert code == 2 and "could not write" in err and "Traceback" not in err
     assert output.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.json", "x.png"]
+
+
+EXTREMES = ["0", "-1", "0.5", "1", "2", "12.5", "1e-300", "1e300", "nan", "-inf", str(2 ** 64), "auto"]
+
+
+def numeric_flags() -> list:
+    """Every flag that takes a number: the settings' and the command line's own."""
+    return sorted(name for name, value in vars(invert.parse_args([])).items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)
+                  or name in {field.name for field in dataclasses.fields(invert.Settings)
+                              if field.metadata.get("type")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", numeric_flags())
+def test_every_numeric_flag_takes_a_value_or_refuses_it_in_one_line(flag, tmp_path, capsys):
+    for value in EXTREMES:
+        if flag == "epochs" and value in ("1e300", str(2 ** 64)):
+            continue  # valid, and they would run for ever
+        out_dir = tmp_path / value
+        code = invert.main([*FAST, "--image_path", str(CORPUS / "good.png"), "--epochs", "2",
+                            f"--{flag}", value, "--output_dir", str(out_dir)])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if not line.startswith("warning:")]
+        assert "Traceback" not in err
+        assert code == 0 or (code == 2 and len(errors) == 1 and f"--{flag}" in errors[0]), (value, err)
 
 
 # ---------------------------------------------------------------- interruptions

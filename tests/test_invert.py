@@ -18,12 +18,11 @@ from conftest import FAST, assert_clean_failure
 SEED = dict(objective="seed", lr=1.0)
 
 
-def grad_inputs(model: nn.Module) -> list:
-    """Record what `model` is given during the optimisation: the forward passes that need gradients."""
-    seen = []
-    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone())
-                                    if torch.is_grad_enabled() else None)
-    return seen
+def identity_network() -> nn.Module:
+    """A 1x1 convolution that passes its input through: the feature error is ||x - t||^2 / ||t||^2."""
+    model = nn.Conv2d(3, 3, 1, bias=False)
+    model.weight.data = torch.eye(3).view(3, 3, 1, 1)
+    return model.eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- settings
@@ -91,7 +90,7 @@ def test_every_objective_optimizer_and_param_reduces_its_loss(objective, optimiz
     result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), objective=objective,
                            optimizer=optimizer, param=param, epochs=40, lr=lr,
                            callback=lambda step, losses, images: history.append(sum(losses.values()).item()))
-    assert len(history) == 40 and result.iterations == 40 and result.stopped == "epochs"
+    assert len(history) == 40 and result.iterations == [40] and result.stopped == ["epochs"]
     final = sum(result.losses[0][name] for name in ("rec_loss", "alpha_loss", "tv_loss"))
     assert final < 0.5 * history[0], (history[0], final)
     assert result.losses[0]["feature_error"] < 0.5
@@ -135,8 +134,8 @@ def test_the_papers_priors_have_autograds_gradient():
 
 def test_fourier_images_use_fast_fft_lengths():
     assert [invert.fft_size(length) for length in (224, 227, 64, 17, 1)] == [224, 240, 64, 18, 1]
-    image = invert.FourierImage((17, 15), [torch.Generator().manual_seed(0)], torch.device("cpu"), "paper")
-    assert image.render().shape == (1, 3, 17, 15)
+    image = invert.FourierImage((17, 15), torch.device("cpu"), "paper")
+    assert image.render(image.initial(torch.Generator().manual_seed(0))).shape == (1, 3, 17, 15)
 
 
 def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
@@ -150,14 +149,22 @@ def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
     assert invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]["C"] == invert.PAPER_C
     assert result.images.shape == (1, 3, 64, 64)
     assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings[0]["jitter"] == 0
+    # a non-square input: the stride is still 16 (a 4x2 output of 64x32), not 64 / 2
+    tall = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 32), epochs=2).layer_settings[0]
+    assert tall["C"] == invert.PAPER_C * (4 / 16) ** 2
 
 
 def test_jitter_stops_at_the_first_decay(tiny):
-    seen = grad_inputs(tiny)
+    latest, shifted = [], {}
+    tiny.register_forward_pre_hook(lambda module, inputs: latest.append(inputs[0].detach().clone()))
+
+    def compare(step, losses, images):  # what the network saw this iteration, against the middle crop
+        shifted[step] = not torch.allclose(latest[-1], images(), atol=1e-4)
+
     invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), objective="paper", param="pixel", jitter=2,
-                  epochs=30, decay_epochs=20, lr=1e-9, optimizer="sgd")  # the image barely moves
-    shifted = [not torch.allclose(crop, seen[-1], atol=1e-4) for crop in seen]
-    assert len(seen) == 30 and sum(shifted[:20]) >= 10 and not any(shifted[20:])
+                  epochs=30, decay_epochs=20, lr=1e-9, optimizer="sgd", callback=compare)  # the image barely moves
+    assert sum(shifted[step] for step in range(1, 21)) >= 10
+    assert not any(shifted[step] for step in range(21, 31))
 
 
 def test_box_constraint_holds_after_every_step(tiny):
@@ -194,17 +201,25 @@ def test_a_plateau_ends_the_run_after_a_last_stage_at_the_lower_rate(tiny):
     # a fall of less than 99 % over a window counts as a plateau: the first comparison ends the stage
     result = invert.invert(tiny, tiny[3], reference, objective="paper", epochs=500, plateau=0.99)
     window = invert.PLATEAU_WINDOW
-    assert result.stopped == "plateau" and result.iterations == 2 * window + math.ceil(2 * window / 6)
+    assert result.stopped == ["plateau"] and result.iterations == [2 * window + math.ceil(2 * window / 6)]
     exact = invert.invert(tiny, tiny[3], reference, objective="paper", epochs=37, plateau=0.0)
-    assert exact.stopped == "epochs" and exact.iterations == 37
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = invert.Schedule(optimizer, invert.resolve(invert.Settings(plateau=0.1, epochs=300), torch.device("cpu")),
-                               [0.1])
-    for step in range(1, 2 * window + 1):  # a loss that stays flat
-        optimizer.step()
-        schedule.step(step, {"rec_loss": torch.tensor([1.0])})
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1) and not schedule.jittering(2 * window + 1)
-    assert schedule.last == 2 * window + math.ceil(2 * window / 6)
+    assert exact.stopped == ["epochs"] and exact.iterations == [37]
+
+
+def test_the_last_stage_runs_at_decay_factor_times_the_rate_whenever_it_starts():
+    # SGD without momentum on ||x - t||^2 / ||t||^2: each step shrinks x - t by 1 - 2 lr / ||t||^2
+    model, reference = identity_network(), torch.randn(1, 3, 8, 8)
+    lr = 0.005 * reference.square().sum().item()  # a factor of 0.99 per step: the loss falls slowly
+    errors = []
+    result = invert.invert(model, model, reference, objective="seed", optimizer="sgd", momentum=0.0,
+                           lambda_alpha=0.0, lambda_tv=0.0, lr=lr, plateau=0.5, epochs=100, decay_epochs=22,
+                           callback=lambda step, losses, images: errors.append((images() - reference).norm()))
+    # the plateau ends the first stage at its first comparison, iteration 20; the last stage is 4 long
+    assert result.stopped == ["plateau"] and result.iterations == [24]
+    shrink = [(after / before).item() for before, after in zip(errors, errors[1:])]  # iterations 2 to 24
+    assert shrink[:19] == pytest.approx([0.99] * 19, abs=1e-4)
+    # all four at 0.1 times the rate, although --decay_epochs 22 falls inside the last stage
+    assert shrink[19:] == pytest.approx([0.999] * 4, abs=1e-5)
 
 
 def test_ctrl_c_returns_the_images_so_far(tiny):
@@ -213,7 +228,7 @@ def test_ctrl_c_returns_the_images_so_far(tiny):
             raise KeyboardInterrupt
 
     result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), **SEED, epochs=50, callback=interrupt)
-    assert result.stopped == "interrupted" and result.iterations == 3 and result.images.shape == (1, 3, 16, 16)
+    assert result.stopped == ["interrupted"] and result.iterations == [3] and result.images.shape == (1, 3, 16, 16)
 
 
 def test_divergence_blames_the_learning_rate_only_when_it_is_the_cause(tiny):
@@ -230,6 +245,26 @@ def test_divergence_blames_the_learning_rate_only_when_it_is_the_cause(tiny):
     nn.init.constant_(broken[0].weight, float("nan"))
     with pytest.raises(invert.UsageError, match="not finite .* --lr is not the cause"):
         invert.invert(broken, broken[0], torch.randn(1, 3, 8, 8), epochs=2)
+
+
+def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo, tmp_path, cli):
+    # the one update, after the one check, makes the loss infinite: only the final evaluation sees it
+    output = tmp_path / "x.png"
+    code, _, err = cli("--image_path", photo, *FAST, "--objective", "seed", "--lr", "1e30", "--epochs", "1",
+                       "--output", output)
+    assert code == 2 and "--lr 1e+30 is too large" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png", "x.diverged.png"]
+    assert Image.open(tmp_path / "x.diverged.png").size == (64, 64)
+
+
+def test_the_python_api_refuses_what_the_command_line_refuses(tiny):
+    reference = torch.randn(2, 3, 16, 16)
+    with pytest.raises(invert.UsageError, match="one layer for every row"):
+        invert.invert(tiny, [tiny[1], tiny[3], tiny[1]], reference, epochs=2)
+    for keywords, flag in [({"momentum": 1.0}, "--momentum"), ({"alpha": 0.5}, "--alpha"),
+                           ({"epochs": 2.5}, "--epochs"), ({"jitter": "big"}, "--jitter")]:
+        with pytest.raises(invert.UsageError, match=flag):
+            invert.invert(tiny, tiny[1], reference[:1], **{"epochs": 2, **keywords})
 
 
 def test_all_zero_target_is_refused():
@@ -293,15 +328,17 @@ def test_truncated_forward_matches_the_full_models_activations(name):
     assert not any(module._forward_hooks for module in model.modules())  # the hooks are removed again
 
 
-def test_rows_leave_a_sequential_chain_at_their_layer_and_nothing_deeper_runs():
-    model = invert.random_model("alexnet").eval().requires_grad_(False)
-    batch_sizes = []
-    for module in model.features:
-        module.register_forward_hook(lambda module, inputs, output: batch_sizes.append(len(inputs[0])))
-    invert.layer_outputs(model, [model.features[2], model.features[5], model.features[2]],
-                         torch.randn(3, 3, 64, 64))
-    assert batch_sizes == [3, 3, 3, 1, 1, 1]  # features_3 onwards run only for the row that needs them
-    assert invert.chain_of(model, [model.features[2], model.classifier[1]]) is None
+class Refuses(nn.Module):
+    """A layer that fails whenever it runs."""
+
+    def forward(self, x):
+        raise RuntimeError("this layer must never run")
+
+
+def test_nothing_after_the_deepest_chosen_layer_runs(tiny):
+    model = nn.Sequential(*tiny, Refuses()).eval()  # e.g. a classifier head that refuses this input size
+    result = invert.invert(model, [model[1], model[3]], torch.randn(2, 3, 16, 16), epochs=3)
+    assert result.iterations == [3, 3] and torch.isfinite(result.images).all()
 
 
 def test_list_layers(cli):
@@ -342,13 +379,21 @@ def test_every_image_mode_becomes_rgb(mode, tmp_path):
         assert loaded.getpixel((15, 10)) == (255, 255, 255)  # transparent pixels are laid on white
 
 
-def test_preprocess_matches_the_seed_transform_and_the_default_photo_ships(photo):
-    tensor = invert.preprocess(invert.load_image(photo), 32)
-    assert tensor.shape == (1, 3, 32, 32)
-    restored = invert.deprocess(tensor)
-    original = invert.load_image(photo).resize((32, 32), Image.BILINEAR)
-    as_tensor = torchvision.transforms.functional.pil_to_tensor
-    assert (as_tensor(restored).float() - as_tensor(original).float()).abs().mean() < 3
+def test_pre_and_deprocessing_match_the_seeds_transforms_and_the_default_photo_ships():
+    # the seed's own transform and detransform, as its design writes them
+    mu, sigma = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    transforms = torchvision.transforms
+    transform = transforms.Compose([transforms.Resize(size=227), transforms.CenterCrop(size=227),
+                                    transforms.ToTensor(), transforms.Normalize(mu, sigma)])
+    detransform = transforms.Compose([
+        transforms.Normalize(mean=[-m / s for m, s in zip(mu, sigma)], std=[1 / s for s in sigma]),
+        transforms.Lambda(lambda tensor: torch.clamp(tensor, 0, 1)), transforms.ToPILImage()])
+    image = invert.load_image(invert.DEFAULT_IMAGE)
+    tensor = invert.preprocess(image, 227)
+    assert torch.equal(tensor[0], transform(image))
+    ours, theirs = (torchvision.transforms.functional.pil_to_tensor(picture).int()
+                    for picture in (invert.deprocess(tensor * 1.5), detransform(tensor[0] * 1.5)))
+    assert (ours - theirs).abs().max() <= 1  # the same up to float rounding, clamped alike
     assert invert.parse_args([]).image_path == [str(invert.DEFAULT_IMAGE)]
     assert invert.load_image(invert.DEFAULT_IMAGE).size[0] >= 227
 
@@ -371,7 +416,13 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
     assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0}
     assert record["iterations"] == 5 and record["stopped"] == "epochs"
-    assert 0 < record["feature_error"] < 1.5
+    # the command line is a thin shell over invert(): the same settings give the same result
+    invert.seed_everything(2023)  # as the command line does, before it builds the random network
+    model = invert.load_model("squeezenet1_1", "none")
+    result = invert.invert(model, model.features[3], invert.preprocess(invert.load_image(photo), 64),
+                           invert.settings_from_args(invert.parse_args(["--objective", "seed", "--lr", "3",
+                                                                        "--epochs", "5"])))
+    assert record["feature_error"] == result.losses[0]["feature_error"] > 0
     assert record["rec_loss"] == pytest.approx(record["settings"]["C"] * record["feature_error"])
     assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, abs=0.05)
     assert (record["device"], record["torch_version"], record["torchvision_version"]) == \
@@ -409,15 +460,22 @@ def test_progress_lines_and_quiet(photo, tmp_path, cli):
     (["--model", "alexnt"], "alexnet"), (["--model", "vgg16_bm"], "vgg16_bn"),
     (["--layer_name", "features_99"], "features_3"),
     (["--weights", "IMAGENET9K"], "IMAGENET1K_V1"), (["--weights", "missing.pth"], "no such file"),
-    (["--device", "banana"], "--device"), (["--device", "cuda:7"], "--device"),
+    (["--device", "banana"], "--device"),
     (["--output", "picture.jpg"], ".png"), (["--precision", "fp16"], "CUDA"),
     (["--layer_name", "features_3", "features_6", "--output", "x.png"], "--output_dir"),
-    (["--input_size", "8", "--layer_name", "features_12"], "--input_size"),
     (["--model", "vit_b_32", "--layer_name", "encoder"], "--input_size"),  # ViT asserts 224x224
+    # values torch or the method cannot take are refused by the flag's own type
+    (["--momentum", "1"], "--momentum"), (["--optimizer", "sgd", "--momentum", "1.5"], "--momentum"),
+    (["--alpha", "0.5"], "--alpha"), (["--alpha", "40"], "--alpha"), (["--beta", "13"], "--beta"),
+    (["--decay_factor", "2"], "--decay_factor"), (["--plateau", "1"], "--plateau"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2 ** 64)], "--seed"), (["--C", "1e35"], "--C"),
+    (["--lambda_alpha", "inf"], "--lambda_alpha"), (["--jitter", "1.5"], "--jitter"),
+    # allocations that grow with a setting are estimated before they are made
+    (["--jitter", "100000"], "GiB"), (["--save_every", "1", "--epochs", "100000000"], "--save_every"),
 ])
 def test_bad_settings_fail_cleanly(flags, message, photo, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if ("cuda:7" in flags and torch.cuda.device_count() > 7) or ("fp16" in flags and torch.cuda.is_available()):
+    if "fp16" in flags and torch.cuda.is_available():
         pytest.skip("this machine can run it")
     code, _, err = cli("--image_path", photo, *FAST, *flags)
     assert_clean_failure(code, err, tmp_path / "outputs")
@@ -529,25 +587,32 @@ def test_unsound_weights_are_named_before_the_work(photo, tmp_path, cli):
 # ---------------------------------------------------------------- batches of layers and images
 
 
-@pytest.mark.parametrize("settings", [dict(SEED, jitter="auto"), dict(optimizer="sgd", lr=0.003)],
-                         ids=["seed-pixel-auto-jitter", "paper-fft"])
+@pytest.mark.parametrize("settings", [dict(SEED, jitter="auto", epochs=3), dict(optimizer="sgd", lr=0.003, epochs=3),
+                                      dict(optimizer="sgd", lr=0.0003, epochs=40, plateau=0.1)],
+                         ids=["seed-pixel-auto-jitter", "paper-fft", "paper-fft-plateau"])
 def test_batched_rows_match_single_calls(settings):
     torch.manual_seed(0)
     model = invert.random_model("squeezenet1_1").eval().requires_grad_(False)
-    # rows 0 and 2 share a layer, and with auto jitter a canvas, that row 1 does not
-    layers = [model.features[3], model.features[10], model.features[3], model.features[6]]
+    # rows 0 and 2 share a layer of stride 2, where the plateau rule applies; rows 1 and 3 have
+    # deeper layers, and with auto jitter row 3 has a canvas of its own
+    layers = [model.features[1], model.features[3], model.features[1], model.features[6]]
     references = torch.randn(4, 3, 64, 64)
     # SGD, whose step is linear in the gradient: Adam's first step is lr * sign(gradient), which
-    # turns a rounding difference in a near-zero gradient into a full step
-    together = invert.invert(model, layers, references, **settings, epochs=3)
+    # turns a rounding difference in a near-zero gradient into a full step; and rates at which this
+    # random network's optimisation is stable, since an unstable one amplifies rounding differences
+    together = invert.invert(model, layers, references, **settings)
     for row, layer in enumerate(layers):
-        alone = invert.invert(model, layer, references[row:row + 1], **settings, epochs=3)
+        alone = invert.invert(model, layer, references[row:row + 1], **settings)
         # a batched convolution or FFT adds in another order: equal to float rounding, not bit for bit
         assert torch.allclose(together.images[row], alone.images[0], atol=1e-4)
         assert together.losses[row]["feature_error"] == pytest.approx(alone.losses[0]["feature_error"], rel=1e-5)
         assert together.layer_settings[row] == alone.layer_settings[0]
+        # each row's plateau ends its own first stage, whatever its batch-mates do
+        assert (together.iterations[row], together.stopped[row]) == (alone.iterations[0], alone.stopped[0])
     jitters = {chosen["jitter"] for chosen in together.layer_settings}
     assert (len(jitters) > 1) == (settings.get("jitter") == "auto")
+    if "plateau" in settings:  # rows that stop at different iterations, and a deep one that runs them all
+        assert len(set(together.iterations)) > 1 and "epochs" in together.stopped
 
 
 def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli):
@@ -570,12 +635,6 @@ def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli
     assert tiles[1].tobytes() == Image.open(out / "photo_squeezenet1_1_features_3.png").tobytes()
     assert tiles[2].tobytes() == Image.open(out / "photo_squeezenet1_1_features_6.png").tobytes()
     assert tiles[3].getextrema() == ((255, 255),) * 3  # the unused cell stays blank
-    # each row of the batch is close to what a call of its own gives (float rounding, see the README)
-    assert cli("--image_path", photo, *FAST, "--layer_name", "features_6", "--output_dir", tmp_path / "alone")[0] == 0
-    alone, together = (json.loads((folder / "photo_squeezenet1_1_features_6.json").read_text())
-                       for folder in (tmp_path / "alone", out))
-    assert alone["feature_error"] == pytest.approx(together["feature_error"], rel=1e-2)
-    assert not list((tmp_path / "alone").glob("*montage*"))  # one layer and one image: no montage
 
 
 def test_save_every_writes_frames_and_a_gif(photo, tmp_path, cli):
@@ -588,8 +647,14 @@ def test_save_every_writes_frames_and_a_gif(photo, tmp_path, cli):
     assert gif.n_frames == 3 and gif.size == (64, 64)  # the two frames and the final image
 
 
-def test_precision_bf16_runs_and_is_recorded(photo, tmp_path, cli):
-    code, _, err = cli("--image_path", photo, *FAST, "--precision", "bf16", "--output_dir", tmp_path)
-    assert code == 0, err
-    record = json.loads((tmp_path / "photo_squeezenet1_1_features_3.json").read_text())
-    assert record["settings"]["precision"] == "bf16" and 0 < record["feature_error"] < 1.5
+def test_precision_bf16_runs_close_to_fp32_and_is_recorded(photo, tmp_path, cli):
+    errors = {}
+    for precision in ("bf16", "fp32"):
+        code, _, err = cli("--image_path", photo, *FAST, "--epochs", "20", "--precision", precision,
+                           "--output_dir", tmp_path / precision)
+        assert code == 0, err
+        record = json.loads((tmp_path / precision / "photo_squeezenet1_1_features_3.json").read_text())
+        assert record["settings"]["precision"] == precision
+        errors[precision] = record["feature_error"]
+    # bf16 keeps 8 bits of mantissa: the same optimisation, within a few percent
+    assert errors["bf16"] == pytest.approx(errors["fp32"], rel=0.1) and errors["bf16"] != errors["fp32"]

@@ -519,8 +519,9 @@ def describe(output) -> str:
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
-    """Sum each row (the first dimension) of `values`."""
-    return values.flatten(1).sum(1)
+    """Sum each row (the first dimension) of `values` on its own: a batched sum adds in an order that
+    depends on the batch, and Adam would grow that rounding into another picture."""
+    return torch.stack([row.contiguous().sum() for row in values])
 
 
 def alpha_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -694,7 +695,9 @@ class FourierImage:
         spectrum = torch.view_as_complex(variables) * self.scale
         canvas = torch.fft.irfftn(spectrum, s=self.canvas, dim=(-2, -1), norm="ortho")
         decorrelated = canvas[..., :self.size[0], :self.size[1]]
-        pixels = torch.einsum("ij,bjhw->bihw", self.paper_colour, decorrelated)  # in the paper's units
+        # in the paper's units; a batched einsum returns a batch-major layout, which the sums would
+        # add in another order than a single image's
+        pixels = torch.einsum("ij,bjhw->bihw", self.paper_colour, decorrelated).contiguous()
         if self.boxed:  # the box as part of the image's definition: cheaper than a projection, two FFTs
             pixels = pixels * box_factor(pixels)
         return pixels / paper_scale(pixels.device)

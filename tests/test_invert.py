@@ -615,6 +615,18 @@ def test_batched_rows_match_single_calls(settings):
         assert len(set(together.iterations)) > 1 and "epochs" in together.stopped
 
 
+def test_a_rows_arithmetic_does_not_depend_on_its_batch():
+    # no convolution, whose kernels may add in a batch-dependent order: what is left is invert's own
+    model = nn.Sequential(nn.Identity()).eval()
+    torch.manual_seed(0)
+    references = torch.randn(3, 3, 160, 160)
+    together = invert.invert(model, model[0], references, epochs=30)
+    for row in range(3):
+        alone = invert.invert(model, model[0], references[row:row + 1], epochs=30)
+        assert torch.equal(together.images[row], alone.images[0])  # bit for bit
+        assert together.losses[row] == alone.losses[0]
+
+
 def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli):
     second = tmp_path / "second.png"
     Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)

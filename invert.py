@@ -70,9 +70,9 @@ FIRST_STAGE = Fraction(6, 7)
 # Fraction is a share of --epochs.
 OBJECTIVE_DEFAULTS = {
     "seed": {"optimizer": "sgd", "param": "pixel", "lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0,
-             "decay_epochs": 200, "plateau": 0.0},
+             "decay_epochs": 200, "plateau": 0.0, "surrogate": "off"},
     "paper": {"optimizer": "adam", "param": "fft", "lambda_alpha": 1.0, "lambda_tv": 1.0, "C": "auto",
-              "decay_epochs": FIRST_STAGE, "plateau": 0.01},
+              "decay_epochs": FIRST_STAGE, "plateau": 0.01, "surrogate": "on"},
 }
 # Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (tests/README.md).
 # The seed's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
@@ -91,6 +91,13 @@ PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
 MAX_WEIGHT = 1e30
 MAX_EXPONENT = 12.0
+# --surrogate on: a ReLU's backward leaks this slope, and the surrogates apply at layers of this
+# stride or more, in the first SURROGATE_SHARE of each row's first stage (tests/README.md)
+SURROGATE_LEAK = 0.1
+SURROGATE_STRIDE = 1
+SURROGATE_SHARE = 1.0
+SURROGATE_ANNEAL = False
+SURROGATES = ("on", "off")
 # L-BFGS keeps this many past steps and gradients
 LBFGS_HISTORY = 10
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
@@ -189,6 +196,11 @@ class Settings:
                                        f"--decay_factor times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as "
                                        "long as the first, follows, and the image is done. 0 runs exactly "
                                        "--epochs iterations", type=below_one)
+    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes "
+                                       "through each max-pool below the inverted layer as an average "
+                                       "pool's would, and through each ReLU as a leaky ReLU's would; "
+                                       "forward values, and so the feature error, stay the network's "
+                                       "own. Deep layers gain most (see the README)", choices=SURROGATES)
     lr: Optional[float] = setting(None, "learning rate", type=positive_float)
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
@@ -424,18 +436,21 @@ def forward_hooks(hooks: dict):
             handle.remove()
 
 
-def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> list:
+def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
+                  alive: Optional[list] = None) -> list:
     """Run `model` on `images` until each row has reached its layer in `layers`; return, per layer,
     (the layer, the rows that chose it, their outputs as one tensor), in the order the layers ran.
 
     The forward pass stops as soon as the deepest layer has run, so later layers are never computed.
     Where the layers are children of one plain nn.Sequential, each row also leaves the batch at its
-    own layer: the rest of the chain runs only for the rows that need it.
+    own layer: the rest of the chain runs only for the rows that need it. `alive`, if given, is kept
+    equal to the rows in the batch as it reaches each module.
     """
     wanted = list(dict.fromkeys(layers))
     chain = chain_of(model, wanted) if len(wanted) > 1 else None
     batches = []
-    alive = list(range(len(layers)))  # the rows in the batch as it reaches each layer
+    alive = [] if alive is None else alive
+    alive[:] = range(len(layers))
 
     def hook(module, inputs, output):
         if any(module is done for done, _, _ in batches):
@@ -513,6 +528,117 @@ def describe(output) -> str:
     if isinstance(output, torch.Tensor):
         return "x".join(str(dim) for dim in output.shape[1:])
     return type(output).__name__
+
+
+# ---------------------------------------------------------------- surrogate gradients
+
+
+class LeakyBackward(torch.autograd.Function):
+    """A ReLU's output as it is, with the gradient of a leaky ReLU, of slope `leaks` (one per row),
+    passed straight to the ReLU's input; a slope of 0 is the ReLU's own gradient."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, leaks: torch.Tensor, upper: Optional[float]):
+        ctx.save_for_backward(output, leaks)
+        ctx.upper = upper  # ReLU6 passes the gradient only below 6
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        output, leaks = ctx.saved_tensors
+        passing = output > 0 if ctx.upper is None else (output > 0) & (output < ctx.upper)
+        return torch.where(passing, grad, grad * leaks.to(grad.dtype)), None, None, None
+
+
+class AveragedBackward(torch.autograd.Function):
+    """A max-pool's output as it is; the share `shares` (one per row) of its gradient reaches the
+    input as an average pool's over the same windows would, the rest by the max-pool's own path."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, shares: torch.Tensor, pool: Optional[tuple],
+                whole: bool):
+        ctx.save_for_backward(inputs, shares)
+        ctx.pool, ctx.whole = pool, whole  # pool: kernel, stride, padding, ceil_mode; None if adaptive
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inputs, shares = ctx.saved_tensors
+        smooth = grad * shares.to(grad.dtype)
+        if ctx.pool is None:
+            averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, inputs)
+        else:  # max-pool padding is never the maximum, so the average leaves it out too
+            averaged = torch.ops.aten.avg_pool2d_backward(smooth, inputs, *ctx.pool, False, None)
+        return averaged, None if ctx.whole else grad - smooth, None, None, None
+
+
+def as_pair(value) -> tuple:
+    """A pooling argument as an (height, width) pair."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class Surrogate:
+    """Scoped surrogate gradients through a model's ReLU and max-pool modules; forward values stay
+    the network's own.
+
+    While a row's weight is w > 0, its gradient passes each ReLU below its layer as a leaky ReLU's
+    of slope SURROGATE_LEAK * w would, and each max-pool below its layer with the share w of it
+    spread over the window as an average pool's would; at w = 0 both are the true gradients. A row's
+    own layer always gives it its true gradient. In-place ReLUs run out of place meanwhile, since
+    the leak needs their inputs; everything is restored on exit. Functional ReLUs and pools
+    (F.relu inside a forward) are not modules and keep their true gradients.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.relus = [module for module in model.modules() if isinstance(module, (nn.ReLU, nn.ReLU6))]
+        self.pools = [module for module in model.modules() if isinstance(module, nn.AdaptiveMaxPool2d)
+                      or isinstance(module, nn.MaxPool2d) and as_pair(module.dilation) == (1, 1)]
+        self.inplace = [module.inplace for module in self.relus]
+        self.alive = []  # the positions of the rows in the batch as it reaches each module (layer_batches')
+        self.layers, self.weights, self.cache = [], [], {}
+
+    def __enter__(self) -> "Surrogate":
+        hooks = {**{module: self.relu_hook for module in self.relus}, **{module: self.pool_hook for module in self.pools}}
+        self.hooks = forward_hooks(hooks)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.hooks.__exit__(*exception)
+        for module, inplace in zip(self.relus, self.inplace):
+            module.inplace = inplace
+
+    def use(self, layers: list, weights: list) -> None:
+        """From now on, the rows of the forward pass have these layers and weights."""
+        if (layers, weights) != (self.layers, self.weights):
+            self.layers, self.weights, self.cache = layers, weights, {}
+            for module, inplace in zip(self.relus, self.inplace):
+                module.inplace = inplace and not any(weights)
+
+    def row_weights(self, module: nn.Module, device: torch.device) -> Optional[tuple]:
+        """(a weight per row in the batch at `module` as a tensor, whether all are 1), or None if all are 0."""
+        key = (module, tuple(self.alive))
+        if key not in self.cache:
+            values = [0.0 if self.layers[row] is module else self.weights[row] for row in self.alive]
+            self.cache[key] = (torch.tensor(values, device=device).view(-1, 1, 1, 1), min(values) == 1) \
+                if any(values) else None
+        return self.cache[key]
+
+    def relu_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
+        if weights is None:
+            return None
+        upper = 6.0 if isinstance(module, nn.ReLU6) else None
+        return LeakyBackward.apply(inputs[0], output, SURROGATE_LEAK * weights[0], upper)
+
+    def pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
+        if weights is None or isinstance(output, tuple):  # return_indices: left as it is
+            return None
+        pool = None if isinstance(module, nn.AdaptiveMaxPool2d) else (
+            as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size), as_pair(module.padding),
+            module.ceil_mode)
+        return AveragedBackward.apply(inputs[0], output, weights[0], pool, weights[1])
 
 
 # ---------------------------------------------------------------- losses
@@ -792,7 +918,8 @@ def layer_settings(settings: Settings, stride: int) -> dict:
     stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
-            "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0}
+            "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
+            "surrogate": settings.surrogate == "on" and stride >= SURROGATE_STRIDE}
 
 
 def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
@@ -956,8 +1083,8 @@ class Schedule:
     relative to the first, as the paper's.
     """
 
-    def __init__(self, settings: Settings, tolerances: list, device: torch.device):
-        self.settings, self.tolerances = settings, tolerances
+    def __init__(self, settings: Settings, tolerances: list, surrogates: list, device: torch.device):
+        self.settings, self.tolerances, self.surrogates = settings, tolerances, surrogates
         self.first_stage_end = [settings.decay_epochs] * len(tolerances)  # each row's last first-stage iteration
         self.last = [settings.epochs] * len(tolerances)  # each row's last iteration
         self.lowest = torch.full((len(tolerances),), math.inf, device=device)  # Adam's loss oscillates
@@ -972,6 +1099,13 @@ class Schedule:
     def first_stage(self, row: int, step: int) -> bool:
         """Whether `step` is in the first stage of `row`, the one with jitter."""
         return step <= self.first_stage_end[row]
+
+    def surrogate_weight(self, row: int, step: int) -> float:
+        """How much of the surrogate gradients `row` takes at iteration `step` (see Surrogate)."""
+        end = SURROGATE_SHARE * self.first_stage_end[row]
+        if not self.surrogates[row] or step > end:
+            return 0.0
+        return 1.0 - (step - 1) / end if SURROGATE_ANNEAL else 1.0
 
     def rows_at(self, step: int) -> list:
         """The rows that still run at iteration `step`."""
@@ -1040,35 +1174,38 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
     canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
     optimizer = make_optimizer(settings, canvases.variables)
-    schedule = Schedule(settings, [row["plateau"] for row in chosen], device)
+    schedule = Schedule(settings, [row["plateau"] for row in chosen], [row["surrogate"] for row in chosen], device)
     guard = FiniteGuard(canvases, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
     latest = {}  # each term's latest value for every row, for the callback
     reached = 0  # the last iteration that ran
     try:
-        for step in range(1, settings.epochs + 1):
-            rows = schedule.rows_at(step)
-            if not rows:
-                break
-            if rows != canvases.rows:  # rows that have stopped cost nothing more
-                canvases.use(rows)
-                targets.use(rows)
-            offsets = canvases.offsets(lambda row: schedule.first_stage(row, step))
-            schedule.set_rates(optimizer, step, rows)
-            optimizer.zero_grad(set_to_none=True)
-            wholes = canvases.render()  # render
-            with autocast(settings.precision, device):  # forward
-                outputs = layer_batches(model, targets.layers_in_use(), canvases.crop(wholes, offsets))
-            terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}  # loss
-            loss = total(terms)
-            if guard.due(step, {schedule.last[row] for row in rows}):
-                guard.check(step, loss)
-            loss.backward()  # backward, step
-            optimizer.step(lambda: loss)
-            canvases.after_step()
-            schedule.record(step, rows, sum(terms.values()))  # record
-            reached = step
-            if callback is not None:
-                callback(step, record_latest(latest, terms, rows, count), canvases.current)
+        with Surrogate(model) as surrogate:
+            for step in range(1, settings.epochs + 1):
+                rows = schedule.rows_at(step)
+                if not rows:
+                    break
+                if rows != canvases.rows:  # rows that have stopped cost nothing more
+                    canvases.use(rows)
+                    targets.use(rows)
+                offsets = canvases.offsets(lambda row: schedule.first_stage(row, step))
+                schedule.set_rates(optimizer, step, rows)
+                surrogate.use(targets.layers_in_use(), [schedule.surrogate_weight(row, step) for row in rows])
+                optimizer.zero_grad(set_to_none=True)
+                wholes = canvases.render()  # render
+                with autocast(settings.precision, device):  # forward
+                    outputs = layer_batches(model, targets.layers_in_use(), canvases.crop(wholes, offsets),
+                                            surrogate.alive)
+                terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}  # loss
+                loss = total(terms)
+                if guard.due(step, {schedule.last[row] for row in rows}):
+                    guard.check(step, loss)
+                loss.backward()  # backward, step
+                optimizer.step(lambda: loss)
+                canvases.after_step()
+                schedule.record(step, rows, sum(terms.values()))  # record
+                reached = step
+                if callback is not None:
+                    callback(step, record_latest(latest, terms, rows, count), canvases.current)
     except KeyboardInterrupt:
         pass
     return final_result(model, settings, targets, canvases, guard, schedule, reached)

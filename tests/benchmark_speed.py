@@ -1,14 +1,14 @@
 """Where invert.py's time goes, as ratios measured in one run: a script, not a test.
 
     python tests/benchmark_speed.py                                   # the CPU here: every table
-    python tests/benchmark_speed.py --proxy /tmp/vgg16_bn_proxy.pth   # with SSIM, fp32 against bf16
+    python tests/benchmark_speed.py --ssim          # with SSIM on the trained stand-in, fp32 against bf16
     python tests/benchmark_speed.py --device cuda --quick             # one GPU, in under 5 minutes
 
 (1) batches: ms per iteration per image of N photos in one call, against a bare truncated forward
     and backward of a batch of N, with the process's peak memory (target: ratio <= 1.15)
 (2) overhead: the default settings' ms per iteration (--plateau 0) against the bare step, at the benchmark layers
     (target: <= 1.15 where the bare step takes 5 ms or more, <= 1.5 below)
-(3) precision: fp32 against bf16 ms per iteration, and with --proxy the SSIM of each on the trained
+(3) precision: fp32 against bf16 ms per iteration, and with --ssim the SSIM of each on the trained
     stand-in (bf16 may be the default only where it costs no more than 0.01 SSIM)
 (4) GPU only: cudnn.benchmark on against off
 (5) whole runs: 200 default iterations of alexnet features_12 and of vgg16_bn features_32, and a
@@ -114,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="fewer rows: one image against a batch of 16")
-    parser.add_argument("--proxy", help="the trained vgg16_bn stand-in, for SSIM fp32 against bf16")
+    parser.add_argument("--ssim", action="store_true", help="SSIM fp32 against bf16 on the trained stand-in "
+                                                              "(tests/stand_in.py builds it once)")
     parser.add_argument("--steps", type=int, default=None, help="iterations timed per figure")
     parser.add_argument("--total", type=int, default=200, help="iterations of each whole run in (5)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for (1)")
@@ -159,9 +160,10 @@ def main() -> None:
         bf16 = invert_ms(model, model.features[index], references[size],
                          steps if invert.native_bf16(device) else 2, precision="bf16")
         print(f"| {name} features_{index} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f} |", flush=True)
-    if options.proxy:
+    if options.ssim:
         from benchmark_quality import ssim
-        trained = invert.load_model("vgg16_bn", options.proxy, progress=False).to(device)
+        import stand_in
+        trained = invert.load_model("vgg16_bn", str(stand_in.build()), progress=False).to(device)
         print(f"\nSSIM on the trained stand-in, 224, default settings, {options.total} iterations")
         print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n"
               "|---|---|---|---|---|---|")

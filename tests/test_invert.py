@@ -275,6 +275,82 @@ def test_all_zero_target_is_refused():
         invert.invert(model, model[1], torch.randn(1, 3, 8, 8), epochs=2)
 
 
+# ---------------------------------------------------------------- surrogate gradients
+
+
+def pooled_network() -> nn.Module:
+    """Convolutions, in-place ReLUs and max-pools to a layer of stride 4, with fixed random weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["pooled", "alexnet", "vgg11_bn", "resnet18", "no pooling"])
+def test_surrogate_gradients_keep_every_forward_value_and_change_only_the_backward(name, tiny):
+    torch.manual_seed(0)
+    model = {"pooled": pooled_network(), "no pooling": tiny}.get(name) or \
+        invert.random_model(name).eval().requires_grad_(False)
+    layers = {"pooled": lambda: [model[7], model[4]], "alexnet": lambda: [model.features[9], model.features[4]],
+              "vgg11_bn": lambda: [model.features[17], model.features[6]],  # rows leave the chain at their layer
+              "resnet18": lambda: [model.layer3[1].relu, model.layer2[0].relu],  # a ReLU used twice a block
+              "no pooling": lambda: [model[3], model[3]]}[name]()
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+
+    def forward_and_gradient(surrogate=None, weights=None):
+        if surrogate is not None:
+            surrogate.use(layers, weights)
+        batches = invert.layer_batches(model, layers, images, None if surrogate is None else surrogate.alive)
+        outputs = [output for _, _, output in batches]
+        return outputs, torch.autograd.grad(sum(output.square().sum() for output in outputs), images)[0]
+
+    plain, true = forward_and_gradient()
+    with invert.Surrogate(model) as surrogate:
+        for weights in ([1.0, 1.0], [0.0, 0.0], [1.0, 0.0]):
+            outputs, gradient = forward_and_gradient(surrogate, weights)
+            assert all(torch.equal(a, b) for a, b in zip(outputs, plain))  # bit for bit
+            for row, weight in enumerate(weights):
+                assert torch.equal(gradient[row], true[row]) == (weight == 0), (row, weight)
+    assert not any(module._forward_hooks for module in model.modules())  # nothing left on the model
+    assert all(module.inplace for module in model.modules() if isinstance(module, nn.ReLU) and name != "no pooling")
+
+
+def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():
+    model = pooled_network()
+    reference = torch.randn(1, 3, 32, 32)
+    seen = []  # per iteration: the image the network saw, and the gradient that reached it
+
+    def watch(module, inputs):
+        if torch.is_grad_enabled() and inputs[0].requires_grad:  # the optimisation's forward passes
+            seen.append([inputs[0].detach().clone(), None])
+            inputs[0].register_hook(lambda gradient: seen[-1].__setitem__(1, gradient.clone()))
+
+    handle = model.register_forward_pre_hook(watch)
+    # no priors, so that the network's input gets the feature term's gradient alone
+    result = invert.invert(model, model[7], reference, param="pixel", epochs=12, decay_epochs=8, plateau=0.0,
+                           lambda_alpha=0.0, lambda_tv=0.0)
+    handle.remove()
+    assert result.layer_settings[0]["surrogate"] and len(seen) == 12
+    target = model(reference)
+    for step, (image, gradient) in enumerate(seen, start=1):
+        image.requires_grad_()
+        error = result.layer_settings[0]["C"] * (model(image) - target).square().sum() / target.square().sum()
+        true, = torch.autograd.grad(error, image)
+        assert torch.allclose(gradient, true, rtol=1e-4, atol=1e-6 * true.abs().max().item()) == (step > 8), step
+
+
+def test_surrogate_off_and_the_seed_objective_keep_the_true_gradients(photo, tmp_path, cli):
+    pictures = []
+    for flags in (["--surrogate", "off"], ["--objective", "seed"], ["--objective", "seed", "--surrogate", "off"]):
+        code, _, err = cli("--image_path", photo, *FAST, *flags, "--output_dir", tmp_path / flags[-1])
+        assert code == 0, err
+        record = json.loads((tmp_path / flags[-1] / "photo_squeezenet1_1_features_3.json").read_text())
+        assert record["settings"]["surrogate"] == "off" and not record["layer_settings"]["surrogate"]
+        pictures.append((tmp_path / flags[-1] / "photo_squeezenet1_1_features_3.png").read_bytes())
+    assert pictures[1] == pictures[2]  # the seed's method is the seed's, surrogate or not
+
+
 # ---------------------------------------------------------------- layers
 
 
@@ -414,7 +490,7 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["settings"] == dataclasses.asdict(invert.resolve(
         invert.Settings(objective="seed", lr=3.0, epochs=5), torch.device("cpu")))
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
-    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0}
+    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0, "surrogate": False}
     assert record["iterations"] == 5 and record["stopped"] == "epochs"
     # the command line is a thin shell over invert(): the same settings give the same result
     invert.seed_everything(2023)  # as the command line does, before it builds the random network

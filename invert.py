@@ -15,9 +15,11 @@ From Python, on any nn.Module:
 import argparse
 import collections
 import contextlib
+import csv
 import dataclasses
 import difflib
 import functools
+import io
 import json
 import math
 import os
@@ -39,6 +41,11 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
+
+try:
+    import fcntl  # the index's lock between shards; absent on Windows, where one process writes it
+except ImportError:
+    fcntl = None
 
 # ---------------------------------------------------------------- constants
 
@@ -86,6 +93,15 @@ DEFAULT_LRS = {
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
 GPU_CHECK_EVERY = 25
+# --batch_size auto: rows per batch at most (on a CPU, on a GPU), beyond which a batch no longer
+# gains per image (tests/README.md), and the share of the free memory a batch may take by the estimate
+BATCH_CAP = (4, 32)
+MEMORY_SHARE = 0.5
+# every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
+INDEX = "index.csv"
+INDEX_EVERY = 60.0
+INDEX_COLUMNS = ("image_path", "layer_name", "png", "feature_error", "rec_loss", "alpha_loss", "tv_loss",
+                 "iterations", "stopped", "seconds", "precision", "device")
 # the plateau rule compares each image's loss with its loss this many iterations before
 PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
@@ -844,18 +860,10 @@ class Inversion(NamedTuple):
 
     images: torch.Tensor
     losses: list  # per row: rec_loss, alpha_loss, tv_loss and feature_error of the returned image
-    iterations: list  # per row
-    stopped: list  # per row: "epochs" (all of them ran), "plateau" or "interrupted" (Ctrl-C)
+    iterations: list  # per row; for a row that diverged, the iteration whose loss was not finite
+    stopped: list  # per row: "epochs" (all ran), "plateau", "interrupted" (Ctrl-C) or "diverged"
     settings: Settings
     layer_settings: list  # per row: the jitter, C and plateau tolerance its layer's stride decided
-
-
-class Diverged(UsageError):
-    """The loss stopped being finite; `images` holds the last images whose loss was finite."""
-
-    def __init__(self, message: str, images: Optional[torch.Tensor]):
-        super().__init__(message)
-        self.images = images
 
 
 def too_large_lr(iteration: int, lr: float) -> str:
@@ -1046,30 +1054,32 @@ class Canvases:
 
 
 class FiniteGuard:
-    """Keeps a copy of the variables whose loss was last checked finite; on a non-finite loss it
-    puts them back and raises Diverged, naming the likely cause."""
+    """Keeps a copy of each row's variable from when its loss was last checked finite; a row whose
+    loss is not finite goes back to that copy and stops, as diverged, while the others go on."""
 
-    def __init__(self, canvases: Canvases, lr: float, every: int):
-        self.canvases, self.lr, self.every = canvases, lr, every
-        self.kept = None  # row -> its variable when the loss was last checked finite
+    def __init__(self, canvases: Canvases, every: int):
+        self.canvases, self.every = canvases, every
+        self.kept = {}  # row -> its variable when its loss was last checked finite
 
     def due(self, step: int, last_steps: set) -> bool:
         """Whether to check at `step`: the first, every `every`-th, and any row's last."""
         return step == 1 or step % self.every == 0 or step in last_steps
 
-    def check(self, step: int, loss: torch.Tensor) -> None:
-        """Keep the variables if `loss`, theirs, is finite; else restore the kept ones and raise."""
-        if torch.isfinite(loss):  # rows that have stopped keep their copy from their last check
-            self.kept = {**(self.kept or {}),
-                         **{row: self.canvases.variables[row].detach().clone() for row in self.canvases.rows}}
-            return
-        if self.kept is None:
-            raise Diverged("the loss is not finite at the start, before any step, so --lr is not the "
-                           "cause: the model gives non-finite values for this image (unsound weights?), "
-                           "or a weight such as --C is too large", None)
-        for row, variable in self.kept.items():
-            self.canvases.variables[row].data.copy_(variable)
-        raise Diverged(too_large_lr(step, self.lr), self.canvases.current())
+    def check(self, rows: list, losses: torch.Tensor) -> list:
+        """Keep the variables of `rows` whose `losses` are finite; return the others."""
+        finite = torch.isfinite(losses).tolist()  # waits for a GPU: only when due
+        broken = [row for row, ok in zip(rows, finite) if not ok]
+        if any(row not in self.kept for row in broken):
+            raise UsageError("the loss is not finite at the start, before any step, so --lr is not the "
+                             "cause: the model gives non-finite values for this image (unsound weights?), "
+                             "or a weight such as --C is too large")
+        self.kept.update({row: self.canvases.variables[row].detach().clone() for row, ok in zip(rows, finite) if ok})
+        return broken
+
+    def restore(self, rows: list) -> None:
+        """Put `rows` back to their last finite variables."""
+        for row in rows:
+            self.canvases.variables[row].data.copy_(self.kept[row])
 
 
 class Schedule:
@@ -1089,6 +1099,7 @@ class Schedule:
         self.last = [settings.epochs] * len(tolerances)  # each row's last iteration
         self.lowest = torch.full((len(tolerances),), math.inf, device=device)  # Adam's loss oscillates
         self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
+        self.diverged = {}  # row -> the iteration whose loss was not finite
 
     def rate(self, row: int, step: int) -> float:
         """The learning rate of `row` at iteration `step`."""
@@ -1136,8 +1147,19 @@ class Schedule:
         """Whether the row's lowest loss fell by less than its tolerance since PLATEAU_WINDOW iterations ago."""
         return self.before[row] - lowest[row] < self.tolerances[row] * abs(self.before[row])
 
+    def diverge(self, rows: list, step: int) -> None:
+        """Stop `rows`, whose loss was not finite at iteration `step`."""
+        for row in rows:
+            self.diverged[row], self.last[row] = step, min(self.last[row], step)
+
+    def iterations(self, row: int, reached: int) -> int:
+        """How many iterations `row` ran, if the loop got to iteration `reached`."""
+        return self.diverged.get(row) or min(reached, self.last[row])
+
     def stopped(self, row: int, reached: int) -> str:
         """Why `row` stopped, if the loop got to iteration `reached`."""
+        if row in self.diverged:
+            return "diverged"
         if reached < self.last[row]:
             return "interrupted"
         return "plateau" if self.last[row] < self.settings.epochs else "epochs"
@@ -1175,7 +1197,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
     optimizer = make_optimizer(settings, canvases.variables)
     schedule = Schedule(settings, [row["plateau"] for row in chosen], [row["surrogate"] for row in chosen], device)
-    guard = FiniteGuard(canvases, settings.lr, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
+    guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
     latest = {}  # each term's latest value for every row, for the callback
     reached = 0  # the last iteration that ran
     try:
@@ -1196,13 +1218,15 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
                     outputs = layer_batches(model, targets.layers_in_use(), canvases.crop(wholes, offsets),
                                             surrogate.alive)
                 terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}  # loss
-                loss = total(terms)
-                if guard.due(step, {schedule.last[row] for row in rows}):
-                    guard.check(step, loss)
+                losses = sum(terms.values())
+                broken = guard.check(rows, losses) if guard.due(step, {schedule.last[row] for row in rows}) else []
+                loss = losses.sum()
                 loss.backward()  # backward, step
                 optimizer.step(lambda: loss)
                 canvases.after_step()
-                schedule.record(step, rows, sum(terms.values()))  # record
+                guard.restore(broken)  # record
+                schedule.diverge(broken, step)
+                schedule.record(step, rows, losses)
                 reached = step
                 if callback is not None:
                     callback(step, record_latest(latest, terms, rows, count), canvases.current)
@@ -1223,21 +1247,26 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
 @torch.no_grad()
 def final_result(model, settings: Settings, targets: Targets, canvases: Canvases, guard: FiniteGuard,
                  schedule: Schedule, reached: int) -> Inversion:
-    """Evaluate every row's image at the middle of its canvas, as returned, and gather the result."""
+    """Evaluate every row's image at the middle of its canvas, as returned, and gather the result;
+    a row whose last update, after its last check, broke it goes back to its last finite image."""
     every = range(len(canvases.variables))
     canvases.use(every)
     targets.use(every)
-    wholes = canvases.render()
-    images = canvases.crop(wholes, dict(enumerate(canvases.middles)))
-    with autocast(settings.precision, images.device):
-        outputs = layer_batches(model, targets.layers_in_use(), images)
-    terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
-    if not torch.isfinite(total(terms)):  # the last update, after the last check, broke it
-        guard.check(reached, total(terms))
+    for _ in range(2):
+        wholes = canvases.render()
+        images = canvases.crop(wholes, dict(enumerate(canvases.middles)))
+        with autocast(settings.precision, images.device):
+            outputs = layer_batches(model, targets.layers_in_use(), images)
+        terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
+        broken = guard.check(list(every), sum(terms.values()))
+        if not broken:
+            break
+        guard.restore(broken)
+        schedule.diverge(broken, reached)
     final = {name: values.tolist() for name, values in terms.items()}
     losses = [{**{name: values[row] for name, values in final.items()},
                "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]} for row in every]
-    return Inversion(images.detach().clone(), losses, [min(reached, last) for last in schedule.last],
+    return Inversion(images.detach().clone(), losses, [schedule.iterations(row, reached) for row in every],
                      [schedule.stopped(row, reached) for row in every], settings, targets.row_settings)
 
 
@@ -1245,10 +1274,15 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
 
 
 def pick_device(spec: str) -> torch.device:
-    """Turn --device (auto, cpu, cuda, cuda:N, mps) into a torch.device that exists here."""
+    """Turn --device (auto, cpu, cuda, cuda:N, mps) into a torch.device that exists here; under
+    torchrun, auto is the process's own GPU, cuda:$LOCAL_RANK."""
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            local = environment_int("LOCAL_RANK", 0) if "LOCAL_RANK" in os.environ else None
+            if local is not None and local >= torch.cuda.device_count():
+                raise UsageError(f"LOCAL_RANK is {local}, but only {torch.cuda.device_count()} CUDA "
+                                 "device(s) are here: start at most one process per GPU")
+            return torch.device("cuda", local) if local is not None else torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -1277,13 +1311,109 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def environment_int(name: str, least: int) -> int:
+    """An integer environment variable set by a launcher; UsageError if it is not one, or below `least`."""
+    try:
+        value = int(os.environ[name])
+    except ValueError:
+        raise UsageError(f"the environment variable {name}={os.environ[name]!r} is not an integer") from None
+    if value < least:
+        raise UsageError(f"the environment variable {name}={value} is below {least}")
+    return value
+
+
+def shard_spec(text: str) -> tuple:
+    """--shard K/N: the K-th (0 to N-1) of N parts."""
+    try:
+        part, parts = (int(number) for number in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be K/N, such as 0/4, got {text}") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"must be K/N with K from 0 to N-1, got {text}")
+    return part, parts
+
+
+def shard_of(given: Optional[tuple]) -> tuple:
+    """(K, N): this process's part of the photos, from --shard, else from the launcher's environment.
+
+    torchrun sets RANK and WORLD_SIZE; a SLURM job array sets SLURM_ARRAY_TASK_ID, _COUNT, _MIN
+    (and _STEP). Under both (torchrun inside each task of an array), the array's parts are split
+    again between the task's processes. No process talks to another.
+    """
+    if given is not None:
+        return given
+    part, parts = 0, 1
+    if "SLURM_ARRAY_TASK_ID" in os.environ:
+        count = environment_int("SLURM_ARRAY_TASK_COUNT", 1)
+        step = environment_int("SLURM_ARRAY_TASK_STEP", 1) if "SLURM_ARRAY_TASK_STEP" in os.environ else 1
+        part = (environment_int("SLURM_ARRAY_TASK_ID", 0) - environment_int("SLURM_ARRAY_TASK_MIN", 0)) // step
+        if not 0 <= part < count:
+            raise UsageError(f"SLURM_ARRAY_TASK_ID {os.environ['SLURM_ARRAY_TASK_ID']} is outside the array's "
+                             f"{count} tasks")
+        parts = count
+    if "WORLD_SIZE" in os.environ:
+        world = environment_int("WORLD_SIZE", 1)
+        rank = environment_int("RANK", 0)
+        if rank >= world:
+            raise UsageError(f"RANK {rank} is not below WORLD_SIZE {world}")
+        part, parts = part * world + rank, parts * world
+    return part, parts
+
+
+def photo_paths(given: Sequence[str]) -> list:
+    """The photos --image_path names: each file as given, and for a folder the image files directly
+    inside it (by extension, hidden files left out), sorted by name."""
+    paths = []
+    for item in given:
+        folder = Path(item)
+        if not folder.is_dir():
+            paths.append(item)
+            continue
+        images = sorted((entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".")
+                         and entry.suffix.lower() in Image.registered_extensions()), key=lambda entry: entry.name)
+        if not images:
+            raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
+                             ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
+        paths += [str(entry) for entry in images]
+    return list(dict.fromkeys(paths))
+
+
+def photo_names(paths: Sequence[str]) -> dict:
+    """Each photo's name in its outputs: its file stem; where photos share a stem, the stem after as
+    many of its parent folders as tell them apart (cats/001.jpg and dogs/001.jpg: cats_001 and
+    dogs_001), with its extension where only that differs (001_jpg and 001_png)."""
+    names, groups = {}, {}
+    for path in paths:
+        groups.setdefault(Path(path).stem, []).append(path)
+    for stem, group in groups.items():
+        folders = [Path(path).resolve().parent.parts[1:] for path in group]  # without the root
+        for extension, depth in [(False, depth) for depth in range(max(map(len, folders)) + 1)] + \
+                                [(True, depth) for depth in range(max(map(len, folders)) + 1)]:
+            tried = ["_".join([*folder[len(folder) - depth:], stem, *[Path(path).suffix[1:]] * extension])
+                     for path, folder in zip(group, folders)]
+            if len(set(tried)) == len(group):
+                names.update(zip(group, tried))
+                break
+        else:  # the same file by two paths: numbered below
+            names.update((path, stem) for path in group)
+    taken = set()
+    for path in paths:  # a longer name can meet another photo's own stem: number the later one
+        name, number = names[path], 1
+        while name in taken:
+            number += 1
+            name = f"{names[path]}_{number}"
+        names[path] = name
+        taken.add(name)
+    return names
+
+
 class Row(NamedTuple):
-    """One (photo, layer) pair of a call: one optimised image, and every file it writes."""
+    """One (photo, layer) pair of a job: one optimised image, and every file it writes."""
 
     image_path: str
     layer_name: str
     png: Path
-    montage: Optional[Path]  # the photo's montage of its layers, in a call with several rows
+    montage: Optional[Path]  # the photo's montage of its layers, in a job with several rows
 
     @property
     def json(self) -> Path:
@@ -1303,29 +1433,39 @@ class Row(NamedTuple):
 
 
 def plan(args: argparse.Namespace) -> list:
-    """One Row per (photo, layer), photo by photo, after the checks that need no model or photo."""
-    image_paths = list(dict.fromkeys(args.image_path))
+    """Every Row of the job, in every shard, photo by photo, after the checks that need no model or photo."""
+    paths = photo_paths(args.image_path)
+    names = photo_names(paths)
     layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
-    stems = [Path(path).stem for path in image_paths]
-    if len(set(stems)) < len(stems):
-        raise UsageError("two --image_path files share a name stem, so their outputs would collide")
-    several = len(image_paths) * len(layer_names) > 1
+    several = len(paths) * len(layer_names) > 1
     if args.output:
         if several:
             raise UsageError("--output names one file: with several layers or images, use --output_dir")
         if Path(args.output).suffix.lower() != ".png":
             raise UsageError(f"--output {args.output} must end in .png")
-    prefix = {path: Path(args.output_dir) / f"{Path(path).stem}_{args.model}" for path in image_paths}
-    rows = [Row(path, name, Path(args.output) if args.output else Path(f"{prefix[path]}_{name}.png"),
+    prefix = {path: Path(args.output_dir) / f"{names[path]}_{args.model}" for path in paths}
+    return [Row(path, name, Path(args.output) if args.output else Path(f"{prefix[path]}_{name}.png"),
                 Path(f"{prefix[path]}_montage.png") if several else None)
-            for path in image_paths for name in layer_names]
+            for path in paths for name in layer_names]
+
+
+def in_shard(rows: list, part: int, parts: int) -> list:
+    """The rows of photos part, part + parts, part + 2 parts, ...: all of a photo's rows stay together."""
+    photos = list(dict.fromkeys(row.image_path for row in rows))
+    mine = set(photos[part::parts])
+    return [row for row in rows if row.image_path in mine]
+
+
+def check_outputs(args: argparse.Namespace, rows: list) -> None:
+    """Fail before the work, not after it, if any file or folder the rows write cannot be written."""
     for row in rows:
         for path in (row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
                      *([row.montage] if row.montage else [])):
             check_writable(path)
         if args.save_every:
             check_writable(row.frames, folder=True)
-    return rows
+    if rows and not args.output:
+        check_writable(Path(args.output_dir) / INDEX)
 
 
 def check_writable(path: Path, folder: bool = False) -> None:
@@ -1336,6 +1476,63 @@ def check_writable(path: Path, folder: bool = False) -> None:
     existing = next(parent for parent in (path if folder else path.parent, *path.parents) if parent.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {path}: {existing} is not a writable directory")
+
+
+def matching_record(row: Row, args: argparse.Namespace, settings: Settings) -> Optional[dict]:
+    """The row's JSON record, if it holds a result of this model, weights, layer, input size and
+    resolved settings; None otherwise."""
+    try:
+        record = json.loads(row.json.read_text())
+        same = (record["layer_name"] == row.layer_name and record["settings"] == dataclasses.asdict(settings)
+                and all(record["args"][name] == getattr(args, name) for name in ("model", "weights", "input_size")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record if same else None
+
+
+def finished(row: Row, args: argparse.Namespace, settings: Settings) -> bool:
+    """Whether --resume may skip the row: its PNG and a matching JSON are there, and it ran to its end."""
+    record = matching_record(row, args, settings)
+    return record is not None and record.get("stopped") in ("epochs", "plateau") and row.png.is_file()
+
+
+@contextlib.contextmanager
+def locked(folder: Path):
+    """Hold an exclusive lock on `folder` itself, where the system has flock: no lock file is left."""
+    if fcntl is None:
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # which releases the lock
+
+
+def write_index(args: argparse.Namespace, job: list, settings: Settings) -> None:
+    """Rebuild <output_dir>/index.csv, a line per row of the whole job whose matching JSON record
+    is there. Each process rebuilds it under a lock on the folder while it runs and at its end, so
+    the last to finish, of any number of shards or resumed runs, leaves it complete."""
+    path = Path(args.output_dir) / INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path.parent):
+        lines = []
+        for row in job:
+            record = matching_record(row, args, settings)
+            if record is not None:
+                record.update(png=str(row.png), precision=record["settings"]["precision"])
+                lines.append({column: record.get(column, "") for column in INDEX_COLUMNS})
+
+        def write(file):
+            text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+            table = csv.DictWriter(text, INDEX_COLUMNS)
+            table.writeheader()
+            table.writerows(lines)
+            text.flush()
+            text.detach()
+
+        write_atomically(path, write)
 
 
 def available_memory(device: torch.device) -> Optional[int]:
@@ -1427,6 +1624,36 @@ def memory_advice(parts: dict, settings: Settings) -> str:
     return "use a smaller --input_size" + (" or another --optimizer" if settings.optimizer == "lbfgs" else "")
 
 
+def batches(rows: list, costs: list, budget: float, most: int) -> list:
+    """Consecutive runs of `rows`, each of at most `most` rows whose `costs` add up to at most `budget`."""
+    runs, current, used = [], [], 0.0
+    for row, cost in zip(rows, costs):
+        if current and (len(current) == most or used + cost > budget):
+            runs.append(current)
+            current, used = [], 0.0
+        current.append(row)
+        used += cost
+    return runs + [current] if current else runs
+
+
+def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
+                 device: torch.device) -> list:
+    """The batches the rows run in: --batch_size rows at most, and as many as fit in a safe share of
+    the free memory by the estimate; auto at most BATCH_CAP (the size from which larger batches no
+    longer gain per image, measured in tests/README.md). Refuses, before the work, a single row that
+    cannot fit, saying what would help."""
+    frames = settings.epochs // args.save_every if args.save_every else 0
+    parts = {name: row_bytes(model, layers[name], args.input_size, settings, frames, device)
+             for name in dict.fromkeys(row.layer_name for row in rows)}
+    free = available_memory(device)
+    for name, cost in parts.items():
+        check_memory(sum(cost.values()), device, f"inverting {name} at --input_size {args.input_size}",
+                     memory_advice(cost, settings))
+    most = BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size
+    budget = math.inf if free is None else MEMORY_SHARE * free
+    return batches(rows, [sum(parts[row.layer_name].values()) for row in rows], budget, most)
+
+
 def write_atomically(path: Path, write: Callable) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path` in one step."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1454,21 +1681,47 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def progress_reporter(epochs: int, every: int, labels: list, quiet: bool):
-    """A tqdm bar and loss lines every `every` iterations, one per image (None when quiet)."""
-    if quiet:
-        return None, None
-    bar = tqdm(total=epochs, unit="it", dynamic_ncols=True)
+class Progress:
+    """One bar over the job's images (done, total, time left), one over the current batch's
+    iterations, and each image's losses every `every` iterations; nothing when quiet."""
 
-    def report(step: int, losses: list, images: Callable) -> None:
-        bar.update()
-        if step % every == 0 or step == epochs:  # .item() waits for a GPU, so only now and then
-            rows = {name: values.tolist() for name, values in losses.items()}
-            for index, label in enumerate(labels):
-                text = "  ".join(f"{name} {values[index]:.4g}" for name, values in rows.items())
-                bar.write(f"iteration {step:>5}/{epochs}  {label}{text}")
+    def __init__(self, total: int, done: int, epochs: int, every: int, quiet: bool):
+        self.epochs, self.every, self.quiet = epochs, every, quiet
+        self.images = None if quiet else tqdm(total=total, initial=done, unit="image", dynamic_ncols=True, position=0)
+        self.iterations = None
 
-    return report, bar
+    def batch(self, labels: list) -> Optional[Callable]:
+        """Start a batch of images with these labels; return its callback for invert()."""
+        if self.quiet:
+            return None
+        self.iterations = tqdm(total=self.epochs, unit="it", dynamic_ncols=True, position=1, leave=False)
+
+        def report(step: int, losses: dict, images: Callable) -> None:
+            self.iterations.update()
+            if step % self.every == 0 or step == self.epochs:  # .tolist() waits for a GPU: now and then
+                rows = {name: values.tolist() for name, values in losses.items()}
+                for index, label in enumerate(labels):
+                    text = "  ".join(f"{name} {values[index]:.4g}" for name, values in rows.items())
+                    self.iterations.write(f"iteration {step:>5}/{self.epochs}  {label}{text}")
+
+        return report
+
+    def done(self, count: int) -> None:
+        """Close the batch's bar and count its images as done."""
+        if not self.quiet:
+            self.iterations.close()
+            self.images.update(count)
+
+    def write(self, text: str) -> None:
+        """A line above the bars."""
+        if not self.quiet:
+            self.images.write(text)
+
+    def close(self) -> None:
+        if not self.quiet:
+            for bar in (self.iterations, self.images):
+                if bar is not None:
+                    bar.close()
 
 
 def snapshot_saver(rows: list, every: int) -> tuple:
@@ -1511,44 +1764,49 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
     return grid
 
 
-def save_outputs(args: argparse.Namespace, rows: list, outcome: Union[Inversion, Diverged], seconds: float,
-                 frames: Optional[list], device: torch.device) -> None:
-    """Write what the optimisation gave: each row's PNG and JSON record, its GIF, and each photo's
-    montage; or, if it diverged, each row's last finite image as its .diverged.png."""
-    if isinstance(outcome, Diverged):
-        for row, image in zip(rows, [] if outcome.images is None else outcome.images):
-            save_png(row.diverged, deprocess(image[None]))
-        return
-    pictures = [deprocess(image[None]) for image in outcome.images]
+def save_outputs(args: argparse.Namespace, rows: list, result: Inversion, seconds: float,
+                 frames: Optional[list], device: torch.device, progress: Progress) -> None:
+    """Write each row's PNG, then its JSON record (the mark that it is done), and its GIF; or, for
+    a row that diverged, its last finite image as its .diverged.png."""
+    pictures = [deprocess(image[None]) for image in result.images]
     for index, (row, picture) in enumerate(zip(rows, pictures)):
+        if result.stopped[index] == "diverged":
+            save_png(row.diverged, picture)
+            continue
         record = {
             "args": vars(args),
             "image_path": row.image_path,
             "layer_name": row.layer_name,
-            "settings": dataclasses.asdict(outcome.settings),
-            "layer_settings": outcome.layer_settings[index],
-            **outcome.losses[index],
-            "iterations": outcome.iterations[index],
-            "stopped": outcome.stopped[index],
-            "seconds": round(seconds, 4),
-            "ms_per_iteration": round(1000 * seconds / max(*outcome.iterations, 1), 3),
+            "settings": dataclasses.asdict(result.settings),
+            "layer_settings": result.layer_settings[index],
+            **result.losses[index],
+            "iterations": result.iterations[index],
+            "stopped": result.stopped[index],
+            "seconds": round(seconds / len(rows), 4),  # the row's share of its batch's time
             "batch": len(rows),
+            "ms_per_iteration": round(1000 * seconds / max(*result.iterations, 1), 3),
             "device": str(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
         }
         save_png(row.png, picture)
         write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
-        if not args.quiet:
-            print(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}")
-    for row, kept, picture in zip(rows, frames or [], pictures):
-        movie = kept + [picture]
-        write_atomically(row.gif, lambda file: movie[0].save(
-            file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
-    for montage_path in dict.fromkeys(row.montage for row in rows if row.montage):
-        photo = rows[[row.montage for row in rows].index(montage_path)].image_path
-        tiles = [(row.layer_name, picture) for row, picture in zip(rows, pictures) if row.montage == montage_path]
-        save_png(montage_path, montage(deprocess(load_photo(photo, args.input_size)), tiles))
+        progress.write(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}")
+    for index, (row, kept, picture) in enumerate(zip(rows, frames or [], pictures)):
+        if result.stopped[index] != "diverged":
+            movie = kept + [picture]
+            write_atomically(row.gif, lambda file: movie[0].save(
+                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
+
+
+def save_montages(args: argparse.Namespace, rows: list, settings: Settings) -> None:
+    """Write the montage of each photo among `rows` whose rows are all done, from their PNGs."""
+    for path in dict.fromkeys(row.montage for row in rows if row.montage):
+        mine = [row for row in rows if row.montage == path]
+        if all(finished(row, args, settings) for row in mine):
+            photo = deprocess(load_photo(mine[0].image_path, args.input_size))
+            tiles = [(row.layer_name, Image.open(row.png).convert("RGB")) for row in mine]
+            save_png(path, montage(photo, tiles))
 
 
 def list_layers(args: argparse.Namespace, device: torch.device) -> int:
@@ -1560,55 +1818,73 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def optimise(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
-             device: torch.device) -> tuple:
-    """Invert every row in one batch, with progress and frames as the flags ask; return (the
-    Inversion, or the Diverged error with the last finite images; seconds; the frames kept)."""
+             device: torch.device, progress: Progress) -> tuple:
+    """Invert one batch of rows, with progress and frames as the flags ask; return (the Inversion,
+    seconds, the frames kept)."""
     photos = {path: load_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
-    labels = [f"{Path(row.image_path).stem} {row.layer_name}  " if len(rows) > 1 else "" for row in rows]
-    report, bar = progress_reporter(settings.epochs, args.stdout_epochs, labels, args.quiet)
+    labels = [f"{Path(row.png).stem}  " if len(rows) > 1 else "" for row in rows]
     save_frames, frames = snapshot_saver(rows, args.save_every) if args.save_every else (None, None)
     started = time.perf_counter()
-    try:
-        outcome = invert(model, [layers[row.layer_name] for row in rows],
-                         torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
-                         callback=chained(report, save_frames))
-    except Diverged as error:
-        outcome = error
-    finally:
-        if bar is not None:
-            bar.close()
-    return outcome, time.perf_counter() - started, frames
+    result = invert(model, [layers[row.layer_name] for row in rows],
+                    torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
+                    callback=chained(progress.batch(labels), save_frames))
+    return result, time.perf_counter() - started, frames
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, optimise, save: the command line's job; return the exit code."""
+    """Plan, then optimise and save batch by batch: the command line's job; return the exit code."""
     device = pick_device(args.device)
     seed_everything(args.seed)
     if args.list_layers:
         return list_layers(args, device)
     # the cheap checks come first, so that a typo fails before a model loads or downloads
     settings = resolve(settings_from_args(args), device)
-    rows = plan(args)
-    for path in dict.fromkeys(row.image_path for row in rows):  # a damaged photo fails before any work
+    job = plan(args)
+    mine = in_shard(job, *shard_of(args.shard))
+    todo = [row for row in mine if not (args.resume and finished(row, args, settings))]
+    check_outputs(args, todo)
+    for path in dict.fromkeys(row.image_path for row in todo):  # a damaged photo fails before any work
         load_photo(path, args.input_size)
-    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in rows}
-    frames = settings.epochs // args.save_every if args.save_every else 0
-    parts = collections.Counter()
-    for row in rows:
-        parts.update(row_bytes(model, layers[row.layer_name], args.input_size, settings, frames, device))
-    check_memory(sum(parts.values()), device, f"inverting {', '.join(layers)} at --input_size {args.input_size}",
-                 memory_advice(parts, settings) + (", or fewer photos or layers per call" if len(rows) > 1 else ""))
-
-    outcome, seconds, kept = optimise(args, rows, model, layers, settings, device)
-    save_outputs(args, rows, outcome, seconds, kept, device)
-    if isinstance(outcome, Diverged):
-        raise outcome
-    if "interrupted" in outcome.stopped:
-        print(f"interrupted after {max(outcome.iterations)} iterations: saved what it had", file=sys.stderr)
+    if todo:
+        model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+        layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in todo}
+        runs = plan_batches(args, todo, model, layers, settings, device)
+    else:
+        runs = []
+    progress = Progress(len(mine), len(mine) - len(todo), settings.epochs, args.stdout_epochs, args.quiet)
+    diverged, interrupted, started = [], False, time.perf_counter()
+    indexed = started
+    try:
+        save_montages(args, [row for row in mine if row not in todo], settings)  # those a resumed run left
+        for rows in runs:
+            result, seconds, frames = optimise(args, rows, model, layers, settings, device, progress)
+            save_outputs(args, rows, result, seconds, frames, device, progress)
+            save_montages(args, [row for row in mine if row.image_path in {done.image_path for done in rows}],
+                          settings)
+            if not args.output and time.perf_counter() - indexed > INDEX_EVERY:
+                write_index(args, job, settings)
+                indexed = time.perf_counter()
+            progress.done(len(rows))
+            diverged += [(row, iterations) for row, iterations, stopped in zip(rows, result.iterations, result.stopped)
+                         if stopped == "diverged"]
+            if "interrupted" in result.stopped:
+                interrupted = True
+                break
+    finally:
+        progress.close()
+    if not args.output and mine:
+        write_index(args, job, settings)
+    if diverged:
+        (row, iterations), count = diverged[0], len(diverged)
+        raise UsageError(f"{count} of {len(todo)} image(s) diverged, {Path(row.png).stem} first: "
+                         f"{too_large_lr(iterations, settings.lr)}; the last finite images are in "
+                         f"{row.diverged.name}" + (" and the like" if count > 1 else ""))
+    if interrupted:
+        print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
         return 130
     if not args.quiet:
-        print(f"{len(rows)} inversion(s) in {seconds:.1f} s")
+        print(f"{len(todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
+              + (f", {len(mine) - len(todo)} done before" if len(todo) < len(mine) else ""))
     return 0
 
 
@@ -1640,8 +1916,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     inputs = parser.add_argument_group("what to invert")
     inputs.add_argument("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
-                        help="the photo(s) to invert (any format Pillow reads); several are inverted "
-                             "together")
+                        help="the photos to invert (any format Pillow reads), and folders of them (the "
+                             "images directly inside, by name); outputs are named by file stem, with "
+                             "parent folders where two photos share one")
     inputs.add_argument("--model", default="alexnet", help="a torchvision classification model name")
     inputs.add_argument("--weights", default="DEFAULT",
                         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
@@ -1650,7 +1927,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="side of the square input, in pixels")
     inputs.add_argument("--layer_name", nargs="+", default=["avgpool"],
                         help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
-                             "(PyTorch's); several are inverted together, in one batch")
+                             "(PyTorch's); each (photo, layer) pair is one image")
     inputs.add_argument("--list_layers", action="store_true",
                         help="print every layer with its output shape, then exit")
     method = parser.add_argument_group("how to invert (the keywords of invert())")
@@ -1671,6 +1948,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     running.add_argument("--stdout_epochs", type=positive_int, default=25,
                          help="print the losses every this many iterations")
     running.add_argument("--quiet", action="store_true", help="no progress bar and no loss lines")
+    running.add_argument("--batch_size", type=positive_int.or_auto(), default="auto",
+                         help="images optimised together at most; auto: as many as fit in half the free "
+                              f"memory by the estimate, up to {BATCH_CAP[0]} on a CPU and {BATCH_CAP[1]} "
+                              "on a GPU. A row's picture does not depend on its batch")
+    running.add_argument("--resume", action="store_true",
+                         help="skip each image whose PNG and JSON are there from a finished run of the same "
+                              "model, weights, layer, input size and settings")
+    running.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
+                         help="invert only the K-th (0 to N-1) of N parts of the photos, every N-th from "
+                              "the K-th; by default from torchrun's RANK and WORLD_SIZE or a SLURM job "
+                              "array's SLURM_ARRAY_TASK_ID, _COUNT and _MIN, else all")
     return parser.parse_args(argv)
 
 

@@ -77,7 +77,7 @@ def image_cases(folder: Path) -> dict:
         "truncated JPEG": (truncated(saved(photo((200, 200)), folder / "cut.jpg")), "not a readable image"),
         "truncated PNG": (truncated(saved(photo((200, 200)), folder / "cut.png")), "not a readable image"),
         "text file named .jpg": (text, "not a readable image"),
-        "directory as --image_path": (folder / "a_folder", "is a directory"),
+        "folder with no images as --image_path": (folder / "a_folder", "is a folder with no images"),
         "missing file": (folder / "nowhere.png", "no such file"),
         "GIF (first frame)": (saved(photo(), folder / "movie.gif", save_all=True,
                                     append_images=[photo().rotate(90)]), "ok"),

@@ -13,14 +13,23 @@
 (4) GPU only: cudnn.benchmark on against off
 (5) whole runs: 200 default iterations of alexnet features_12 and of vgg16_bn features_32, and a
     batch of 16 photos against one (GPU targets: under 1 s, under 3 s, under 3x)
+(6) a job: --photos photos at vgg16_bn features_22 through the command line, in a process of its own:
+    the batch size auto chose, the process's peak memory, and the time per image per iteration
+    against the bare batched step at that batch size (target: <= 1.15); on a GPU also one torchrun
+    over every GPU of the machine, in images per second
 
 Random weights except for SSIM: speed does not depend on trained values. Run it alone: a second
 torch process on the same cores slows both. A device that is not there is an error, never a
 fallback to the CPU.
 """
 import argparse
+import json
+import os
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,6 +107,57 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def photo_folder(folder: Path, count: int) -> Path:
+    """`count` different photos: crops, flips and turns of the default one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = invert.load_image(invert.DEFAULT_IMAGE)
+    for index in range(count):
+        left, top = 7 * (index % 8), 5 * (index // 8)
+        picture = photo.crop((left, top, left + photo.width - 60, top + photo.height - 60)).rotate(90 * (index % 4))
+        (picture.transpose(0) if index % 2 else picture).save(folder / f"photo_{index:03d}.png")
+    return folder
+
+
+def job(device: torch.device, photos: Path, epochs: int, out: Path, launcher: list) -> tuple:
+    """Run invert.py on a folder at vgg16_bn features_22 in a process of its own (or under `launcher`);
+    return (its JSON records, its wall seconds, the peak memory of its processes in GB)."""
+    command = [*launcher, str(ROOT / "invert.py"), "--model", "vgg16_bn", "--weights", "none", "--input_size", "224",
+               "--layer_name", "features_22", "--image_path", str(photos), "--epochs", str(epochs),
+               "--plateau", "0", "--precision", "fp32", "--quiet", "--output_dir", str(out),
+               *([] if launcher[1:] else ["--device", str(device)])]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - started
+    records = [json.loads(path.read_text()) for path in out.glob("*.json")]
+    return records, seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+
+
+def job_table(device: torch.device, vgg, count: int, epochs: int) -> None:
+    """Section (6): a job of `count` photos, auto batches; on a GPU also one torchrun over every GPU."""
+    print(f"\n(6) a job of {count} photos, vgg16_bn features_22 at 224, fp32, {epochs} iterations each, "
+          "--batch_size auto (target: ours / bare <= 1.15)")
+    scratch = Path(tempfile.mkdtemp(prefix="invert-job-"))
+    try:
+        photos = photo_folder(scratch / "photos", count)
+        records, seconds, peak = job(device, photos, epochs, scratch / "out", [sys.executable])
+        batch = max(record["batch"] for record in records)
+        ours = 1000 * sum(record["seconds"] for record in records) / (len(records) * epochs)
+        bare = bare_ms(vgg, 22, batch, 224, 3, device) / batch
+        print("| images | auto batch | ms per image per iteration | bare | ours / bare | peak memory (GB) | wall s |\n"
+              "|---|---|---|---|---|---|---|")
+        print(f"| {len(records)} | {batch} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} | {peak:.1f} "
+              f"| {seconds:.0f} |")
+        if device.type == "cuda":
+            gpus = torch.cuda.device_count()
+            torchrun = [shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun",
+                        "--nproc_per_node", str(gpus), "--standalone"]
+            records, seconds, _ = job(device, photos, epochs, scratch / "torchrun", torchrun)
+            print(f"    torchrun over {gpus} GPU(s): {len(records)} images of {epochs} iterations in {seconds:.1f} s "
+                  f"(set-up included): {len(records) / seconds:.2f} images per second")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def machine(device: torch.device) -> str:
     """What the figures were measured on."""
     cpu = (f"cpu capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -119,6 +179,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="iterations timed per figure")
     parser.add_argument("--total", type=int, default=200, help="iterations of each whole run in (5)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for (1)")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="which tables")
+    parser.add_argument("--photos", type=int, default=None, help="photos of the job in (6) (default: 64, quick: 8)")
+    parser.add_argument("--job_epochs", type=int, default=20, help="iterations of each image of the job in (6)")
     options = parser.parse_args()
     try:
         device = invert.pick_device(options.device)
@@ -134,51 +197,55 @@ def main() -> None:
     references = {size: invert.preprocess(photo, size).to(device) for size in (224, 227)}
     vgg = models["vgg16_bn"]
 
-    print("(1) batches: vgg16_bn at 224, fp32, ms per iteration per image (target: ours / bare <= 1.15)")
-    print("| layer | N | ours | bare | ours / bare | peak memory so far (GB) |\n|---|---|---|---|---|---|")
-    for index in (22, 5):
-        for count in batches:
-            photos = torch.cat([references[224].flip(-1) if row % 2 else references[224] for row in range(count)])
-            ours, bare = (ms / count for ms in against_bare(vgg, index, photos, steps))
-            print(f"| features_{index} | {count} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} "
-                  f"| {peak_memory_gb(device):.1f} |", flush=True)
+    if 1 in options.sections:
+        print("(1) batches: vgg16_bn at 224, fp32, ms per iteration per image (target: ours / bare <= 1.15)")
+        print("| layer | N | ours | bare | ours / bare | peak memory so far (GB) |\n|---|---|---|---|---|---|")
+        for index in (22, 5):
+            for count in batches:
+                photos = torch.cat([references[224].flip(-1) if row % 2 else references[224] for row in range(count)])
+                ours, bare = (ms / count for ms in against_bare(vgg, index, photos, steps))
+                print(f"| features_{index} | {count} | {ours:.1f} | {bare:.1f} | {ours / bare:.3f} "
+                      f"| {peak_memory_gb(device):.1f} |", flush=True)
 
-    print("\n(2) overhead: default settings, fp32, ms per iteration (target: <= 1.15 where bare >= 5 ms, else <= 1.5)")
-    print("| layer | ours | bare | ours / bare | target |\n|---|---|---|---|---|")
-    for name, index, size in LAYERS:
-        model = models[name]
-        ours, bare = against_bare(model, index, references[size], steps)
-        print(f"| {name} features_{index} | {ours:.2f} | {bare:.2f} | {ours / bare:.3f} "
-              f"| {1.15 if bare >= 5 else 1.5} |", flush=True)
+    if 2 in options.sections:
+        print("\n(2) overhead: default settings, fp32, ms per iteration "
+              "(target: <= 1.15 where bare >= 5 ms, else <= 1.5)")
+        print("| layer | ours | bare | ours / bare | target |\n|---|---|---|---|---|")
+        for name, index, size in LAYERS:
+            model = models[name]
+            ours, bare = against_bare(model, index, references[size], steps)
+            print(f"| {name} features_{index} | {ours:.2f} | {bare:.2f} | {ours / bare:.3f} "
+                  f"| {1.15 if bare >= 5 else 1.5} |", flush=True)
 
-    print("\n(3) precision: default settings, ms per iteration")
-    print("| layer | fp32 | bf16 | fp32 / bf16 |\n|---|---|---|---|")
-    for name, index, size in LAYERS:
-        model = models[name]
-        fp32 = invert_ms(model, model.features[index], references[size], steps, precision="fp32")
-        # emulated bf16 (no AMX or AVX512-BF16) runs about 20 times slower: a few iterations tell
-        bf16 = invert_ms(model, model.features[index], references[size],
-                         steps if invert.native_bf16(device) else 2, precision="bf16")
-        print(f"| {name} features_{index} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f} |", flush=True)
-    if options.ssim:
-        from benchmark_quality import ssim
-        import stand_in
-        trained = invert.load_model("vgg16_bn", str(stand_in.build()), progress=False).to(device)
-        print(f"\nSSIM on the trained stand-in, 224, default settings, {options.total} iterations")
-        print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n"
-              "|---|---|---|---|---|---|")
-        for index in SSIM_LAYERS:
-            scores, seconds = [], []
-            for precision in ("fp32", "bf16"):
-                started = time.perf_counter()
-                result = invert.invert(trained, trained.features[index], references[224], precision=precision,
-                                       epochs=options.total)
-                seconds.append(time.perf_counter() - started)
-                scores.append(ssim(result.images.cpu(), references[224].cpu()))
-            print(f"| features_{index} | {scores[0]:.4f} | {scores[1]:.4f} | {scores[1] - scores[0]:+.4f} "
-                  f"| {seconds[0]:.0f} | {seconds[1]:.0f} |", flush=True)
+    if 3 in options.sections:
+        print("\n(3) precision: default settings, ms per iteration")
+        print("| layer | fp32 | bf16 | fp32 / bf16 |\n|---|---|---|---|")
+        for name, index, size in LAYERS:
+            model = models[name]
+            fp32 = invert_ms(model, model.features[index], references[size], steps, precision="fp32")
+            # emulated bf16 (no AMX or AVX512-BF16) runs about 20 times slower: a few iterations tell
+            bf16 = invert_ms(model, model.features[index], references[size],
+                             steps if invert.native_bf16(device) else 2, precision="bf16")
+            print(f"| {name} features_{index} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f} |", flush=True)
+        if options.ssim:
+            from benchmark_quality import ssim
+            import stand_in
+            trained = invert.load_model("vgg16_bn", str(stand_in.build()), progress=False).to(device)
+            print(f"\nSSIM on the trained stand-in, 224, default settings, {options.total} iterations")
+            print("| layer | SSIM fp32 | SSIM bf16 | bf16 - fp32 | seconds fp32 | seconds bf16 |\n"
+                  "|---|---|---|---|---|---|")
+            for index in SSIM_LAYERS:
+                scores, seconds = [], []
+                for precision in ("fp32", "bf16"):
+                    started = time.perf_counter()
+                    result = invert.invert(trained, trained.features[index], references[224], precision=precision,
+                                           epochs=options.total)
+                    seconds.append(time.perf_counter() - started)
+                    scores.append(ssim(result.images.cpu(), references[224].cpu()))
+                print(f"| features_{index} | {scores[0]:.4f} | {scores[1]:.4f} | {scores[1] - scores[0]:+.4f} "
+                      f"| {seconds[0]:.0f} | {seconds[1]:.0f} |", flush=True)
 
-    if device.type == "cuda":
+    if 4 in options.sections and device.type == "cuda":
         print("\n(4) cudnn.benchmark, default settings, ms per iteration")
         print("| layer | off | on | off / on |\n|---|---|---|---|")
         for name, index, size in LAYERS:
@@ -191,20 +258,23 @@ def main() -> None:
             torch.backends.cudnn.benchmark = False
             print(f"| {name} features_{index} | {times[0]:.2f} | {times[1]:.2f} | {times[0] / times[1]:.2f} |")
 
-    print(f"\n(5) whole runs, default settings, {options.total} iterations, set-up included")
-    alexnet = models["alexnet"]
-    run_seconds(alexnet, alexnet.features[12], references[227], epochs=3)  # warm-up
-    alexnet_seconds = run_seconds(alexnet, alexnet.features[12], references[227], epochs=options.total)
-    vgg_seconds = run_seconds(vgg, vgg.features[32], references[224], epochs=options.total)
-    short = max(1, options.total // 10)
-    one = run_seconds(vgg, vgg.features[22], references[224], epochs=short)
-    many = run_seconds(vgg, vgg.features[22], references[224].expand(batches[-1], -1, -1, -1),
-                       epochs=short)
-    print(f"    alexnet features_12: {alexnet_seconds:.2f} s (GPU target < 1 s)")
-    print(f"    vgg16_bn features_32: {vgg_seconds:.2f} s (GPU target < 3 s)")
-    print(f"    vgg16_bn features_22, {short} iterations, a batch of {batches[-1]} / one image: "
-          f"{many:.2f} / {one:.2f} s = {many / one:.2f} (GPU target < 3)")
+    if 5 in options.sections:
+        print(f"\n(5) whole runs, default settings, {options.total} iterations, set-up included")
+        alexnet = models["alexnet"]
+        run_seconds(alexnet, alexnet.features[12], references[227], epochs=3)  # warm-up
+        alexnet_seconds = run_seconds(alexnet, alexnet.features[12], references[227], epochs=options.total)
+        vgg_seconds = run_seconds(vgg, vgg.features[32], references[224], epochs=options.total)
+        short = max(1, options.total // 10)
+        one = run_seconds(vgg, vgg.features[22], references[224], epochs=short)
+        many = run_seconds(vgg, vgg.features[22], references[224].expand(batches[-1], -1, -1, -1),
+                           epochs=short)
+        print(f"    alexnet features_12: {alexnet_seconds:.2f} s (GPU target < 1 s)")
+        print(f"    vgg16_bn features_32: {vgg_seconds:.2f} s (GPU target < 3 s)")
+        print(f"    vgg16_bn features_22, {short} iterations, a batch of {batches[-1]} / one image: "
+              f"{many:.2f} / {one:.2f} s = {many / one:.2f} (GPU target < 3)")
 
+    if 6 in options.sections:
+        job_table(device, vgg, options.photos or (8 if options.quick else 64), options.job_epochs)
 
 if __name__ == "__main__":
     main()

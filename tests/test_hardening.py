@@ -189,12 +189,14 @@ def test_two_runs_at_once_leave_only_complete_files(same_names, tmp_path):
                                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL) for layer in layers]
     assert [process.wait(timeout=300) for process in processes] == [0, 0]
     expected = {f"good_squeezenet1_1_{layer}.{suffix}" for layer in layers for suffix in ("png", "json")}
-    assert {path.name for path in out_dir.iterdir()} == expected  # no temporary files left over
+    assert {path.name for path in out_dir.iterdir()} == expected | {"index.csv"}  # no temporary files
     for path in out_dir.iterdir():
         if path.suffix == ".png":
             Image.open(path).load()
-        else:
+        elif path.suffix == ".json":
             assert json.loads(path.read_text())["iterations"] == 30
+    # each run's index lists its own row; the lock keeps the file whole
+    assert (out_dir / "index.csv").read_text().count("\n") == 2
 
 
 # ---------------------------------------------------------------- fuzzing

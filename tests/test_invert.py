@@ -232,19 +232,44 @@ def test_ctrl_c_returns_the_images_so_far(tiny):
 
 
 def test_divergence_blames_the_learning_rate_only_when_it_is_the_cause(tiny):
-    with pytest.raises(invert.Diverged, match="--lr 1e\\+30 is too large") as caught:
-        invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), **{**SEED, "lr": 1e30}, epochs=20)
-    assert caught.value.images.shape == (1, 3, 16, 16) and torch.isfinite(caught.value.images).all()
+    result = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), **{**SEED, "lr": 1e30}, epochs=20)
+    assert result.stopped == ["diverged"] and result.iterations[0] < 20
+    assert torch.isfinite(result.images).all() and math.isfinite(result.losses[0]["feature_error"])
     # finite for the photo, infinite for anything optimised: wrong before the first step
     explodes = nn.Sequential(tiny, nn.Identity()).eval()
     explodes[1].register_forward_hook(lambda module, inputs, output: output * float("inf")
                                       if torch.is_grad_enabled() else None)
-    with pytest.raises(invert.Diverged, match="before any step, so --lr is not the cause"):
+    with pytest.raises(invert.UsageError, match="before any step, so --lr is not the cause"):
         invert.invert(explodes, explodes[1], torch.randn(1, 3, 16, 16), epochs=5)
     broken = nn.Sequential(nn.Conv2d(3, 4, 1)).eval().requires_grad_(False)
     nn.init.constant_(broken[0].weight, float("nan"))
     with pytest.raises(invert.UsageError, match="not finite .* --lr is not the cause"):
         invert.invert(broken, broken[0], torch.randn(1, 3, 8, 8), epochs=2)
+
+
+class Bomb(nn.Module):
+    """Passes its input on, except that from the sixth optimisation step its second row is infinite."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return x
+        self.steps += 1
+        return x * torch.tensor([1.0] + [math.inf if self.steps > 5 else 1.0] * (len(x) - 1)).view(-1, 1, 1, 1)
+
+
+def test_a_row_that_diverges_leaves_its_batch_mates_as_they_would_be_alone(tiny):
+    model = nn.Sequential(tiny, Bomb()).eval()
+    references = torch.randn(2, 3, 16, 16)
+    together = invert.invert(model, model[1], references, epochs=12)
+    assert together.stopped == ["epochs", "diverged"] and together.iterations == [12, 6]
+    assert torch.isfinite(together.images).all()
+    lonely = nn.Sequential(tiny, Bomb()).eval()
+    alone = invert.invert(lonely, lonely[1], references[:1], epochs=12)
+    assert torch.allclose(together.images[0], alone.images[0], atol=1e-5)
 
 
 def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo, tmp_path, cli):
@@ -503,7 +528,7 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, abs=0.05)
     assert (record["device"], record["torch_version"], record["torchvision_version"]) == \
            ("cpu", torch.__version__, torchvision.__version__)
-    assert sorted(path.suffix for path in out_dir.iterdir()) == [".json", ".png"]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["index.csv", png.with_suffix(".json").name, png.name]
     # PyTorch's spelling of the layer names the same file
     assert cli("--image_path", photo, *FAST, "--layer_name", "features.3", "--output_dir", tmp_path / "dotted")[0] == 0
     assert [path.name for path in (tmp_path / "dotted").glob("*.png")] == [png.name]
@@ -713,7 +738,7 @@ def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli
     names = sorted(path.name for path in out.iterdir())
     assert names == sorted([f"{stem}_squeezenet1_1_{layer}.{suffix}" for stem in ("photo", "second")
                             for layer in ("features_3", "features_6") for suffix in ("png", "json")]
-                           + ["photo_squeezenet1_1_montage.png", "second_squeezenet1_1_montage.png"])
+                           + ["photo_squeezenet1_1_montage.png", "second_squeezenet1_1_montage.png", "index.csv"])
     grid = Image.open(out / "photo_squeezenet1_1_montage.png")
     # three tiles (the original and two layers) in a 2x2 grid of 64-pixel tiles with 16-pixel labels
     assert grid.size == (2 * 64, 2 * (64 + 16))

@@ -97,11 +97,13 @@ GPU_CHECK_EVERY = 25
 # gains per image (tests/README.md), and the share of the free memory a batch may take by the estimate
 BATCH_CAP = (4, 32)
 MEMORY_SHARE = 0.5
+# --samples: the spread picture is white where the samples' standard deviation is this many grey levels
+SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX = "index.csv"
 INDEX_EVERY = 60.0
 INDEX_COLUMNS = ("image_path", "layer_name", "png", "feature_error", "rec_loss", "alpha_loss", "tv_loss",
-                 "iterations", "stopped", "seconds", "precision", "device")
+                 "iterations", "stopped", "seconds", "precision", "device", "mean_png", "spread_png", "spread")
 # the plateau rule compares each image's loss with its loss this many iterations before
 PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
@@ -224,6 +226,9 @@ class Settings:
     precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where "
                              "the hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, "
                              "else fp32; fp16 needs CUDA)", choices=PRECISIONS)
+    samples: int = setting(1, "pre-images per (photo, layer), each from its own starting noise: what they "
+                           "share is what the layer keeps, where they differ what it discards. The "
+                           "command line also writes their mean and their spread", type=positive_int)
     seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=seed_int)
 
 
@@ -325,12 +330,28 @@ def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     return transform(image).unsqueeze(0)
 
 
-def deprocess(tensor: torch.Tensor) -> Image.Image:
-    """Undo the ImageNet normalisation of a 1x3xHxW tensor, clamp to [0, 1] and return a PIL image."""
+def displayed(tensor: torch.Tensor) -> torch.Tensor:
+    """Normalised Nx3xHxW images as they are shown: the ImageNet normalisation undone, clamped to [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels = (tensor.detach().float().cpu()[0] * std + mean).clamp(0, 1)
-    return transforms.functional.to_pil_image(pixels)
+    return (tensor.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
+def deprocess(tensor: torch.Tensor) -> Image.Image:
+    """Undo the ImageNet normalisation of a 1x3xHxW tensor, clamp to [0, 1] and return a PIL image."""
+    return transforms.functional.to_pil_image(displayed(tensor)[0])
+
+
+def mean_and_spread(samples: torch.Tensor) -> tuple:
+    """For a row's samples (Nx3xHxW, normalised): their per-pixel mean as a picture; their spread,
+    the per-pixel standard deviation across them in 0-255 grey levels (averaged over the colour
+    channels), as a grey picture, black at 0 and white at SPREAD_WHITE or more; and the spread's
+    mean over the image."""
+    pictures = displayed(samples)
+    spread = 255 * pictures.std(0, correction=0).mean(0)
+    shade = (255 * spread / SPREAD_WHITE).clamp(0, 255).round().byte()  # rounded: its scale is read off
+    return (transforms.functional.to_pil_image(pictures.mean(0)), transforms.functional.to_pil_image(shade),
+            spread.mean().item())
 
 
 # ---------------------------------------------------------------- models and layers
@@ -1165,9 +1186,10 @@ class Schedule:
         return "plateau" if self.last[row] < self.settings.epochs else "epochs"
 
 
-def total(terms: dict) -> torch.Tensor:
-    """The loss that is minimised: every term of every row."""
-    return sum(values.sum() for values in terms.values())
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample `sample` (from 0) of a row: --seed for the first, then steps of 2^64 over
+    the golden ratio, so that the samples' noises are unrelated."""
+    return (seed + sample * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
@@ -1175,25 +1197,31 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     """Optimise one image per row of `references` until its activations at its layer match the row's.
 
     `layers` is one module, or one per row: all rows are optimised together in one batch, each only
-    by its own loss, and each gives what a call with that row alone gives. `settings` (or keywords
-    named as its fields) choose the method; what is left None takes its objective's default.
-    `callback(step, losses, images)` sees each iteration's losses, a dict of one tensor per term with
-    one value per row (a row that has stopped keeps its last), and a function that returns the
-    current images. Ctrl-C stops early and returns the images so far.
+    by its own loss, and each gives what a call with that row alone gives. With samples=N, each row
+    gives N rows of the result in a row, each from its own starting noise (the first is what
+    samples=1 gives). `settings` (or keywords named as its fields) choose the method; what is left
+    None takes its objective's default. `callback(step, losses, images)` sees each iteration's
+    losses, a dict of one tensor per term with one value per row (a row that has stopped keeps its
+    last), and a function that returns the current images. Ctrl-C stops early and returns the
+    images so far.
     """
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
-    count, device = len(references), references.device
-    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
-    if len(layers) != count:
+    device = references.device
+    layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
+    if len(layers) != len(references):
         raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
-                         f"got {len(layers)} layers for {count} rows")
+                         f"got {len(layers)} layers for {len(references)} rows")
+    references = references.repeat_interleave(settings.samples, 0)
+    layers = [layer for layer in layers for _ in range(settings.samples)]
+    count = len(references)
     if settings.optimizer == "lbfgs" and count > 1:
-        raise UsageError("--optimizer lbfgs inverts one layer of one image per call: L-BFGS would "
-                         "couple the images of a batch")
+        raise UsageError("--optimizer lbfgs inverts one image per call: L-BFGS would couple the images "
+                         "of a batch (one photo, one layer, --samples 1)")
     targets = Targets(model, layers, references, settings)
     chosen = targets.row_settings
-    # each row's own generator, seeded alike, draws what a call of its own would
-    generators = [torch.Generator().manual_seed(settings.seed) for _ in range(count)]
+    # each row's own generator draws what a call of its own would
+    generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
+                  for row in range(count)]
     canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
     optimizer = make_optimizer(settings, canvases.variables)
     schedule = Schedule(settings, [row["plateau"] for row in chosen], [row["surrogate"] for row in chosen], device)
@@ -1431,6 +1459,22 @@ class Row(NamedTuple):
     def diverged(self) -> Path:
         return self.png.with_suffix(".diverged.png")
 
+    def sample(self, index: int) -> Path:
+        """Where sample `index` (from 0) goes: the first is the row's PNG."""
+        return self.png if index == 0 else self.png.with_name(self.sample_name(index))
+
+    def sample_name(self, index: int) -> str:
+        """The file name of sample `index` from 1, beside the row's PNG."""
+        return f"{self.png.stem}_sample{index + 1}.png"
+
+    @property
+    def mean(self) -> Path:
+        return self.png.with_name(f"{self.png.stem}_mean.png")
+
+    @property
+    def spread(self) -> Path:
+        return self.png.with_name(f"{self.png.stem}_spread.png")
+
 
 def plan(args: argparse.Namespace) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model or photo."""
@@ -1457,15 +1501,27 @@ def in_shard(rows: list, part: int, parts: int) -> list:
 
 
 def check_outputs(args: argparse.Namespace, rows: list) -> None:
-    """Fail before the work, not after it, if any file or folder the rows write cannot be written."""
+    """Fail before the work, not after it, if any file or folder the rows write cannot be written.
+    Each output folder is listed once and samples are checked by name, so that many rows and
+    samples cost little."""
+    names = {}  # folder -> the names of the files written there
+
+    def add(*paths: Path) -> None:
+        for path in paths:
+            names.setdefault(path.parent, set()).add(path.name)
+
+    if rows and not args.output:
+        add(Path(args.output_dir) / INDEX)
     for row in rows:
-        for path in (row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
-                     *([row.montage] if row.montage else [])):
-            check_writable(path)
+        add(row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
+            *([row.montage] if row.montage else []), *([row.mean, row.spread] if args.samples > 1 else []))
+        names[row.png.parent].update(row.sample_name(index) for index in range(1, args.samples))
         if args.save_every:
             check_writable(row.frames, folder=True)
-    if rows and not args.output:
-        check_writable(Path(args.output_dir) / INDEX)
+    for folder, wanted in names.items():
+        present = wanted.intersection(os.listdir(folder)) if folder.is_dir() else set()
+        for name in [next(iter(wanted)), *present]:  # the folder itself, and what is already there
+            check_writable(folder / name)
 
 
 def check_writable(path: Path, folder: bool = False) -> None:
@@ -1624,11 +1680,12 @@ def memory_advice(parts: dict, settings: Settings) -> str:
     return "use a smaller --input_size" + (" or another --optimizer" if settings.optimizer == "lbfgs" else "")
 
 
-def batches(rows: list, costs: list, budget: float, most: int) -> list:
-    """Consecutive runs of `rows`, each of at most `most` rows whose `costs` add up to at most `budget`."""
+def batches(rows: list, costs: list, budget: float, most: int, images: int = 1) -> list:
+    """Consecutive runs of `rows`, each of at most `most` images (`images` a row: its samples stay
+    together) whose `costs` add up to at most `budget`."""
     runs, current, used = [], [], 0.0
     for row, cost in zip(rows, costs):
-        if current and (len(current) == most or used + cost > budget):
+        if current and ((len(current) + 1) * images > most or used + cost > budget):
             runs.append(current)
             current, used = [], 0.0
         current.append(row)
@@ -1638,20 +1695,22 @@ def batches(rows: list, costs: list, budget: float, most: int) -> list:
 
 def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
                  device: torch.device) -> list:
-    """The batches the rows run in: --batch_size rows at most, and as many as fit in a safe share of
-    the free memory by the estimate; auto at most BATCH_CAP (the size from which larger batches no
-    longer gain per image, measured in tests/README.md). Refuses, before the work, a single row that
-    cannot fit, saying what would help."""
+    """The batches the rows run in: --batch_size images at most, and as many as fit in a safe share
+    of the free memory by the estimate; auto at most BATCH_CAP (the size from which larger batches
+    no longer gain per image, measured in tests/README.md). A row's samples stay in one batch.
+    Refuses, before the work, a single row that cannot fit, saying what would help."""
     frames = settings.epochs // args.save_every if args.save_every else 0
     parts = {name: row_bytes(model, layers[name], args.input_size, settings, frames, device)
              for name in dict.fromkeys(row.layer_name for row in rows)}
+    costs = {name: settings.samples * sum(part.values()) for name, part in parts.items()}
+    for name, part in parts.items():
+        check_memory(costs[name], device, f"inverting {name} at --input_size {args.input_size}"
+                     + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
+                     memory_advice(part, settings) + (", or fewer --samples" if settings.samples > 1 else ""))
     free = available_memory(device)
-    for name, cost in parts.items():
-        check_memory(sum(cost.values()), device, f"inverting {name} at --input_size {args.input_size}",
-                     memory_advice(cost, settings))
     most = BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size
     budget = math.inf if free is None else MEMORY_SHARE * free
-    return batches(rows, [sum(parts[row.layer_name].values()) for row in rows], budget, most)
+    return batches(rows, [costs[row.layer_name] for row in rows], budget, most, settings.samples)
 
 
 def write_atomically(path: Path, write: Callable) -> None:
@@ -1724,13 +1783,14 @@ class Progress:
                     bar.close()
 
 
-def snapshot_saver(rows: list, every: int) -> tuple:
-    """A callback that writes every `every`-th iteration's images as PNG frames, and the frames kept."""
+def snapshot_saver(rows: list, every: int, samples: int) -> tuple:
+    """A callback that writes every `every`-th iteration's images (each row's first sample) as PNG
+    frames, and the frames kept."""
     frames = [[] for _ in rows]
 
     def save(step: int, losses: list, images: Callable) -> None:
         if step % every == 0:
-            for row, kept, image in zip(rows, frames, images()):
+            for row, kept, image in zip(rows, frames, images()[::samples]):
                 picture = deprocess(image[None])
                 save_png(row.frames / f"iteration_{step:05d}.png", picture)
                 kept.append(picture)
@@ -1765,47 +1825,67 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
 
 
 def save_outputs(args: argparse.Namespace, rows: list, result: Inversion, seconds: float,
-                 frames: Optional[list], device: torch.device, progress: Progress) -> None:
-    """Write each row's PNG, then its JSON record (the mark that it is done), and its GIF; or, for
-    a row that diverged, its last finite image as its .diverged.png."""
-    pictures = [deprocess(image[None]) for image in result.images]
-    for index, (row, picture) in enumerate(zip(rows, pictures)):
-        if result.stopped[index] == "diverged":
-            save_png(row.diverged, picture)
+                 frames: Optional[list], device: torch.device, progress: Progress) -> list:
+    """For each row, write its samples' PNGs (the first is the row's PNG), their mean and spread
+    where there are several, its GIF, then its JSON record, the mark that the row is done. A row
+    with a sample that diverged gets that sample's last finite image as its .diverged.png and no
+    record. Return [(row, the iteration its loss was not finite)] for those."""
+    count, diverged = result.settings.samples, []
+    for index, row in enumerate(rows):
+        mine = range(index * count, (index + 1) * count)  # the result's rows of this row's samples
+        broken = [at for at in mine if result.stopped[at] == "diverged"]
+        if broken:
+            save_png(row.diverged, deprocess(result.images[broken[0]][None]))
+            diverged.append((row, result.iterations[broken[0]]))
             continue
+        pictures = [deprocess(result.images[at][None]) for at in mine]
+        for sample, picture in enumerate(pictures):
+            save_png(row.sample(sample), picture)
+        first = mine.start
         record = {
             "args": vars(args),
             "image_path": row.image_path,
             "layer_name": row.layer_name,
             "settings": dataclasses.asdict(result.settings),
-            "layer_settings": result.layer_settings[index],
-            **result.losses[index],
-            "iterations": result.iterations[index],
-            "stopped": result.stopped[index],
+            "layer_settings": result.layer_settings[first],
+            **result.losses[first],
+            "iterations": result.iterations[first],
+            "stopped": result.stopped[first],
             "seconds": round(seconds / len(rows), 4),  # the row's share of its batch's time
-            "batch": len(rows),
+            "batch": len(rows) * count,
             "ms_per_iteration": round(1000 * seconds / max(*result.iterations, 1), 3),
             "device": str(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__,
         }
-        save_png(row.png, picture)
-        write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
-        progress.write(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}")
-    for index, (row, kept, picture) in enumerate(zip(rows, frames or [], pictures)):
-        if result.stopped[index] != "diverged":
-            movie = kept + [picture]
+        if count > 1:
+            mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
+            save_png(row.mean, mean)
+            save_png(row.spread, spread_picture)
+            record.update(mean_png=str(row.mean), spread_png=str(row.spread), spread=round(spread, 3),
+                          samples=[{**result.losses[at], "iterations": result.iterations[at],
+                                    "stopped": result.stopped[at]} for at in mine])
+        if frames is not None:
+            movie = frames[index] + [pictures[0]]
             write_atomically(row.gif, lambda file: movie[0].save(
                 file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
+        write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+        progress.write(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}"
+                       + (f", spread {spread:.1f} grey levels" if count > 1 else ""))
+    return diverged
 
 
 def save_montages(args: argparse.Namespace, rows: list, settings: Settings) -> None:
-    """Write the montage of each photo among `rows` whose rows are all done, from their PNGs."""
+    """Write the montage of each photo among `rows` whose rows are all done, from their PNGs: each
+    layer's picture, or with several samples, their mean and their spread."""
     for path in dict.fromkeys(row.montage for row in rows if row.montage):
         mine = [row for row in rows if row.montage == path]
         if all(finished(row, args, settings) for row in mine):
             photo = deprocess(load_photo(mine[0].image_path, args.input_size))
-            tiles = [(row.layer_name, Image.open(row.png).convert("RGB")) for row in mine]
+            shown = [(row.layer_name, row.png) for row in mine] if settings.samples == 1 else \
+                [shown for row in mine for shown in ((f"{row.layer_name} mean", row.mean),
+                                                     (f"{row.layer_name} spread", row.spread))]
+            tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown]
             save_png(path, montage(photo, tiles))
 
 
@@ -1822,8 +1902,9 @@ def optimise(args: argparse.Namespace, rows: list, model: nn.Module, layers: dic
     """Invert one batch of rows, with progress and frames as the flags ask; return (the Inversion,
     seconds, the frames kept)."""
     photos = {path: load_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
-    labels = [f"{Path(row.png).stem}  " if len(rows) > 1 else "" for row in rows]
-    save_frames, frames = snapshot_saver(rows, args.save_every) if args.save_every else (None, None)
+    labels = [f"{Path(row.png).stem}{f' sample {sample + 1}' if settings.samples > 1 else ''}  "
+              if len(rows) * settings.samples > 1 else "" for row in rows for sample in range(settings.samples)]
+    save_frames, frames = snapshot_saver(rows, args.save_every, settings.samples) if args.save_every else (None, None)
     started = time.perf_counter()
     result = invert(model, [layers[row.layer_name] for row in rows],
                     torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
@@ -1858,15 +1939,13 @@ def run(args: argparse.Namespace) -> int:
         save_montages(args, [row for row in mine if row not in todo], settings)  # those a resumed run left
         for rows in runs:
             result, seconds, frames = optimise(args, rows, model, layers, settings, device, progress)
-            save_outputs(args, rows, result, seconds, frames, device, progress)
+            diverged += save_outputs(args, rows, result, seconds, frames, device, progress)
             save_montages(args, [row for row in mine if row.image_path in {done.image_path for done in rows}],
                           settings)
             if not args.output and time.perf_counter() - indexed > INDEX_EVERY:
                 write_index(args, job, settings)
                 indexed = time.perf_counter()
             progress.done(len(rows))
-            diverged += [(row, iterations) for row, iterations, stopped in zip(rows, result.iterations, result.stopped)
-                         if stopped == "diverged"]
             if "interrupted" in result.stopped:
                 interrupted = True
                 break

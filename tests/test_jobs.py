@@ -227,3 +227,68 @@ def test_resume_after_kill_9_ends_as_one_uninterrupted_run(photos, tmp_path, cli
     assert code == 0, err
     assert all(path.stat().st_mtime_ns == time for path, time in finished.items())  # not redone
     compare_jobs(tmp_path / "whole", out)
+
+
+# ---------------------------------------------------------------- several pre-images per row
+
+
+def test_samples_are_rows_of_the_result_and_the_first_is_the_single_call(tiny):
+    model = invert.torch.nn.Sequential(invert.torch.nn.Identity()).eval()  # no batch-dependent kernel
+    references = invert.torch.randn(2, 3, 24, 24)
+    single = invert.invert(model, model[0], references, epochs=15)
+    several = invert.invert(model, model[0], references, epochs=15, samples=3)
+    assert several.images.shape == (6, 3, 24, 24) and len(several.losses) == len(several.stopped) == 6
+    for row in range(2):
+        assert invert.torch.equal(several.images[3 * row], single.images[row])  # bit for bit
+        others = several.images[3 * row + 1:3 * row + 3]
+        assert not invert.torch.equal(others[0], single.images[row]) and not invert.torch.equal(*others)
+    again = invert.invert(model, model[0], references[1:], epochs=15, samples=3)  # another batch
+    assert invert.torch.equal(again.images, several.images[3:])
+
+
+def test_samples_write_each_picture_their_mean_and_their_spread(photos, tmp_path, cli):
+    args = ["--image_path", photos / "a.jpg", photos / "b.png", *FAST, "--layer_name", "features_3", "features_6",
+            "--epochs", "8", "--batch_size", "1"]
+    assert cli(*args, "--output_dir", tmp_path / "one")[0] == 0
+    code, _, err = cli(*args, "--samples", "3", "--output_dir", tmp_path / "three")
+    assert code == 0, err
+    stem = tmp_path / "three" / "a_squeezenet1_1_features_6"
+    names = {path.name for path in (tmp_path / "three").iterdir()}
+    assert {f"{stem.name}{end}" for end in (".png", "_sample2.png", "_sample3.png", "_mean.png", "_spread.png",
+                                            ".json")} <= names
+    # the first sample is the picture a call without --samples gives, to float rounding: a row's
+    # samples run in one batch, whose kernels this SqueezeNet picks by its size
+    single = np.asarray(Image.open(tmp_path / "one" / f"{stem.name}.png")).astype(int)
+    assert np.abs(single - np.asarray(Image.open(f"{stem}.png"))).mean() < 1
+    samples = np.stack([np.asarray(Image.open(f"{stem}{end}.png")).astype(float)
+                        for end in ("", "_sample2", "_sample3")])
+    record = json.loads(Path(f"{stem}.json").read_text())
+    assert len(record["samples"]) == 3 and record["samples"][0]["feature_error"] == record["feature_error"]
+    assert record["spread"] == pytest.approx(samples.std(0).mean(), abs=0.5)  # 8-bit pictures: half a level
+    assert np.abs(np.asarray(Image.open(f"{stem}_mean.png")) - samples.mean(0)).max() <= 1
+    spread = np.asarray(Image.open(f"{stem}_spread.png")).astype(float)
+    assert spread.ndim == 2 and np.abs(spread - np.minimum(255, samples.std(0).mean(2) * 255 / 64)).max() <= 2
+    line = next(line for line in index_of(tmp_path / "three") if line["png"] == f"{stem}.png")
+    assert (line["mean_png"], line["spread_png"], float(line["spread"])) == \
+           (f"{stem}_mean.png", f"{stem}_spread.png", record["spread"])
+    grid = Image.open(tmp_path / "three" / "a_squeezenet1_1_montage.png")  # the original, each layer's mean and spread
+    assert grid.size == (3 * 64, 2 * (64 + 16))
+    tiles = [np.asarray(grid.crop((left, top, left + 64, top + 64))) for top in (0, 80) for left in (0, 64, 128)]
+    first_layer = tmp_path / "three" / "a_squeezenet1_1_features_3"
+    assert np.array_equal(tiles[1], np.asarray(Image.open(f"{first_layer}_mean.png")))
+    assert np.array_equal(tiles[2], np.asarray(Image.open(f"{first_layer}_spread.png").convert("RGB")))
+    # a run that asks for more samples than fit is refused before the work, saying so
+    code, _, err = cli(*args, "--samples", "1000000", "--output_dir", tmp_path / "refused")
+    assert code == 2 and "fewer --samples" in err and not (tmp_path / "refused").exists()
+
+
+def test_the_spread_picture_is_black_where_samples_agree_and_white_from_64_levels():
+    shown = invert.torch.zeros(2, 3, 2, 2)
+    shown[1, :, 0, 0] = 1.0  # one pixel differs by 255 levels: a standard deviation of 127.5
+    shown[1, :, 0, 1] = 32 / 255  # one by 32: a standard deviation of 16
+    mean = invert.torch.tensor(invert.IMAGENET_MEAN).view(3, 1, 1)
+    std = invert.torch.tensor(invert.IMAGENET_STD).view(3, 1, 1)
+    mean_picture, spread_picture, spread = invert.mean_and_spread((shown - mean) / std)
+    assert np.asarray(spread_picture).tolist() == [[255, 64], [0, 0]]  # 16 levels: a quarter of white
+    assert np.asarray(mean_picture)[0, 0].tolist() == [127] * 3
+    assert spread == pytest.approx((127.5 + 16) / 4, abs=1e-3)

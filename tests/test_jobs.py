@@ -17,8 +17,8 @@ import invert
 from bad_inputs import photo
 from conftest import FAST, INVERT
 
-# three layers of the random SqueezeNet: each photo gives three rows
-LAYERS = ["--layer_name", "features_3", "features_6", "features_7"]
+# two layers of the random SqueezeNet: each photo gives two rows
+LAYERS = ["--layer_name", "features_3", "features_7"]
 
 
 @pytest.fixture
@@ -95,8 +95,8 @@ def test_any_batch_size_gives_the_same_pictures(photos, tmp_path, cli):
         assert code == 0, err
         pictures[size] = {name: value for name, value in outputs(tmp_path / size).items() if name.endswith(".png")}
         batches = {json.loads(path.read_text())["batch"] for path in (tmp_path / size).glob("*.json")}
-        assert batches == {"1": {1}, "5": {5, 2}, "auto": {invert.BATCH_CAP[0]}}[size]
-    assert pictures["1"].keys() == pictures["5"].keys() == pictures["auto"].keys() and len(pictures["1"]) == 16
+        assert batches == {"1": {1}, "5": {5, 3}, "auto": {invert.BATCH_CAP[0]}}[size]
+    assert pictures["1"].keys() == pictures["5"].keys() == pictures["auto"].keys() and len(pictures["1"]) == 12
     for name, picture in pictures["1"].items():
         for size in ("5", "auto"):
             # oneDNN picks this SqueezeNet's kernels by batch size, and Adam grows their rounding at a
@@ -133,14 +133,14 @@ def test_the_index_has_a_line_per_row_with_what_its_record_says(photos, tmp_path
     code, _, err = cli("--image_path", photos, *FAST, *LAYERS, "--epochs", "3", "--output_dir", tmp_path / "out")
     assert code == 0, err
     lines = index_of(tmp_path / "out")
-    assert len(lines) == 12 and list(lines[0]) == list(invert.INDEX_COLUMNS)
+    assert len(lines) == 8 and list(lines[0]) == list(invert.INDEX_COLUMNS)
     for line in lines:
         record = json.loads(Path(line["png"]).with_suffix(".json").read_text())
         assert line["image_path"] == record["image_path"] and line["layer_name"] == record["layer_name"]
         assert float(line["feature_error"]) == record["feature_error"] and int(line["iterations"]) == 3
         assert (line["stopped"], line["precision"], line["device"]) == ("epochs", "fp32", "cpu")
         assert float(line["seconds"]) == record["seconds"] > 0
-    assert [line["layer_name"] for line in lines[:3]] == ["features_3", "features_6", "features_7"]
+    assert [line["layer_name"] for line in lines[:3]] == ["features_3", "features_7", "features_3"]
 
 
 def test_resume_skips_finished_rows_and_reruns_the_others(photos, tmp_path, cli):
@@ -210,10 +210,10 @@ def test_torchrun_with_two_processes_shares_the_photos(photos, tmp_path, cli):
 
 @pytest.mark.slow
 def test_resume_after_kill_9_ends_as_one_uninterrupted_run(photos, tmp_path, cli):
-    args = [*FAST, *LAYERS, "--epochs", "30", "--batch_size", "1", "--image_path", str(photos)]
+    args = [*FAST, *LAYERS, "--epochs", "60", "--batch_size", "1", "--image_path", str(photos)]
     assert cli(*args, "--output_dir", tmp_path / "whole")[0] == 0
     out = tmp_path / "killed"
-    for wait in (0, 1, 4):  # records written: none, one, several
+    for wait in (0, 1, 3):  # records written: none, one, several
         process = subprocess.Popen([sys.executable, INVERT, *args, "--output_dir", str(out), "--resume"],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -222,7 +222,7 @@ def test_resume_after_kill_9_ends_as_one_uninterrupted_run(photos, tmp_path, cli
         process.send_signal(signal.SIGKILL)
         process.wait()
     finished = {path: path.stat().st_mtime_ns for path in out.glob("*.json")}
-    assert 4 <= len(finished) < 12
+    assert 3 <= len(finished) < 8, len(finished)
     code, _, err = cli(*args, "--output_dir", out, "--resume")
     assert code == 0, err
     assert all(path.stat().st_mtime_ns == time for path, time in finished.items())  # not redone
@@ -247,7 +247,7 @@ def test_samples_are_rows_of_the_result_and_the_first_is_the_single_call(tiny):
 
 
 def test_samples_write_each_picture_their_mean_and_their_spread(photos, tmp_path, cli):
-    args = ["--image_path", photos / "a.jpg", photos / "b.png", *FAST, "--layer_name", "features_3", "features_6",
+    args = ["--image_path", photos / "a.jpg", *FAST, "--layer_name", "features_3", "features_6",
             "--epochs", "8", "--batch_size", "1"]
     assert cli(*args, "--output_dir", tmp_path / "one")[0] == 0
     code, _, err = cli(*args, "--samples", "3", "--output_dir", tmp_path / "three")

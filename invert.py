@@ -134,8 +134,8 @@ class _LayerReached(Exception):
 
 
 class Checked:
-    """An argparse type that parses `kind` and insists on a finite value for which `test` holds; its
-    check() applies the same rule to a value given through the Python API."""
+    """An argparse type that parses `kind` and insists on a finite value for which `test` holds;
+    holds() applies the same rule to a value given through the Python API."""
 
     def __init__(self, kind: type, test: Callable, requirement: str, auto: bool = False):
         self.kind, self.test, self.requirement, self.auto = kind, test, requirement, auto
@@ -1932,16 +1932,22 @@ def run(args: argparse.Namespace) -> int:
         runs = plan_batches(args, todo, model, layers, settings, device)
     else:
         runs = []
+    by_photo = {}
+    for row in mine:
+        by_photo.setdefault(row.image_path, []).append(row)
+    left = {row.image_path for row in todo}
     progress = Progress(len(mine), len(mine) - len(todo), settings.epochs, args.stdout_epochs, args.quiet)
     diverged, interrupted, started = [], False, time.perf_counter()
     indexed = started
     try:
-        save_montages(args, [row for row in mine if row not in todo], settings)  # those a resumed run left
+        for path in by_photo.keys() - left:  # photos an earlier run finished: their montage, if missing
+            if by_photo[path][0].montage and not by_photo[path][0].montage.exists():
+                save_montages(args, by_photo[path], settings)
         for rows in runs:
             result, seconds, frames = optimise(args, rows, model, layers, settings, device, progress)
             diverged += save_outputs(args, rows, result, seconds, frames, device, progress)
-            save_montages(args, [row for row in mine if row.image_path in {done.image_path for done in rows}],
-                          settings)
+            for path in dict.fromkeys(row.image_path for row in rows):
+                save_montages(args, by_photo[path], settings)
             if not args.output and time.perf_counter() - indexed > INDEX_EVERY:
                 write_index(args, job, settings)
                 indexed = time.perf_counter()

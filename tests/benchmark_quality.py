@@ -44,10 +44,10 @@ CONFIGS = {
 DEFAULT_CONFIGS = ["default", "before", "seed"]
 
 
-def ssim(image: torch.Tensor, original: torch.Tensor, downsample: int = 1) -> float:
-    """SSIM of two normalised 1x3xHxW images, compared as the 8-bit RGB pictures the tool saves."""
-    def as_array(tensor):
-        picture = invert.deprocess(tensor)
+def ssim(image, original, downsample: int = 1) -> float:
+    """SSIM of two pictures, or of two normalised 1x3xHxW images as the 8-bit pictures the tool saves."""
+    def as_array(picture):
+        picture = invert.deprocess(picture) if isinstance(picture, torch.Tensor) else picture
         return np.asarray(picture.resize((picture.width // downsample, picture.height // downsample), Image.BOX))
     return structural_similarity(as_array(image), as_array(original), channel_axis=2, data_range=255)
 
@@ -87,12 +87,16 @@ def main() -> None:
                         help="stand-in (built by tests/stand_in.py into ~/.cache/invert once), DEFAULT "
                              "or another torchvision weights name, or a vgg16_bn state-dict file")
     parser.add_argument("--layers", nargs="+", type=int, default=LAYERS, help="indices into vgg16_bn.features")
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+                        help=f"of {', '.join(CONFIGS)}; none skips the table")
     parser.add_argument("--extra", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                         help="another configuration to try, e.g. --extra lr0.05 '--lr 0.05'")
     parser.add_argument("--photos", nargs="+", type=Path, help="the photos (default: those in reference_images/)")
     parser.add_argument("--precision", default="fp32", help="the --precision of every run (default: fp32)")
     parser.add_argument("--grid", type=Path, help="also save a layers x configurations picture here")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="also print, with the default settings, the spread of this many samples, "
+                             "each one's SSIM and their mean's, and their cost against one sample's")
     options = parser.parse_args()
     configs = {**{name: CONFIGS[name] for name in options.configs},
                **{name: flags.split() for name, flags in options.extra}}
@@ -106,6 +110,14 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, precision {options.precision}\n")
+    if configs:
+        configurations(model, photos, options, configs, bare)
+    if options.samples > 1:
+        samples_table(model, photos, options)
+
+
+def configurations(model, photos: list, options, configs: dict, bare: dict) -> None:
+    """The main table, and the grid: each photo, layer and configuration."""
     print("| photo | layer | configuration | feature error | SSIM | SSIM 4x down | iterations | stopped "
           "| seconds | time / 200 bare |\n|---|---|---|---|---|---|---|---|---|---|")
     tiles, originals = {}, {}
@@ -116,13 +128,31 @@ def main() -> None:
                 reference = invert.preprocess(invert.load_image(photo), SIZE)
                 print(f"| {photo.stem} | features_{index} | {name} | {result.losses[0]['feature_error']:.4f} "
                       f"| {ssim(result.images, reference):.3f} | {ssim(result.images, reference, 4):.3f} "
-                      f"| {result.iterations} | {result.stopped} | {seconds:.1f} "
+                      f"| {result.iterations[0]} | {result.stopped[0]} | {seconds:.1f} "
                       f"| {1000 * seconds / (200 * bare[index]):.2f} |", flush=True)
                 if photo == photos[0]:
                     tiles[f"features_{index}", name] = invert.deprocess(result.images)
                     originals[f"features_{index}"] = invert.deprocess(reference)
     if options.grid:
         grid([f"features_{index}" for index in options.layers], list(configs), tiles, originals, options.grid)
+
+
+def samples_table(model, photos: list, options) -> None:
+    """Per photo and layer, the default settings with --samples N against one sample."""
+    count = options.samples
+    print(f"\n--samples {count}, default settings: the spread (mean per-pixel standard deviation, grey "
+          "levels), each sample's SSIM and the mean's, and the time against one sample's")
+    print("| photo | layer | spread | SSIM of each sample | SSIM of the mean | seconds, 1 | seconds, "
+          f"{count} | {count} / 1 |\n|---|---|---|---|---|---|---|---|")
+    for photo in photos:
+        reference = invert.deprocess(invert.preprocess(invert.load_image(photo), SIZE))
+        for index in options.layers:
+            _, one = measure(model, photo, index, ["--precision", options.precision])
+            result, several = measure(model, photo, index, ["--precision", options.precision, "--samples", str(count)])
+            mean, _, spread = invert.mean_and_spread(result.images)
+            each = ", ".join(f"{ssim(image[None], reference):.3f}" for image in result.images)
+            print(f"| {photo.stem} | features_{index} | {spread:.1f} | {each} | {ssim(mean, reference):.3f} "
+                  f"| {one:.1f} | {several:.1f} | {several / one:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,8 @@ PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
 MAX_WEIGHT = 1e30
 MAX_EXPONENT = 12.0
-# --surrogate on: a ReLU's backward leaks this slope, and the surrogates apply at layers of this
-# stride or more, in the first SURROGATE_SHARE of each row's first stage (tests/README.md)
+# --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
 SURROGATE_LEAK = 0.1
-SURROGATE_STRIDE = 1
-SURROGATE_SHARE = 1.0
-SURROGATE_ANNEAL = False
 SURROGATES = ("on", "off")
 # L-BFGS keeps this many past steps and gradients
 LBFGS_HISTORY = 10
@@ -948,7 +944,7 @@ def layer_settings(settings: Settings, stride: int) -> dict:
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
-            "surrogate": settings.surrogate == "on" and stride >= SURROGATE_STRIDE}
+            "surrogate": settings.surrogate == "on"}
 
 
 def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
@@ -1133,11 +1129,9 @@ class Schedule:
         return step <= self.first_stage_end[row]
 
     def surrogate_weight(self, row: int, step: int) -> float:
-        """How much of the surrogate gradients `row` takes at iteration `step` (see Surrogate)."""
-        end = SURROGATE_SHARE * self.first_stage_end[row]
-        if not self.surrogates[row] or step > end:
-            return 0.0
-        return 1.0 - (step - 1) / end if SURROGATE_ANNEAL else 1.0
+        """How much of the surrogate gradients `row` takes at iteration `step`: all of them through
+        its first stage, none after (see Surrogate)."""
+        return 1.0 if self.surrogates[row] and self.first_stage(row, step) else 0.0
 
     def rows_at(self, step: int) -> list:
         """The rows that still run at iteration `step`."""
@@ -1504,7 +1498,7 @@ def check_outputs(args: argparse.Namespace, rows: list) -> None:
     """Fail before the work, not after it, if any file or folder the rows write cannot be written.
     Each output folder is listed once and samples are checked by name, so that many rows and
     samples cost little."""
-    names = {}  # folder -> the names of the files written there
+    names, stems = {}, {}  # folder -> the names of the files written there; the stems of its samples
 
     def add(*paths: Path) -> None:
         for path in paths:
@@ -1515,13 +1509,20 @@ def check_outputs(args: argparse.Namespace, rows: list) -> None:
     for row in rows:
         add(row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
             *([row.montage] if row.montage else []), *([row.mean, row.spread] if args.samples > 1 else []))
-        names[row.png.parent].update(row.sample_name(index) for index in range(1, args.samples))
+        stems.setdefault(row.png.parent, set()).add(row.png.stem)
         if args.save_every:
             check_writable(row.frames, folder=True)
     for folder, wanted in names.items():
-        present = wanted.intersection(os.listdir(folder)) if folder.is_dir() else set()
+        present = [name for name in (os.listdir(folder) if folder.is_dir() else [])
+                   if name in wanted or is_sample(name, stems[folder], args.samples)]
         for name in [next(iter(wanted)), *present]:  # the folder itself, and what is already there
             check_writable(folder / name)
+
+
+def is_sample(name: str, stems: set, samples: int) -> bool:
+    """Whether `name` is the file of sample 2 ... `samples` of a PNG with one of `stems`."""
+    stem, _, number = name.removesuffix(".png").rpartition("_sample")
+    return name.endswith(".png") and stem in stems and number.isdigit() and 2 <= int(number) <= samples
 
 
 def check_writable(path: Path, folder: bool = False) -> None:

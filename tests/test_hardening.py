@@ -129,7 +129,9 @@ def test_a_signal_mid_run_saves_the_current_image(signum, tmp_path):
         [sys.executable, INVERT, *loud, "--image_path", str(CORPUS / "good.png"), "--epochs", "100000",
          "--stdout_epochs", "1", "--output", str(output)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # a shell's background job inherits SIGINT ignored; a user's Ctrl-C reaches a foreground one
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("iteration"):  # the optimisation is under way
             break

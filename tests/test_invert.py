@@ -146,7 +146,9 @@ def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
     result = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), jitter="auto", epochs=2)
     assert result.layer_settings[0]["jitter"] == 3 and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
     assert result.layer_settings[0]["C"] == invert.PAPER_C * (4 / 16) ** 2 and result.settings.C == "auto"
-    assert invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]["C"] == invert.PAPER_C
+    assert not result.layer_settings[0]["surrogate"] and invert.SURROGATE_STRIDE < 16  # too deep for it
+    shallow = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]
+    assert shallow["C"] == invert.PAPER_C and shallow["surrogate"]
     assert result.images.shape == (1, 3, 64, 64)
     assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings[0]["jitter"] == 0
     # a non-square input: the stride is still 16 (a 4x2 output of 64x32), not 64 / 2

@@ -87,8 +87,11 @@ DEFAULT_LRS = {
     ("seed", "sgd", "pixel"): 100.0, ("seed", "adam", "pixel"): 0.1, ("seed", "lbfgs", "pixel"): 1.0,
     ("paper", "sgd", "pixel"): 3.0, ("paper", "adam", "pixel"): 0.1, ("paper", "lbfgs", "pixel"): 1.0,
     ("seed", "sgd", "fft"): 0.003, ("seed", "adam", "fft"): 0.01, ("seed", "lbfgs", "fft"): 1.0,
-    ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): 0.01, ("paper", "lbfgs", "fft"): 1.0,
+    ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): "auto", ("paper", "lbfgs", "fft"): 1.0,
 }
+# --lr auto: this rate, and half of it at layers of stride AUTO_LR_STRIDE or more (tests/README.md)
+AUTO_LR = 0.01
+AUTO_LR_STRIDE = 4
 # lucent's square root of ImageNet's colour correlation, for --param fft
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
@@ -218,7 +221,9 @@ class Settings:
                                        "pool's would, and through each ReLU as a leaky ReLU's would; "
                                        "forward values, and so the feature error, stay the network's "
                                        "own. Layers of stride 4 and 8 gain most (see the README)", choices=SURROGATES)
-    lr: Optional[float] = setting(None, "learning rate", type=positive_float)
+    lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and "
+                                          f"{AUTO_LR / 2:g} at layers of stride {AUTO_LR_STRIDE} or more",
+                                          type=positive_float.or_auto())
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
     decay_epochs: Optional[int] = setting(None, "iterations between learning-rate decays", type=positive_int)
@@ -251,7 +256,8 @@ def resolve(settings: Settings, device: torch.device) -> Settings:
 def default_help(name: str) -> str:
     """How a setting whose default is None gets its value, in words for --help."""
     if name == "lr":
-        return ", ".join(f"{rate:g} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
+        return ", ".join(f"{rate:g} for {' + '.join(key)}" if isinstance(rate, float) else f"{rate} for {' + '.join(key)}"
+                         for key, rate in DEFAULT_LRS.items())
 
     def words(value):
         if isinstance(value, Fraction):
@@ -883,7 +889,7 @@ class Inversion(NamedTuple):
     iterations: list  # per row; for a row that diverged, the iteration whose loss was not finite
     stopped: list  # per row: "epochs" (all ran), "plateau", "interrupted" (Ctrl-C) or "diverged"
     settings: Settings
-    layer_settings: list  # per row: the jitter, C and plateau tolerance its layer's stride decided
+    layer_settings: list  # per row: the jitter, C, plateau tolerance, surrogate and rate its layer decided
 
 
 def too_large_lr(iteration: int, lr: float) -> str:
@@ -892,20 +898,20 @@ def too_large_lr(iteration: int, lr: float) -> str:
             "layer; try a smaller --lr")
 
 
-def make_optimizer(settings: Settings, variables: list) -> torch.optim.Optimizer:
+def make_optimizer(settings: Settings, variables: list, rates: list) -> torch.optim.Optimizer:
     """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration;
-    one parameter group per row, so that each row has its own learning rate."""
-    groups = [{"params": [variable]} for variable in variables]
+    one parameter group per row, each with its own learning rate (`rates`)."""
+    groups = [{"params": [variable], "lr": rate} for variable, rate in zip(variables, rates)]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, foreach=False)
+        return torch.optim.SGD(groups, lr=rates[0], momentum=settings.momentum, foreach=False)
     if settings.optimizer == "adam":
         betas = (settings.momentum, 0.999)
         try:  # one fused kernel per step; torch before 2.4 has it for CUDA only
-            return torch.optim.Adam(groups, lr=settings.lr, betas=betas, fused=True)
+            return torch.optim.Adam(groups, lr=rates[0], betas=betas, fused=True)
         except RuntimeError:
-            return torch.optim.Adam(groups, lr=settings.lr, betas=betas, foreach=False)
+            return torch.optim.Adam(groups, lr=rates[0], betas=betas, foreach=False)
     # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
-    return torch.optim.LBFGS(groups, lr=settings.lr, max_iter=1, history_size=LBFGS_HISTORY)
+    return torch.optim.LBFGS(groups, lr=rates[0], max_iter=1, history_size=LBFGS_HISTORY)
 
 
 def autocast(precision: str, device: torch.device):
@@ -942,12 +948,13 @@ def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
-    """The jitter, C, plateau tolerance and surrogate gradients of a row whose layer has this stride,
+    """The jitter, C, plateau tolerance, surrogate gradients and rate of a row whose layer has this stride,
     where 'auto' or stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
-            "surrogate": settings.surrogate == "on" and stride <= SURROGATE_STRIDE}
+            "surrogate": settings.surrogate == "on" and stride <= SURROGATE_STRIDE,
+            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto" else settings.lr}
 
 
 def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
@@ -1106,18 +1113,20 @@ class Schedule:
     """Each row's learning rate, stages and last iteration.
 
     A row's rate is a pure function of the iteration and of where its first stage ended (as
-    nanoGPT's get_lr is): --lr in the first stage, then times --decay_factor at its end and every
+    nanoGPT's get_lr is): the row's --lr in the first stage, then times --decay_factor at its end and every
     --decay_epochs iterations after. Without a plateau tolerance the first stage is --decay_epochs
     long. With one, a row's first stage ends as soon as its lowest loss has not fallen by that
     fraction over PLATEAU_WINDOW iterations, and the row stops after a last stage as long,
     relative to the first, as the paper's.
     """
 
-    def __init__(self, settings: Settings, tolerances: list, surrogates: list, device: torch.device):
-        self.settings, self.tolerances, self.surrogates = settings, tolerances, surrogates
-        self.first_stage_end = [settings.decay_epochs] * len(tolerances)  # each row's last first-stage iteration
-        self.last = [settings.epochs] * len(tolerances)  # each row's last iteration
-        self.lowest = torch.full((len(tolerances),), math.inf, device=device)  # Adam's loss oscillates
+    def __init__(self, settings: Settings, rows: list, device: torch.device):
+        self.settings = settings  # rows: each row's layer_settings
+        self.tolerances, self.surrogates = [row["plateau"] for row in rows], [row["surrogate"] for row in rows]
+        self.rates = [row["lr"] for row in rows]
+        self.first_stage_end = [settings.decay_epochs] * len(rows)  # each row's last first-stage iteration
+        self.last = [settings.epochs] * len(rows)  # each row's last iteration
+        self.lowest = torch.full((len(rows),), math.inf, device=device)  # Adam's loss oscillates
         self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
         self.diverged = {}  # row -> the iteration whose loss was not finite
 
@@ -1125,7 +1134,7 @@ class Schedule:
         """The learning rate of `row` at iteration `step`."""
         end = self.first_stage_end[row]
         decays = 0 if step <= end else 1 + (step - end - 1) // self.settings.decay_epochs
-        return self.settings.lr * self.settings.decay_factor ** decays
+        return self.rates[row] * self.settings.decay_factor ** decays
 
     def first_stage(self, row: int, step: int) -> bool:
         """Whether `step` is in the first stage of `row`, the one with jitter."""
@@ -1220,8 +1229,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(count)]
     canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
-    optimizer = make_optimizer(settings, canvases.variables)
-    schedule = Schedule(settings, [row["plateau"] for row in chosen], [row["surrogate"] for row in chosen], device)
+    optimizer = make_optimizer(settings, canvases.variables, [row["lr"] for row in chosen])
+    schedule = Schedule(settings, chosen, device)
     guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
     latest = {}  # each term's latest value for every row, for the callback
     reached = 0  # the last iteration that ran
@@ -1833,14 +1842,14 @@ def save_outputs(args: argparse.Namespace, rows: list, result: Inversion, second
     """For each row, write its samples' PNGs (the first is the row's PNG), their mean and spread
     where there are several, its GIF, then its JSON record, the mark that the row is done. A row
     with a sample that diverged gets that sample's last finite image as its .diverged.png and no
-    record. Return [(row, the iteration its loss was not finite)] for those."""
+    record. Return [(row, the iteration its loss was not finite, its rate)] for those."""
     count, diverged = result.settings.samples, []
     for index, row in enumerate(rows):
         mine = range(index * count, (index + 1) * count)  # the result's rows of this row's samples
         broken = [at for at in mine if result.stopped[at] == "diverged"]
         if broken:
             save_png(row.diverged, deprocess(result.images[broken[0]][None]))
-            diverged.append((row, result.iterations[broken[0]]))
+            diverged.append((row, result.iterations[broken[0]], result.layer_settings[broken[0]]["lr"]))
             continue
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):
@@ -1964,9 +1973,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.output and mine:
         write_index(args, job, settings)
     if diverged:
-        (row, iterations), count = diverged[0], len(diverged)
+        (row, iterations, lr), count = diverged[0], len(diverged)
         raise UsageError(f"{count} of {len(todo)} image(s) diverged, {Path(row.png).stem} first: "
-                         f"{too_large_lr(iterations, settings.lr)}; the last finite images are in "
+                         f"{too_large_lr(iterations, lr)}; the last finite images are in "
                          f"{row.diverged.name}" + (" and the like" if count > 1 else ""))
     if interrupted:
         print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)

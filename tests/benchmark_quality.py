@@ -35,8 +35,9 @@ SIZE = 224
 LAYERS = [5, 12, 22, 32, 36]
 CONFIGS = {
     "default": [],
-    "before": ["--surrogate", "off"],  # the defaults before the surrogate gradients
-    "previous": ["--C", "100", "--plateau", "0", "--surrogate", "off"],  # before C and the plateau followed the layer
+    "before": ["--surrogate", "off", "--lr", "0.01"],  # the defaults before the surrogate gradients
+    # before C, the plateau and the rate followed the layer
+    "previous": ["--C", "100", "--plateau", "0", "--surrogate", "off", "--lr", "0.01"],
     "seed": ["--objective", "seed"],  # the original design's method
     **{f"paper+{optimizer}+pixel": ["--optimizer", optimizer, "--param", "pixel"]
        for optimizer in ("sgd", "adam", "lbfgs")},
@@ -52,11 +53,11 @@ def ssim(image, original, downsample: int = 1) -> float:
     return structural_similarity(as_array(image), as_array(original), channel_axis=2, data_range=255)
 
 
-def measure(model, photo: Path, index: int, flags: list) -> tuple:
+def measure(model, photo: Path, index: int, flags: list, size: int = SIZE) -> tuple:
     """Invert one layer as the command line would with `flags`; return (result, seconds)."""
-    args = invert.parse_args(["--image_path", str(photo), "--input_size", str(SIZE), *flags])
+    args = invert.parse_args(["--image_path", str(photo), "--input_size", str(size), *flags])
     invert.seed_everything(args.seed)
-    reference = invert.preprocess(invert.load_image(photo), SIZE)
+    reference = invert.preprocess(invert.load_image(photo), size)
     started = time.perf_counter()
     result = invert.invert(model, model.features[index], reference, invert.settings_from_args(args))
     return result, time.perf_counter() - started
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--photos", nargs="+", type=Path, help="the photos (default: those in reference_images/)")
     parser.add_argument("--precision", default="fp32", help="the --precision of every run (default: fp32)")
     parser.add_argument("--grid", type=Path, help="also save a layers x configurations picture here")
+    parser.add_argument("--size", type=int, default=SIZE, help=f"the input size (default: {SIZE})")
     parser.add_argument("--samples", type=int, default=1,
                         help="also print, with the default settings, the spread of this many samples, "
                              "each one's SSIM and their mean's, and their cost against one sample's")
@@ -106,10 +108,10 @@ def main() -> None:
         model = invert.load_model("vgg16_bn", weights, progress=False)
     except invert.UsageError as error:
         sys.exit(f"benchmark_quality.py: {error}")
-    bare = {index: bare_ms(model, index, 1, SIZE, 10, torch.device("cpu")) for index in options.layers}
+    bare = {index: bare_ms(model, index, 1, options.size, 10, torch.device("cpu")) for index in options.layers}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, precision {options.precision}\n")
+          f"{torch.backends.cpu.get_cpu_capability()}, precision {options.precision}, input {options.size}\n")
     if configs:
         configurations(model, photos, options, configs, bare)
     if options.samples > 1:
@@ -124,8 +126,8 @@ def configurations(model, photos: list, options, configs: dict, bare: dict) -> N
     for photo in photos:
         for index in options.layers:
             for name, flags in configs.items():
-                result, seconds = measure(model, photo, index, ["--precision", options.precision, *flags])
-                reference = invert.preprocess(invert.load_image(photo), SIZE)
+                result, seconds = measure(model, photo, index, ["--precision", options.precision, *flags], options.size)
+                reference = invert.preprocess(invert.load_image(photo), options.size)
                 print(f"| {photo.stem} | features_{index} | {name} | {result.losses[0]['feature_error']:.4f} "
                       f"| {ssim(result.images, reference):.3f} | {ssim(result.images, reference, 4):.3f} "
                       f"| {result.iterations[0]} | {result.stopped[0]} | {seconds:.1f} "
@@ -145,10 +147,11 @@ def samples_table(model, photos: list, options) -> None:
     print("| photo | layer | spread | SSIM of each sample | SSIM of the mean | seconds, 1 | seconds, "
           f"{count} | {count} / 1 |\n|---|---|---|---|---|---|---|---|")
     for photo in photos:
-        reference = invert.deprocess(invert.preprocess(invert.load_image(photo), SIZE))
+        reference = invert.deprocess(invert.preprocess(invert.load_image(photo), options.size))
         for index in options.layers:
-            _, one = measure(model, photo, index, ["--precision", options.precision])
-            result, several = measure(model, photo, index, ["--precision", options.precision, "--samples", str(count)])
+            _, one = measure(model, photo, index, ["--precision", options.precision], options.size)
+            result, several = measure(model, photo, index, ["--precision", options.precision, "--samples", str(count)],
+                                      options.size)
             mean, _, spread = invert.mean_and_spread(result.images)
             each = ", ".join(f"{ssim(image[None], reference):.3f}" for image in result.images)
             print(f"| {photo.stem} | features_{index} | {spread:.1f} | {each} | {ssim(mean, reference):.3f} "

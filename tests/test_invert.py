@@ -34,7 +34,7 @@ def test_the_objective_decides_its_defaults_and_flags_override_them():
     assert (seed.optimizer, seed.param, seed.lr, seed.lambda_alpha, seed.C, seed.decay_epochs) == \
            ("sgd", "pixel", 100.0, 1e-5, 1.0, 200)
     paper = invert.resolve(invert.Settings(epochs=70), cpu)
-    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", 0.01, 60)
+    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", "auto", 60)
     assert paper.C == invert.OBJECTIVE_DEFAULTS["paper"]["C"]
     mixed = invert.resolve(invert.Settings(objective="seed", optimizer="adam", C=7.0), cpu)
     assert (mixed.optimizer, mixed.param, mixed.lr, mixed.C) == ("adam", "pixel", 0.1, 7.0)
@@ -61,7 +61,7 @@ def test_help_documents_every_flag_and_default(capsys):
     assert "sgd with --objective seed, adam with --objective paper" in text
     assert "1e-05 with --objective seed, 1 with --objective paper" in text
     assert "6/7 of --epochs with --objective paper" in text
-    assert "100 for seed + sgd + pixel" in text and "0.01 for paper + adam + fft" in text
+    assert "100 for seed + sgd + pixel" in text and "auto for paper + adam + fft" in text
 
 
 def test_objective_seed_alone_is_the_three_flag_spelling(photo, tmp_path, cli):
@@ -147,8 +147,9 @@ def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
     assert result.layer_settings[0]["jitter"] == 3 and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
     assert result.layer_settings[0]["C"] == invert.PAPER_C * (4 / 16) ** 2 and result.settings.C == "auto"
     assert not result.layer_settings[0]["surrogate"] and invert.SURROGATE_STRIDE < 16  # too deep for it
+    assert result.layer_settings[0]["lr"] == invert.AUTO_LR / 2 and result.settings.lr == "auto"
     shallow = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]
-    assert shallow["C"] == invert.PAPER_C and shallow["surrogate"]
+    assert (shallow["C"], shallow["surrogate"], shallow["lr"]) == (invert.PAPER_C, True, invert.AUTO_LR)
     assert result.images.shape == (1, 3, 64, 64)
     assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings[0]["jitter"] == 0
     # a non-square input: the stride is still 16 (a 4x2 output of 64x32), not 64 / 2
@@ -517,7 +518,7 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["settings"] == dataclasses.asdict(invert.resolve(
         invert.Settings(objective="seed", lr=3.0, epochs=5), torch.device("cpu")))
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
-    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0, "surrogate": False}
+    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0, "surrogate": False, "lr": 3.0}
     assert record["iterations"] == 5 and record["stopped"] == "epochs"
     # the command line is a thin shell over invert(): the same settings give the same result
     invert.seed_everything(2023)  # as the command line does, before it builds the random network

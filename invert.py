@@ -112,10 +112,8 @@ PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
 MAX_WEIGHT = 1e30
 MAX_EXPONENT = 12.0
-# --surrogate on: through each row's first stage, a ReLU's backward leaks this slope, at layers of
-# stride up to SURROGATE_STRIDE; deeper, its gain did not hold on every photo (tests/README.md)
+# --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
 SURROGATE_LEAK = 0.1
-SURROGATE_STRIDE = 8
 SURROGATES = ("on", "off")
 # L-BFGS keeps this many past steps and gradients
 LBFGS_HISTORY = 10
@@ -215,12 +213,11 @@ class Settings:
                                        f"--decay_factor times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as "
                                        "long as the first, follows, and the image is done. 0 runs exactly "
                                        "--epochs iterations", type=below_one)
-    surrogate: Optional[str] = setting(None, "on: in each image's first stage, at layers of stride up "
-                                       f"to {SURROGATE_STRIDE}, the backward pass goes "
+    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes "
                                        "through each max-pool below the inverted layer as an average "
                                        "pool's would, and through each ReLU as a leaky ReLU's would; "
                                        "forward values, and so the feature error, stay the network's "
-                                       "own. Layers of stride 4 and 8 gain most (see the README)", choices=SURROGATES)
+                                       "own. Deep layers gain most (see the README)", choices=SURROGATES)
     lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and "
                                           f"{AUTO_LR / 2:g} at layers of stride {AUTO_LR_STRIDE} or more",
                                           type=positive_float.or_auto())
@@ -953,7 +950,7 @@ def layer_settings(settings: Settings, stride: int) -> dict:
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
-            "surrogate": settings.surrogate == "on" and stride <= SURROGATE_STRIDE,
+            "surrogate": settings.surrogate == "on",
             "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto" else settings.lr}
 
 

@@ -97,8 +97,9 @@ COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
 GPU_CHECK_EVERY = 25
 # --batch_size auto: rows per batch at most (on a CPU, on a GPU), beyond which a batch no longer
-# gains per image (tests/README.md), and the share of the free memory a batch may take by the estimate
-BATCH_CAP = (4, 32)
+# gains per image (the CPU's measured, the GPU's not yet: tests/README.md), and the share of the
+# free memory a batch may take by the estimate
+BATCH_CAP = (2, 32)
 MEMORY_SHARE = 0.5
 # --samples: the spread picture is white where the samples' standard deviation is this many grey levels
 SPREAD_WHITE = 64
@@ -573,20 +574,24 @@ def describe(output) -> str:
 
 
 class LeakyBackward(torch.autograd.Function):
-    """A ReLU's output as it is, with the gradient of a leaky ReLU, of slope `leaks` (one per row),
-    passed straight to the ReLU's input; a slope of 0 is the ReLU's own gradient."""
+    """A ReLU's output as it is, with the gradient of a leaky ReLU, of slope `leaks` (one per row,
+    or `slope` for every row), passed straight to the ReLU's input; a slope of 0 is the ReLU's own
+    gradient."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, leaks: torch.Tensor, upper: Optional[float]):
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, leaks: torch.Tensor, upper: Optional[float],
+                slope: Optional[float]):
         ctx.save_for_backward(output, leaks)
-        ctx.upper = upper  # ReLU6 passes the gradient only below 6
+        ctx.upper, ctx.slope = upper, slope  # ReLU6 passes the gradient only below 6
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         output, leaks = ctx.saved_tensors
+        if ctx.upper is None and ctx.slope is not None:  # one fused pass instead of three
+            return torch.ops.aten.leaky_relu_backward(grad, output, ctx.slope, True), None, None, None, None
         passing = output > 0 if ctx.upper is None else (output > 0) & (output < ctx.upper)
-        return torch.where(passing, grad, grad * leaks.to(grad.dtype)), None, None, None
+        return torch.where(passing, grad, grad * leaks.to(grad.dtype)), None, None, None, None
 
 
 class AveragedBackward(torch.autograd.Function):
@@ -603,7 +608,7 @@ class AveragedBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         inputs, shares = ctx.saved_tensors
-        smooth = grad * shares.to(grad.dtype)
+        smooth = grad if ctx.whole else grad * shares.to(grad.dtype)
         if ctx.pool is None:
             averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, inputs)
         else:  # max-pool padding is never the maximum, so the average leaves it out too
@@ -668,7 +673,8 @@ class Surrogate:
         if weights is None:
             return None
         upper = 6.0 if isinstance(module, nn.ReLU6) else None
-        return LeakyBackward.apply(inputs[0], output, SURROGATE_LEAK * weights[0], upper)
+        return LeakyBackward.apply(inputs[0], output, SURROGATE_LEAK * weights[0], upper,
+                                   SURROGATE_LEAK if weights[1] else None)
 
     def pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None

@@ -343,6 +343,22 @@ def test_surrogate_gradients_keep_every_forward_value_and_change_only_the_backwa
     assert all(module.inplace for module in model.modules() if isinstance(module, nn.ReLU) and name != "no pooling")
 
 
+def test_surrogate_gradients_are_the_leaky_relus_and_the_average_pools():
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Identity()).eval()
+    smooth = nn.Sequential(nn.LeakyReLU(invert.SURROGATE_LEAK), nn.AvgPool2d(2))
+    torch.manual_seed(0)
+    images, weights = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(2, 3, 4, 4)
+    expected, = torch.autograd.grad((smooth(images) * weights).sum(), images)
+    true, = torch.autograd.grad((model(images.clone()) * weights).sum(), images)
+    with invert.Surrogate(model) as surrogate:
+        for rows in ([1.0, 1.0], [1.0, 0.0]):  # every row (one fused pass), or some rows
+            surrogate.use([model[2], model[2]], rows)
+            (_, _, output), = invert.layer_batches(model, [model[2], model[2]], images, surrogate.alive)
+            gradient, = torch.autograd.grad((output * weights).sum(), images)
+            for row, weight in enumerate(rows):
+                assert torch.allclose(gradient[row], (expected if weight else true)[row], atol=1e-6), (rows, row)
+
+
 def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():
     model = pooled_network()
     reference = torch.randn(1, 3, 32, 32)

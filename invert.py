@@ -253,14 +253,13 @@ def resolve(settings: Settings, device: torch.device) -> Settings:
 
 def default_help(name: str) -> str:
     """How a setting whose default is None gets its value, in words for --help."""
-    if name == "lr":
-        return ", ".join(f"{rate:g} for {' + '.join(key)}" if isinstance(rate, float) else f"{rate} for {' + '.join(key)}"
-                         for key, rate in DEFAULT_LRS.items())
-
     def words(value):
         if isinstance(value, Fraction):
             return f"{value} of --epochs"
         return f"{value:g}" if isinstance(value, float) else str(value)
+
+    if name == "lr":
+        return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
     return ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][name])} with --objective {objective}"
                      for objective in OBJECTIVES)
 
@@ -660,12 +659,13 @@ class Surrogate:
                 module.inplace = inplace and not any(weights)
 
     def row_weights(self, module: nn.Module, device: torch.device) -> Optional[tuple]:
-        """(a weight per row in the batch at `module` as a tensor, whether all are 1), or None if all are 0."""
+        """(a weight per row in the batch at `module` as a tensor, the ReLU slopes they give, whether
+        all are 1), or None if all are 0; made once per batch of rows, not on every forward pass."""
         key = (module, tuple(self.alive))
         if key not in self.cache:
             values = [0.0 if self.layers[row] is module else self.weights[row] for row in self.alive]
-            self.cache[key] = (torch.tensor(values, device=device).view(-1, 1, 1, 1), min(values) == 1) \
-                if any(values) else None
+            weights = torch.tensor(values, device=device).view(-1, 1, 1, 1)
+            self.cache[key] = (weights, SURROGATE_LEAK * weights, min(values) == 1) if any(values) else None
         return self.cache[key]
 
     def relu_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
@@ -673,8 +673,7 @@ class Surrogate:
         if weights is None:
             return None
         upper = 6.0 if isinstance(module, nn.ReLU6) else None
-        return LeakyBackward.apply(inputs[0], output, SURROGATE_LEAK * weights[0], upper,
-                                   SURROGATE_LEAK if weights[1] else None)
+        return LeakyBackward.apply(inputs[0], output, weights[1], upper, SURROGATE_LEAK if weights[2] else None)
 
     def pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
@@ -683,7 +682,7 @@ class Surrogate:
         pool = None if isinstance(module, nn.AdaptiveMaxPool2d) else (
             as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size), as_pair(module.padding),
             module.ceil_mode)
-        return AveragedBackward.apply(inputs[0], output, weights[0], pool, weights[1])
+        return AveragedBackward.apply(inputs[0], output, weights[0], pool, weights[2])
 
 
 # ---------------------------------------------------------------- losses
@@ -1232,8 +1231,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(count)]
     canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
-    optimizer = make_optimizer(settings, canvases.variables, [row["lr"] for row in chosen])
     schedule = Schedule(settings, chosen, device)
+    optimizer = make_optimizer(settings, canvases.variables, schedule.rates)
     guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
     latest = {}  # each term's latest value for every row, for the callback
     reached = 0  # the last iteration that ran
@@ -1470,11 +1469,7 @@ class Row(NamedTuple):
 
     def sample(self, index: int) -> Path:
         """Where sample `index` (from 0) goes: the first is the row's PNG."""
-        return self.png if index == 0 else self.png.with_name(self.sample_name(index))
-
-    def sample_name(self, index: int) -> str:
-        """The file name of sample `index` from 1, beside the row's PNG."""
-        return f"{self.png.stem}_sample{index + 1}.png"
+        return self.png if index == 0 else self.png.with_name(f"{self.png.stem}_sample{index + 1}.png")
 
     @property
     def mean(self) -> Path:

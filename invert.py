@@ -1475,8 +1475,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
 
 
 def launcher_int(name: str, least: int = 0) -> Optional[int]:
-    """The integer a launcher set in environment variable `name`, None if unset; UsageError if it
-    is not an integer, or below `least`."""
+    """The integer in environment variable `name` (None if unset), refused unless an integer >= `least`."""
     text = os.environ.get(name)
     if text is None:
         return None
@@ -1490,117 +1489,81 @@ def launcher_int(name: str, least: int = 0) -> Optional[int]:
 
 
 def pick_device(spec: str) -> torch.device:
-    """Turn --device (auto, cpu, cuda, cuda:N, mps) into a torch.device that exists here; under
-    torchrun, auto is the process's own GPU, cuda:$LOCAL_RANK."""
+    """--device as a torch.device that exists here; under torchrun, auto is cuda:$LOCAL_RANK."""
     local = launcher_int("LOCAL_RANK")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         spec += f":{local}" if spec == "cuda" and local is not None else ""
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     try:
         device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if device.type not in present:
-        raise UsageError(f"--device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
-    if not present[device.type]:
-        raise UsageError(f"--device {spec}: no {device.type.upper()} device is available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {spec}" + (" (from LOCAL_RANK)" if local is not None else "")
-                         + f": only {torch.cuda.device_count()} CUDA device(s) here")
+        assert device.type in present
+    except (RuntimeError, AssertionError):
+        raise UsageError(f"--device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps") from None
+    if not present[device.type] or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}" + (" (from LOCAL_RANK)" if local is not None else "") +
+                         f": no such device here ({torch.cuda.device_count()} CUDA device(s))")
     return device
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's generators (torch.manual_seed seeds every CUDA device too)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True  # the same seed on the same GPU gives the same PNG
-    torch.backends.cudnn.benchmark = False
-
-
-def shard_spec(text: str) -> tuple:
-    """--shard K/N: the K-th (0 to N-1) of N parts."""
-    try:
-        part, parts = (int(number) for number in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be K/N, such as 0/4, got {text}") from None
-    if not 0 <= part < parts:
-        raise argparse.ArgumentTypeError(f"must be K/N with K from 0 to N-1, got {text}")
-    return part, parts
-
-
-def array_part() -> tuple:
-    """(K, N): this task's part of a SLURM job array (--array=MIN-MAX:STEP), or (0, 1) outside one."""
-    names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
-    task, low, high, count, step = (launcher_int(name, 1 if name[-4:] in ("OUNT", "STEP") else 0) for name in names)
-    given = [name for name, value in zip(names, (task, low, high, count, step)) if value is not None]
-    if not given:
-        return 0, 1
-    if task is None or low is None or (high is None and count is None):
-        lacking = "ID" if task is None else "MIN" if low is None else "COUNT"
-        raise UsageError(f"the environment variable SLURM_ARRAY_TASK_{lacking} is not set, but {given[0]} is: "
-                         "SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP together")
-    step = step or 1
-    tasks = count if high is None else (high - low) // step + 1
-    if count is not None and count != tasks:
-        raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but SLURM_ARRAY_TASK_MIN={low}, _MAX={high} and "
-                         f"_STEP={step} make {tasks} tasks: split photos with a range (--array=0-{count - 1}) "
-                         "or --shard K/N")
-    if (task - low) % step or not 0 <= (task - low) // step < tasks:
-        raise UsageError(f"SLURM_ARRAY_TASK_ID={task} is not one of the array's tasks ({low} to "
-                         f"{low + (tasks - 1) * step}, step {step})")
-    return (task - low) // step, tasks
-
-
 def shard_of(given: Optional[tuple]) -> tuple:
-    """(K, N): this process's part of the photos, from --shard, else from the launchers' environment:
-    a SLURM job array's task, split again between torchrun's processes (RANK of WORLD_SIZE)."""
-    part, parts = array_part()
+    """(K, N): this process's part of the photos, from --shard, else from the launchers' variables: a
+    SLURM job array's task (--array=MIN-MAX:STEP), split again between torchrun's RANK of WORLD_SIZE."""
+    names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
+    task, low, high, count, step = (launcher_int(name, int(name[-4:] in ("OUNT", "STEP"))) for name in names)
     world, rank, local = launcher_int("WORLD_SIZE", 1), launcher_int("RANK"), launcher_int("LOCAL_RANK")
+    part, parts, present = 0, 1, [name for name, value in zip(names, (task, low, high, count, step))
+                                if value is not None]
+    if present:
+        if task is None or low is None or (high is None and count is None):
+            lacking = "ID" if task is None else "MIN" if low is None else "COUNT"
+            raise UsageError(f"the environment variable SLURM_ARRAY_TASK_{lacking} is not set, but {present[0]} "
+                             "is: SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP together")
+        step = step or 1
+        parts = count if high is None else (high - low) // step + 1
+        if count not in (None, parts):
+            raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but _MIN={low}, _MAX={high} and _STEP={step} make "
+                             f"{parts} tasks: split photos with a range, --array=0-{count - 1}, or --shard K/N")
+        part = (task - low) // step
+        if (task - low) % step or not 0 <= part < parts:
+            raise UsageError(f"SLURM_ARRAY_TASK_ID={task} is not one of the array's tasks ({low} to "
+                             f"{low + (parts - 1) * step}, step {step})")
     if (world is None) != (rank is None) or (local is not None and world is None):
-        lacking = "RANK" if rank is None and world is not None else "WORLD_SIZE"
-        raise UsageError(f"the environment variable {lacking} is not set, but "
-                         f"{'WORLD_SIZE' if lacking == 'RANK' else 'RANK' if rank is not None else 'LOCAL_RANK'} "
-                         "is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
+        have = "WORLD_SIZE" if rank is None and world is not None else "RANK" if rank is not None else "LOCAL_RANK"
+        raise UsageError(f"the environment variable {'RANK' if have == 'WORLD_SIZE' else 'WORLD_SIZE'} is not set, "
+                         f"but {have} is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
     if world is not None and rank >= world:
         raise UsageError(f"the environment variable RANK={rank} is not below WORLD_SIZE={world}")
-    if given is not None:
-        return given
-    return (part, parts) if world is None else (part * world + rank, parts * world)
-
-
-@functools.lru_cache(maxsize=None)
-def readable_suffixes() -> frozenset:
-    """The file extensions of the formats this Pillow can open (not those it only writes, nor stubs)."""
-    Image.init()
-    return frozenset(suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
-                     and not (isinstance(Image.OPEN[kind][0], type)
-                              and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile)))
+    return given or ((part, parts) if world is None else (part * world + rank, parts * world))
 
 
 def photo_paths(given: Sequence[str]) -> list:
-    """The photos --image_path names, as absolute paths: each file as given, and for a folder the
-    files directly inside it in a format Pillow reads (hidden files left out), sorted by name."""
+    """The photos --image_path names, as absolute paths: each file, and for a folder the files directly
+    in it that Pillow can read, by name, less hidden files and the pictures this tool wrote."""
+    Image.init()
+    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN and not (
+        isinstance(Image.OPEN[kind][0], type) and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile))}
     paths = []
     for item in given:
         if not os.path.isdir(item):
             paths.append(os.path.abspath(item))
             continue
-        inside = sorted(entry.name for entry in os.scandir(item) if not entry.name.startswith(".")
-                        and os.path.splitext(entry.name)[1].lower() in readable_suffixes() and entry.is_file())
+        inside = [os.path.abspath(os.path.join(item, name)) for name in sorted(os.listdir(item))
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in readable]
+        inside = [path for path in inside if os.path.isfile(path) and not ours(path)]
         if not inside:
             raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
                              ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
-        paths += [path for path in (os.path.abspath(os.path.join(item, name)) for name in inside) if not ours(path)]
+        paths += inside
     return list(dict.fromkeys(paths))
 
 
-def photo_names(paths: Sequence[str]) -> dict:
-    """Each photo's name in its outputs: its file stem; where photos share a stem, the stem after the
-    fewest parent folders that tell them apart (cats/001.jpg and dogs/001.jpg: cats_001 and
-    dogs_001), then its extension (001_jpg and 001_png); a name still taken is numbered."""
-    names, groups = {}, {}
+def photo_names(paths: Sequence[str], room: int = 255) -> dict:
+    """Each photo's name in its outputs: its file stem; where stems are shared, after the fewest parent
+    folders that tell them apart (cats/001.jpg, dogs/001.jpg: cats_001, dogs_001), then with the
+    extension (001_jpg, 001_png), else numbered; a name over `room` bytes is cut, and a '~' and 8 hex
+    digits of its hash added."""
+    names, groups, taken = {}, {}, set()
     for path in paths:
         groups.setdefault(Path(path).stem, []).append(path)
     for stem, group in groups.items():
@@ -1611,117 +1574,95 @@ def photo_names(paths: Sequence[str]) -> dict:
             if len(set(tried)) == len(group):
                 break
         names.update(zip(group, tried))
-    taken = set()
     for path in paths:
         name, number = names[path], 1
         while name in taken:
             number += 1
             name = f"{names[path]}_{number}"
+        tail = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+        while len(os.fsencode(name)) > room and name != tail:
+            name = name[:-len(tail) - 1] + tail
+        if len(os.fsencode(name)) > room:
+            raise UsageError("--model or --layer_name is too long for the file system's names")
         names[path] = name
         taken.add(name)
     return names
 
 
-def fitted(name: str, room: int) -> str:
-    """`name` itself if it takes at most `room` bytes on disk, else cut to fit with a '~' and 8 hex
-    digits of its hash after it, so that cut names stay apart."""
-    if len(os.fsencode(name)) <= room:
-        return name
-    tail = "~" + hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
-    while len(os.fsencode(name + tail)) > room and name:
-        name = name[:-1]
-    if len(os.fsencode(name + tail)) > room:
-        raise UsageError(f"the output names of {shown(name)} cannot fit the file system's limit of names")
-    return name + tail
-
-
 class Row(NamedTuple):
-    """One (photo, layer) pair of a job: one optimised image; every file it writes is `stem` and an ending."""
+    """One (photo, layer) pair of a job: one optimised image, whose files are its PNG's name with other endings."""
 
     image_path: str
     layer_name: str
-    stem: Path
+    png: Path
     montage: Optional[Path]  # the photo's montage of its layers, in a job with several rows
 
     def file(self, ending: str) -> Path:
-        return Path(f"{self.stem}{ending}")
+        return Path(str(self.png)[:-len(".png")] + ending)
 
     def sample(self, index: int) -> Path:
-        """Where sample `index` (from 0) goes: the first is the row's PNG."""
-        return self.file(".png" if index == 0 else f"_sample{index + 1}.png")
+        return self.png if index == 0 else self.file(f"_sample{index + 1}.png")
 
 
 def plan(args: argparse.Namespace) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
     paths = photo_paths(args.image_path)
-    layer_names = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
-    several = len(paths) * len(layer_names) > 1
+    layers = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
+    several = len(paths) * len(layers) > 1
     if args.output and (several or Path(args.output).suffix.lower() != ".png"):
-        raise UsageError(f"--output {args.output} must end in .png" if not several else
-                         "--output names one file: with several layers or images, use --output_dir")
+        raise UsageError("--output names one file: with several layers or images, use --output_dir" if several
+                         else f"--output {args.output} must end in .png")
     if args.output:
-        return [Row(paths[0], layer_names[0], Path(args.output).with_suffix(""), None)]
+        return [Row(paths[0], layers[0], Path(args.output), None)]
     folder = Path(args.output_dir)
     existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
     try:
         longest = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
         longest = 255
-    # the longest ending is a sample's, the diverged image's or the montage's
-    room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png"), len("_montage.png")) - len(
-        os.fsencode(f"_{args.model}_{max(layer_names, key=len)}"))
-    names = {path: fitted(name, room) for path, name in photo_names(paths).items()}
-    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}",
+    # room for the photo's name beside the longest endings: a sample's, or the diverged image's
+    room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png")) - len(
+        os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}"))
+    names = photo_names(paths, room)
+    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}.png",
                 folder / f"{names[path]}_{args.model}_montage.png" if several else None)
-            for path in paths for layer in layer_names]
+            for path in paths for layer in layers]
 
 
 def in_shard(rows: list, part: int, parts: int) -> list:
-    """The rows of photos part, part + parts, part + 2 parts, ...: all of a photo's rows stay together."""
+    """The rows of photos part, part + parts, part + 2 parts, ...: a photo's rows stay together."""
     mine = set(list(dict.fromkeys(row.image_path for row in rows))[part::parts])
     return [row for row in rows if row.image_path in mine]
 
 
-def row_files(args: argparse.Namespace, rows: list) -> dict:
-    """Every file and folder the rows may write, by (folder, name): True for a folder; samples past
-    the first as one pattern per row, so that many samples cost nothing here."""
-    files = {}
+def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
+    """Fail before the work if an output cannot be written, would overwrite an input photo, or would
+    replace the record of another photo. Samples past the first are a pattern, so they cost nothing."""
+    files = {Path(args.output_dir).absolute() / INDEX: False} if rows and not args.output else {}
     for row in rows:
         endings = [".png", ".json", ".diverged.png", *[".gif", "_frames"] * bool(args.save_every),
                    *["_mean.png", "_spread.png", "_sample*.png"] * (args.samples > 1)]
-        for path in [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage):
-            files[path.absolute().parent, path.name] = path.name.endswith("_frames")
-    if rows and not args.output:
-        files[Path(args.output_dir).absolute(), INDEX] = False
-    return files
-
-
-def written_by(files: dict, folder: Path, name: str, samples: int) -> Optional[bool]:
-    """Whether the job writes folder/name: None if not, else whether it writes it as a folder."""
-    stem, _, number = name.removesuffix(".png").rpartition("_sample")
-    if name.endswith(".png") and number.isdigit() and 2 <= int(number) <= samples:
-        name = f"{stem}_sample*.png"
-    return files.get((folder, name))
-
-
-def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
-    """Fail before the work, not after it, if an output cannot be written, would overwrite an input
-    photo, or would replace the record of another photo."""
-    files = row_files(args, rows)
-    for path in dict.fromkeys(row.image_path for row in rows):
-        if written_by(files, Path(path).parent, Path(path).name, args.samples) is not None:
-            raise UsageError(f"the outputs would overwrite the input photo {path}: choose another --output_dir")
-    for row in rows:
+        files.update({path.absolute(): path.name.endswith("_frames")
+                      for path in [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage)})
         record = previous[row]
         if record is not None and isinstance(record.get("image_path"), str) and record["image_path"] != row.image_path:
-            raise UsageError(f"{row.file('.json')} holds the result of another photo, "
-                             f"{record['image_path']}: invert {row.image_path} into another --output_dir")
-    for folder in dict.fromkeys(folder for folder, _ in files):
+            raise UsageError(f"{row.file('.json')} holds the result of another photo, {record['image_path']}: "
+                             f"invert {row.image_path} into another --output_dir")
+
+    def written(path: Path) -> Optional[bool]:  # None if the job does not write `path`; else if as a folder
+        stem, _, number = path.name.removesuffix(".png").rpartition("_sample")
+        sample = path.name.endswith(".png") and number.isdigit() and 2 <= int(number) <= args.samples
+        return files.get(path.with_name(f"{stem}_sample*.png") if sample else path)
+
+    for path in dict.fromkeys(row.image_path for row in rows):
+        if written(Path(path)) is not None:
+            raise UsageError(f"the outputs would overwrite the input photo {path}: choose another --output_dir")
+    for folder in dict.fromkeys(path.parent for path in files):
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write in {folder}: {existing} is not a writable directory")
         for entry in os.scandir(folder) if existing == folder else ():
-            kind = written_by(files, folder, entry.name, args.samples)
+            kind = written(folder / entry.name)
             if kind is not None and entry.is_dir() != kind:
                 raise UsageError(f"cannot write {folder / entry.name}: something that is not a "
                                  f"{'folder' if kind else 'file'} is already there")
@@ -1731,7 +1672,7 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
 
 
 def read_record(path: Path) -> Optional[dict]:
-    """The JSON record at `path`, None if it is missing or is not a readable record of any shape."""
+    """The JSON record at `path`; None if it is missing or not a JSON object, whatever its shape."""
     try:
         record = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
@@ -1740,46 +1681,34 @@ def read_record(path: Path) -> Optional[dict]:
 
 
 def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Optional[str], weights: str) -> dict:
-    """What a record must hold for --resume to take it as this row's: the photo's path and content,
-    the model, the weights' content, the input size, the layer and the resolved settings."""
+    """What --resume compares: the photo's path and content, the model, the weights' content, the
+    input size, the layer and the resolved settings."""
     return {"image_path": row.image_path, "image_sha256": sha256, "model": args.model, "weights_id": weights,
             "input_size": args.input_size, "layer_name": row.layer_name, "settings": dataclasses.asdict(settings)}
 
 
 def finished(record: Optional[dict], wanted: dict, row: Row, samples: int) -> bool:
-    """Whether --resume may skip the row: its record is of this row, done, and its pictures are there."""
+    """Whether --resume may skip a row: its record is done and of the same identity, its pictures there."""
     return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
             and all(record.get(key) == value for key, value in wanted.items())
             and all(row.sample(index).is_file() for index in range(samples)))
 
 
-def natural(text: str) -> list:
-    """A sort key that puts features_4 before features_12."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def index_line(path: str) -> Optional[dict]:
-    """The index's line for the record at `path`, None if it is not one."""
-    record = read_record(Path(path))
-    if record is None or not all(isinstance(record.get(key), str) for key in ("image_path", "layer_name", "status")):
-        return None
-    return {column: record.get(column, "") for column in INDEX_COLUMNS}
-
-
 def write_index(folder: Path, cache: dict) -> None:
-    """Rebuild folder/index.csv from every record in the folder, whichever call wrote it. Each process
-    rebuilds it under a lock while it runs and at its end, so the last to finish leaves it complete;
-    `cache` keeps each record's line between rebuilds while its file is unchanged."""
+    """Rebuild folder/index.csv from every record in the folder, whichever call wrote it, under a lock,
+    so that the last process to finish leaves it complete; `cache` keeps unchanged records' lines."""
     with filelock.FileLock(str(folder / f"{INDEX}.lock")):
-        lines = []
         for entry in os.scandir(folder):
             if entry.name.endswith(".json") and entry.is_file():
-                stat = entry.stat()
-                key = (stat.st_mtime_ns, stat.st_size)
+                key = (entry.stat().st_mtime_ns, entry.stat().st_size)
                 if cache.get(entry.name, (None,))[0] != key:
-                    cache[entry.name] = key, index_line(entry.path)
-                lines += [cache[entry.name][1]] if cache[entry.name][1] else []
-        lines.sort(key=lambda line: (line["image_path"], line["model"], natural(line["layer_name"]), line["png"]))
+                    record = read_record(Path(entry.path)) or {}
+                    line = {column: record.get(column, "") for column in INDEX_COLUMNS}
+                    cache[entry.name] = key, line if all(isinstance(line[column], str) and line[column] for
+                                                         column in ("image_path", "layer_name", "status")) else None
+        lines = sorted((line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)),
+                       key=lambda line: (line["image_path"], line["model"], [int(part) if part.isdigit() else part
+                                         for part in re.split(r"(\d+)", line["layer_name"])], line["png"]))
 
         def write(file):
             text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
@@ -1796,31 +1725,28 @@ def write_index(folder: Path, cache: dict) -> None:
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes this process can still allocate on `device`, None if unknown: on a CPU the least of the
-    system's MemAvailable, what is left under `ulimit -v`, and what is left in its cgroups (SLURM's)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    """Bytes this process can still allocate on `device` (None if unknown): on a CPU the least of
+    MemAvailable, what `ulimit -v` leaves, and what its cgroup leaves, as SLURM sets one."""
     if device.type != "cpu":
-        return None
+        return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     left = []
     with contextlib.suppress(OSError, ValueError, KeyError):
         fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
         left.append(int(fields["MemAvailable"].split()[0]) * 1024)
     with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if limit != resource.RLIM_INFINITY:
-            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-            left.append(limit - int(status["VmSize"].split()[0]) * 1024)
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        left += [limit - int(status["VmSize"].split()[0]) * 1024] if limit != resource.RLIM_INFINITY else []
     with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            root, names = ((Path("/sys/fs/cgroup"), ("memory.max", "memory.current")) if not controllers else
-                           (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
-                           if "memory" in controllers.split(",") else (None, None))
-            for group in [root / path.lstrip("/"), *(root / path.lstrip("/")).parents] if root else []:
-                if group.is_relative_to(root) and all((group / name).is_file() for name in names):
-                    limit, used = ((group / name).read_text().strip() for name in names)
-                    left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
+        for line in Path("/proc/self/cgroup").read_text().splitlines():  # v2 ("0::/path") or v1's memory
+            _, kinds, group = line.split(":", 2)
+            names = ("memory.max", "memory.current") if not kinds else \
+                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes") if "memory" in kinds.split(",") else ()
+            files = [Path("/sys/fs/cgroup", *name.split("/")[:-1], group.lstrip("/"), name.split("/")[-1])
+                     for name in names]
+            limit, used = (file.read_text().strip() if file.is_file() else "max" for file in files) if files \
+                else ("max", "0")
+            left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
     return min(left) if left else None
 
 
@@ -1834,47 +1760,29 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
 
 def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
               device: torch.device) -> float:
-    """Estimate the memory one row at `layer` allocates, from a forward pass at a small size scaled
-    up by area: its activations kept for the backward pass with their gradients (about three float32
-    copies of each), its reference and target, its canvas at the jitter its layer decides (the
-    variable, its gradient, the optimizer's state, the guard's copy, about a dozen rendering and
-    prior steps) and the `frames` pictures kept for its GIF."""
+    """The memory one row at `layer` allocates by the estimate, from a forward pass at a small size
+    scaled by area: every activation up to the layer three times (values, gradients, a copy), the
+    reference and target, the canvas at the row's own jitter about 16 times over (the variable, its
+    gradient, the optimizer's state, the guard's copy, the render and priors), the GIF's frames."""
     probe, elements = min(size, 64), []
-
-    def count(module, inputs, output):
-        elements.append(output.numel() if isinstance(output, torch.Tensor) else 0)
-
     leaves = [module for module in model.modules() if not any(module.children())]
     try:
-        with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
+        with forward_hooks({leaf: lambda module, inputs, output: elements.append(
+                output.numel() if isinstance(output, torch.Tensor) else 0) for leaf in leaves}), torch.no_grad():
             output = layer_outputs(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0]
-        stride, scale = layer_stride((probe, probe), output), (size / probe) ** 2
-    except FORWARD_ERRORS:  # a model that refuses the probe size is checked at the real size when it runs
-        elements, output, stride, scale = [], torch.zeros(0), 1, 0
-    jitter = layer_settings(settings, stride)["jitter"]
+        stride, activations = layer_stride((probe, probe), output), sum(elements) + output.numel()
+    except FORWARD_ERRORS:  # a model that refuses the probe size is checked at the real size
+        stride, activations = 1, 0
+    canvas = 3 * (size + layer_settings(settings, stride)["jitter"]) ** 2
     state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
-    return (4 * scale * 3 * (sum(elements) + output.numel()) + 4 * 6 * size * size
-            + 4 * (16 + state) * 3 * (size + jitter) ** 2 + frames * 3 * size * size)
-
-
-def batches(rows: list, costs: list, budget: float, most: int) -> list:
-    """Consecutive runs of `rows`, each of at most `most` rows whose `costs` add up to at most `budget`."""
-    runs, current, used = [], [], 0.0
-    for row, cost in zip(rows, costs):
-        if current and (len(current) + 1 > most or used + cost > budget):
-            runs.append(current)
-            current, used = [], 0.0
-        current.append(row)
-        used += cost
-    return runs + [current] if current else runs
+    return 12 * activations * (size / probe) ** 2 + 24 * size * size + 4 * (16 + state) * canvas + frames * canvas
 
 
 def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
                  device: torch.device) -> list:
-    """The batches the rows run in: --batch_size images at most (auto: at most BATCH_CAP, past which
-    batches no longer gain per image, tests/README.md), and as many as fit in a safe share of the free
-    memory by the estimate; a row's samples stay together. Refuses, before the work, a row that
-    cannot fit even alone."""
+    """Consecutive runs of the rows, of --batch_size images at most (auto: BATCH_CAP, past which a batch
+    no longer gains per image) that fit in a safe share of the free memory by the estimate; refuses,
+    before the work, a row that cannot fit even alone."""
     frames = settings.epochs // args.save_every if args.save_every else 0
     costs = {name: settings.samples * row_bytes(model, layers[name], args.input_size, settings, frames, device)
              for name in dict.fromkeys(row.layer_name for row in rows)}
@@ -1884,25 +1792,24 @@ def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers:
                      "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0"
                      + (", or another --optimizer" if settings.optimizer == "lbfgs" else ""))
     free = available_memory(device)
-    most = BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size
-    return batches(rows, [costs[row.layer_name] for row in rows], math.inf if free is None else MEMORY_SHARE * free,
-                   max(1, most // settings.samples))
+    budget = math.inf if free is None else MEMORY_SHARE * free
+    most = max(1, (BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size)
+               // settings.samples)
+    runs, used = [[]], 0.0
+    for row in rows:
+        if runs[-1] and (len(runs[-1]) == most or used + costs[row.layer_name] > budget):
+            runs, used = runs + [[]], 0.0
+        runs[-1].append(row)
+        used += costs[row.layer_name]
+    return runs if runs[0] else []
 
 
 # ---------------------------------------------------------------- saving
 
 
-@functools.lru_cache(maxsize=None)
-def file_mode() -> int:
-    """The mode a new file gets from this process's umask (mkstemp's own is 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_atomically(path: Path, write: Callable) -> None:
-    """Call write(file) on a new temporary file in `path`'s folder, made exclusively (a planted link
-    is never followed), then rename it over `path` in one step."""
+    """Call write(file) on a new temporary file in `path`'s folder, made exclusively (a link planted at
+    its name is never followed), then rename it over `path` in one step."""
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1910,7 +1817,9 @@ def write_atomically(path: Path, write: Callable) -> None:
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
-            os.fchmod(file.fileno(), file_mode())
+            mask = os.umask(0o22)  # mkstemp makes it 0600: give it the mode the umask gives a new file
+            os.umask(mask)
+            os.fchmod(file.fileno(), 0o666 & ~mask)
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:  # a full disk, a folder that vanished: the old file, if any, stays
@@ -1927,77 +1836,62 @@ def save_png(path: Path, picture: Image.Image) -> None:
     write_atomically(path, lambda file: picture.save(file, format="PNG", pnginfo=marked))
 
 
-def save_row(job: "Job", row: Row, result: Inversion, mine: range, record: dict, frames: list) -> dict:
-    """Write one row's pictures (its samples, their mean and spread, its GIF) and return its record."""
-    pictures = [deprocess(result.images[at][None]) for at in mine]
-    for sample, picture in enumerate(pictures):
-        save_png(row.sample(sample), picture)
-    first = mine.start
-    record.update(status="done", png=row.sample(0).name, layer_settings=result.layer_settings[first],
-                  **result.losses[first], iterations=result.iterations[first], stopped=result.stopped[first])
-    if len(mine) > 1:
-        mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
-        save_png(row.file("_mean.png"), mean)
-        save_png(row.file("_spread.png"), spread_picture)
-        record.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
-                      spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
-                                                         "stopped": result.stopped[at]} for at in mine])
-    if job.args.save_every:
-        movie = frames + [pictures[0]]
-        write_atomically(row.file(".gif"), lambda file: movie[0].save(
-            file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0, comment=MARK))
-    if result.stopped[first] == "interrupted":
-        record["status"] = "interrupted"
-    return record
+def save_json(path: Path, record: dict) -> None:
+    """Write a JSON record atomically (ASCII: an undecodable byte in a name is escaped)."""
+    write_atomically(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 # ---------------------------------------------------------------- the job
 
 
 class Job:
-    """The command line's job over its rows: inverting them batch by batch, each row's outcome, and
-    what it writes; a row that cannot be inverted fails alone and the others go on."""
+    """The command line's job: its rows, planned and checked before the work, then inverted batch by
+    batch; a row that cannot be inverted fails alone and the others go on."""
 
-    def __init__(self, args: argparse.Namespace, settings: Settings, device: torch.device, photos: dict,
-                 wanted: dict, total: int, skipped: list):
-        self.args, self.settings, self.device, self.photos, self.wanted = args, settings, device, photos, wanted
-        self.failed, self.done, self.index = {}, set(skipped), {}  # row -> why it failed; rows done; index cache
-        self.several = total - len(skipped) > 1
-        self.bar = tqdm(total=total, initial=len(skipped), unit="image", dynamic_ncols=True, disable=args.quiet)
-
-    def say(self, text: str, error: bool = False) -> None:
-        """A line above the bars: on stderr if `error`, else on stdout unless --quiet."""
-        if error or not self.args.quiet:
-            self.bar.write(shown(text), file=sys.stderr if error else sys.stdout)
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device, self.failed, self.index = args, device, {}, {}  # failed: row -> why
+        # the cheap checks come first, so that a typo fails before a model loads or downloads
+        self.settings = settings = resolve(settings_from_args(args), device)
+        self.rows = rows = in_shard(plan(args), *shard_of(args.shard))
+        weights, weights_data = weights_identity(args.model, args.weights)
+        self.photos = {path: read_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
+        previous = {row: read_record(row.file(".json")) for row in rows}
+        check_outputs(args, rows, previous)
+        self.wanted = {row: identity(row, args, settings, self.photos[row.image_path].sha256, weights) for row in rows}
+        self.done = {row for row in rows if args.resume and finished(previous[row], self.wanted[row], row,
+                                                                     settings.samples)}
+        self.todo = [row for row in rows if row not in self.done]
+        runnable, self.runs = [row for row in self.todo if self.photos[row.image_path].error is None], []
+        if runnable:
+            self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
+            self.layers = {row.layer_name: resolve_layer(self.model, row.layer_name)[1] for row in runnable}
+            check_model(self.model, list(self.layers.values()), args.input_size, device, settings.precision)
+            self.runs = plan_batches(args, runnable, self.model, self.layers, settings, device)
+        self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True, disable=args.quiet)
 
     def record(self, row: Row, **fields) -> dict:
-        """The start of a row's record: what identifies it, and where it ran."""
+        """A row's record: what identifies it, where it ran, and `fields`."""
         return {**self.wanted[row], "weights": self.args.weights, "precision": self.settings.precision,
-                "device": str(self.device), **fields}
+                "device": str(self.device), "png": row.png.name, **fields}
 
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
-        """Mark `row` failed for `reason`: named on stderr, and a record saying so."""
+        """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded."""
         self.failed[row] = reason
-        if self.several:
-            self.say(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}", error=True)
-        record = self.record(row, status=status, error=reason, png=row.sample(0).name)
-        write_atomically(row.file(".json"), lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+        if len(self.rows) > 1:
+            self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"), sys.stderr)
+        save_json(row.file(".json"), self.record(row, status=status, error=reason))
 
     def photo(self, path: str) -> torch.Tensor:
-        """A photo preprocessed, read again unless planning kept its bytes; its rows' records get the
-        hash of what was read."""
-        data = self.photos[path].data or read_bytes(path)
-        for row, wanted in self.wanted.items():
-            if row.image_path == path:
-                wanted["image_sha256"] = hashlib.sha256(data).hexdigest()
-        return load_photo(path, self.args.input_size, data)
+        """A photo, preprocessed: read again unless planning kept it (one changed since is recorded with
+        the hash planning read, so that --resume redoes it)."""
+        return load_photo(path, self.args.input_size, self.photos[path].data or read_bytes(path))
 
     def callback(self, rows: list, frames: list) -> tuple:
-        """(invert's callback for a batch, its bar): the bar, each image's losses every --stdout_epochs
+        """invert()'s callback for a batch, and its bar: each image's losses every --stdout_epochs
         iterations, and every --save_every-th image as a frame."""
         epochs, every, samples = self.settings.epochs, self.args.stdout_epochs, self.settings.samples
-        labels = [f"{row.stem.name}{f' sample {sample + 1}' if samples > 1 else ''}  " if len(rows) * samples > 1
-                  else "" for row in rows for sample in range(samples)]
+        labels = [shown(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
+                  if len(rows) * samples > 1 else "" for row in rows for sample in range(samples)]
         bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False, disable=self.args.quiet)
 
         def report(step: int, losses: dict, images: Callable) -> None:
@@ -2006,7 +1900,7 @@ class Job:
                 values = {name: value.tolist() for name, value in losses.items()}
                 for index, label in enumerate(labels):
                     text = "  ".join(f"{name} {value[index]:.4g}" for name, value in values.items())
-                    bar.write(f"iteration {step:>5}/{epochs}  {shown(label)}{text}")
+                    bar.write(f"iteration {step:>5}/{epochs}  {label}{text}")
             if self.args.save_every and step % self.args.save_every == 0:
                 for row, kept, image in zip(rows, frames, images()[::samples]):
                     kept.append(deprocess(image[None]))
@@ -2014,131 +1908,121 @@ class Job:
 
         return report, bar
 
-    def optimise(self, rows: list, model: nn.Module, layers: dict) -> bool:
-        """Invert one batch of rows and save each row's outcome; return whether Ctrl-C stopped it."""
+    def optimise(self, rows: list) -> bool:
+        """Invert a batch of rows and save what each gives; return whether Ctrl-C stopped it."""
         photos = {}
-        for path in dict.fromkeys(row.image_path for row in rows):
+        for row in rows:
             try:
-                photos[path] = self.photo(path)
+                photos[row.image_path] = photos[row.image_path] if row.image_path in photos else \
+                    self.photo(row.image_path)
             except UsageError as error:
-                for row in rows:
-                    if row.image_path == path:
-                        self.fail(row, str(error))
+                self.fail(row, str(error))
         while rows := [row for row in rows if row not in self.failed]:
-            frames = [[] for _ in rows]
+            frames, count, started = [[] for _ in rows], self.settings.samples, time.perf_counter()
             report, bar = self.callback(rows, frames)
-            started = time.perf_counter()
             try:
-                result = invert(model, [layers[row.layer_name] for row in rows],
-                                torch.cat([photos[row.image_path] for row in rows]).to(self.device), self.settings,
-                                callback=report)
-            except RowError as error:
+                result = invert(self.model, [self.layers[row.layer_name] for row in rows], torch.cat(
+                    [photos[row.image_path] for row in rows]).to(self.device), self.settings, callback=report)
+            except RowError as error:  # those rows fail; the others run again without them
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
                 continue
             finally:
                 bar.close()
-            self.save(rows, result, time.perf_counter() - started, frames)
+            seconds = time.perf_counter() - started
+            for index, row in enumerate(rows):
+                self.save(row, result, range(index * count, (index + 1) * count), frames[index], self.record(
+                    row, seconds=round(seconds / len(rows), 4), batch=len(rows) * count, ms_per_iteration=round(
+                        1000 * seconds / max(*result.iterations, 1), 3), torch_version=torch.__version__,
+                    torchvision_version=torchvision.__version__))
             return "interrupted" in result.stopped
         return False
 
-    def save(self, rows: list, result: Inversion, seconds: float, frames: list) -> None:
-        """Save each row of a batch: its pictures and record, or its last finite image if it diverged."""
-        count = self.settings.samples
-        for index, row in enumerate(rows):
-            mine = range(index * count, (index + 1) * count)  # the result's rows of this row's samples
-            broken = [at for at in mine if result.stopped[at] == "diverged"]
-            if broken:
-                save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
-                lr = result.layer_settings[broken[0]]["lr"]
-                self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image is "
-                          f"{row.file('.diverged.png').name}", "diverged")
-                continue
-            record = save_row(self, row, result, mine, self.record(
-                row, seconds=round(seconds / len(rows), 4), batch=len(rows) * count,
-                ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3),
-                torch_version=torch.__version__, torchvision_version=torchvision.__version__), frames[index])
-            write_atomically(row.file(".json"), lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
-            self.done.update([row] if record["status"] == "done" else [])
-            self.say(f"saved {row.sample(0)} and {row.file('.json').name}: feature_error "
-                     f"{record['feature_error']:.4f}" + (f", spread {record['spread']:.1f} grey levels"
-                                                         if count > 1 else ""))
-        self.bar.update(len(rows))
+    def save(self, row: Row, result: Inversion, mine: range, frames: list, record: dict) -> None:
+        """Save one row's pictures (its samples, their mean and spread, its GIF), then its record; or,
+        where a sample diverged, that sample's last finite image."""
+        broken, first = [at for at in mine if result.stopped[at] == "diverged"], mine.start
+        if broken:
+            save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
+            lr = result.layer_settings[broken[0]]["lr"]
+            return self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image is "
+                             f"{row.file('.diverged.png').name}", "diverged")
+        pictures = [deprocess(result.images[at][None]) for at in mine]
+        for sample, picture in enumerate(pictures):
+            save_png(row.sample(sample), picture)
+        record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
+                      layer_settings=result.layer_settings[first], **result.losses[first],
+                      iterations=result.iterations[first], stopped=result.stopped[first])
+        if len(mine) > 1:
+            mean, spread_picture, spread = mean_and_spread(result.images[first:mine.stop])
+            save_png(row.file("_mean.png"), mean)
+            save_png(row.file("_spread.png"), spread_picture)
+            record.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
+                          spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
+                                                             "stopped": result.stopped[at]} for at in mine])
+        if self.args.save_every:
+            movie = frames + pictures[:1]
+            write_atomically(row.file(".gif"), lambda file: movie[0].save(
+                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0, comment=MARK))
+        save_json(row.file(".json"), record)
+        self.done.update([row] if record["status"] == "done" else [])
+        self.bar.update()
+        if not self.args.quiet:
+            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: feature_error {record['feature_error']:.4f}"
+                                 + (f", spread {spread:.1f} grey levels" if len(mine) > 1 else "")))
 
-    def montages(self, rows: list, every: list) -> None:
-        """Write the montage of each photo among `rows` whose rows in `every` are all done: each layer's
-        picture, or with several samples their mean and spread."""
+    def montages(self, rows: list) -> None:
+        """Write the montage of each photo among `rows` whose rows are all done, from their pictures."""
         for path in dict.fromkeys(row.image_path for row in rows if row.montage):
-            mine = [row for row in every if row.image_path == path]
-            if all(row in self.done for row in mine):
-                with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
-                    shown_files = [(row.layer_name, row.sample(0)) for row in mine] if self.settings.samples == 1 \
-                        else [(f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine
-                              for kind in ("mean", "spread")]
+            mine = [row for row in self.rows if row.image_path == path]
+            shown_files = [(row.layer_name, row.png) for row in mine] if self.settings.samples == 1 else \
+                [(f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine for kind in ("mean", "spread")]
+            with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
+                if all(row in self.done for row in mine):
                     tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
                     save_png(mine[0].montage, montage(deprocess(self.photo(path)), tiles))
 
-
-def list_layers(args: argparse.Namespace, device: torch.device) -> int:
-    """Print every layer of the model with its output shape at --input_size."""
-    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    for row in layer_shapes(model, args.input_size, device):
-        print("  ".join(f"{cell:<24}" for cell in row).rstrip())
-    return 0
+    def run(self) -> int:
+        """Invert and save batch by batch, rebuilding the index now and then and at the end; return the exit code."""
+        indexed = started = time.perf_counter()
+        interrupted, index = False, not self.args.output
+        try:
+            for row in self.todo:
+                if self.photos[row.image_path].error is not None:
+                    self.fail(row, self.photos[row.image_path].error)
+            self.montages([row for row in self.done if row.montage and not row.montage.exists()])
+            for batch in self.runs:
+                interrupted = self.optimise(batch)
+                self.montages(batch)
+                if index and time.perf_counter() - indexed > INDEX_EVERY:
+                    write_index(Path(self.args.output_dir), self.index)
+                    indexed = time.perf_counter()
+                if interrupted:
+                    break
+        finally:
+            self.bar.close()
+            if index and Path(self.args.output_dir).is_dir():
+                write_index(Path(self.args.output_dir), self.index)
+        if self.failed:
+            (row, reason), count = next(iter(self.failed.items())), len(self.failed)
+            raise UsageError(reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
+                             f"{row.png.stem} first: {reason}" + ("; see index.csv's status" if index else ""))
+        if interrupted:
+            print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
+            return 130
+        if not self.args.quiet:
+            print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
+                  + (f", {len(self.rows) - len(self.todo)} done before" if len(self.todo) < len(self.rows) else ""))
+        return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, check, then invert and save batch by batch: the command line's job; return the exit code."""
+    """The command line's work: list the layers, or plan and check the job, then run it; the exit code."""
     device = pick_device(args.device)
-    seed_everything(args.seed)
-    if args.list_layers:
-        return list_layers(args, device)
-    # the cheap checks come first, so that a typo fails before a model loads or downloads
-    settings = resolve(settings_from_args(args), device)
-    rows = in_shard(plan(args), *shard_of(args.shard))
-    weights, weights_data = weights_identity(args.model, args.weights)
-    photos = {path: read_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
-    previous = {row: read_record(row.file(".json")) for row in rows}
-    check_outputs(args, rows, previous)
-    wanted = {row: identity(row, args, settings, photos[row.image_path].sha256, weights) for row in rows}
-    skipped = [row for row in rows if args.resume and finished(previous[row], wanted[row], row, settings.samples)]
-    todo = [row for row in rows if row not in skipped]
-    runnable = [row for row in todo if photos[row.image_path].error is None]
-    if runnable:
-        model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
-        layers = {row.layer_name: resolve_layer(model, row.layer_name)[1] for row in runnable}
-        check_model(model, list(layers.values()), args.input_size, device, settings.precision)
-        runs = plan_batches(args, runnable, model, layers, settings, device)
-    job, interrupted, started = Job(args, settings, device, photos, wanted, len(rows), skipped), False, time.perf_counter()
-    indexed = started
-    try:
-        for row in todo:
-            if photos[row.image_path].error is not None:
-                job.fail(row, photos[row.image_path].error)
-        job.montages([row for row in skipped if row.montage and not row.montage.exists()], rows)
-        for batch in runs if runnable else []:
-            interrupted = job.optimise(batch, model, layers)
-            job.montages(batch, rows)
-            if not args.output and time.perf_counter() - indexed > INDEX_EVERY:
-                write_index(Path(args.output_dir), job.index)
-                indexed = time.perf_counter()
-            if interrupted:
-                break
-    finally:
-        job.bar.close()
-        if not args.output and Path(args.output_dir).is_dir():
-            write_index(Path(args.output_dir), job.index)
-    if job.failed:
-        row, reason = next(iter(job.failed.items()))
-        raise UsageError(reason if len(todo) == 1 else f"{len(job.failed)} of {len(todo)} image(s) failed, "
-                         f"{row.stem.name} first: {reason}" + ("" if args.output else "; see index.csv's status"))
-    if interrupted:
-        print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(f"{len(todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
-              + (f", {len(skipped)} done before" if skipped else ""))
-    return 0
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # and every CUDA device's
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the same PNG again
+    return list_layers(args, device) if args.list_layers else Job(args, device).run()
 
 
 # ---------------------------------------------------------------- command line
@@ -2158,6 +2042,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action.default, list):
             return f"{action.help} (default: {' '.join(action.default)})"
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def shard_spec(text: str) -> tuple:
+    """--shard K/N: the K-th (0 to N-1) of N parts."""
+    try:
+        part, parts = (int(number) for number in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be K/N, such as 0/4, got {text}") from None
+    if not 0 <= part < parts:
+        raise argparse.ArgumentTypeError(f"must be K/N with K from 0 to N-1, got {text}")
+    return part, parts
+
+
+def list_layers(args: argparse.Namespace, device: torch.device) -> int:
+    """Print every layer of the model with its output shape at --input_size."""
+    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+    for row in layer_shapes(model, args.input_size, device):
+        print("  ".join(f"{cell:<24}" for cell in row).rstrip())
+    return 0
 
 
 def given(text: str) -> str:

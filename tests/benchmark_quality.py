@@ -56,7 +56,7 @@ def ssim(image, original, downsample: int = 1) -> float:
 def measure(model, photo: Path, index: int, flags: list, size: int = SIZE) -> tuple:
     """Invert one layer as the command line would with `flags`; return (result, seconds)."""
     args = invert.parse_args(["--image_path", str(photo), "--input_size", str(size), *flags])
-    invert.seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # as the command line does
     reference = invert.preprocess(invert.load_image(photo), size)
     started = time.perf_counter()
     result = invert.invert(model, model.features[index], reference, invert.settings_from_args(args))

@@ -1,4 +1,11 @@
-"""What the tests share: the repository root on sys.path, fast settings, a photo, a tiny network."""
+"""What the tests share: the repository root on sys.path, fast settings, a photo, a tiny network, and
+the precision that --precision auto picks.
+
+INVERT_AUTO_PRECISION=bf16 (or fp32) runs the suite as a CPU with (or without) native bf16 would:
+auto then picks that precision, whatever this machine's CPU. Tests that compare exact values pin
+fp32 themselves. Subprocesses see the machine's own choice.
+"""
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +22,22 @@ FAST = ["--model", "squeezenet1_1", "--weights", "none", "--input_size", "64",
         "--layer_name", "features_3", "--epochs", "5", "--quiet"]
 
 
+AUTO_PRECISION = os.environ.get("INVERT_AUTO_PRECISION")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real processes, signals, kill -9 and fuzzing "
                                        "(deselect with -m 'not slow')")
+    if AUTO_PRECISION not in (None, "bf16", "fp32"):
+        raise pytest.UsageError(f"INVERT_AUTO_PRECISION={AUTO_PRECISION!r}: use bf16 or fp32")
+
+
+@pytest.fixture(autouse=True)
+def auto_precision(monkeypatch):
+    """What --precision auto picks in this run: INVERT_AUTO_PRECISION's, else this CPU's."""
+    import invert
+    if AUTO_PRECISION:
+        monkeypatch.setattr(invert, "native_bf16", lambda device: AUTO_PRECISION == "bf16")
 
 
 @pytest.fixture

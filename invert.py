@@ -1475,7 +1475,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
 
 
 def launcher_int(name: str, least: int = 0) -> Optional[int]:
-    """The integer in environment variable `name` (None if unset), refused unless an integer >= `least`."""
+    """Environment variable `name` as an integer >= `least`, None if unset."""
     text = os.environ.get(name)
     if text is None:
         return None
@@ -1507,8 +1507,7 @@ def pick_device(spec: str) -> torch.device:
 
 
 def shard_of(given: Optional[tuple]) -> tuple:
-    """(K, N): this process's part of the photos, from --shard, else from the launchers' variables: a
-    SLURM job array's task (--array=MIN-MAX:STEP), split again between torchrun's RANK of WORLD_SIZE."""
+    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK."""
     names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
     task, low, high, count, step = (launcher_int(name, int(name[-4:] in ("OUNT", "STEP"))) for name in names)
     world, rank, local = launcher_int("WORLD_SIZE", 1), launcher_int("RANK"), launcher_int("LOCAL_RANK")
@@ -1517,32 +1516,33 @@ def shard_of(given: Optional[tuple]) -> tuple:
     if present:
         if task is None or low is None or (high is None and count is None):
             lacking = "ID" if task is None else "MIN" if low is None else "COUNT"
-            raise UsageError(f"the environment variable SLURM_ARRAY_TASK_{lacking} is not set, but {present[0]} "
-                             "is: SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP together")
+            raise UsageError(f"the environment variable SLURM_ARRAY_TASK_{lacking} is not set, but "
+                             f"{present[0]} is: SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP")
         step = step or 1
         parts = count if high is None else (high - low) // step + 1
         if count not in (None, parts):
-            raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but _MIN={low}, _MAX={high} and _STEP={step} make "
-                             f"{parts} tasks: split photos with a range, --array=0-{count - 1}, or --shard K/N")
+            raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but _MIN={low}, _MAX={high} and _STEP={step} "
+                             f"make {parts} tasks: split photos with --array=0-{count - 1}, or --shard")
         part = (task - low) // step
         if (task - low) % step or not 0 <= part < parts:
             raise UsageError(f"SLURM_ARRAY_TASK_ID={task} is not one of the array's tasks ({low} to "
                              f"{low + (parts - 1) * step}, step {step})")
     if (world is None) != (rank is None) or (local is not None and world is None):
-        have = "WORLD_SIZE" if rank is None and world is not None else "RANK" if rank is not None else "LOCAL_RANK"
-        raise UsageError(f"the environment variable {'RANK' if have == 'WORLD_SIZE' else 'WORLD_SIZE'} is not set, "
-                         f"but {have} is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
+        have = "WORLD_SIZE" if world is not None else "RANK" if rank is not None else "LOCAL_RANK"
+        lacking = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
+        raise UsageError(f"the environment variable {lacking} is not set, but {have} is: torchrun sets "
+                         "RANK, WORLD_SIZE and LOCAL_RANK together")
     if world is not None and rank >= world:
         raise UsageError(f"the environment variable RANK={rank} is not below WORLD_SIZE={world}")
     return given or ((part, parts) if world is None else (part * world + rank, parts * world))
 
 
 def photo_paths(given: Sequence[str]) -> list:
-    """The photos --image_path names, as absolute paths: each file, and for a folder the files directly
-    in it that Pillow can read, by name, less hidden files and the pictures this tool wrote."""
+    """The photos named, as absolute paths: files, and folders' files Pillow reads (not hidden or ours)."""
     Image.init()
-    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN and not (
-        isinstance(Image.OPEN[kind][0], type) and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile))}
+    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
+                and not (isinstance(Image.OPEN[kind][0], type)  # a stub opens nothing without a handler
+                         and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile))}
     paths = []
     for item in given:
         if not os.path.isdir(item):
@@ -1569,8 +1569,8 @@ def photo_names(paths: Sequence[str], room: int = 255) -> dict:
     for stem, group in groups.items():
         folders = [Path(os.path.abspath(path)).parent.parts[1:] for path in group]  # less the root
         for extension, depth in itertools.product((False, True), range(max(map(len, folders)) + 1)):
-            tried = ["_".join([*folder[max(0, len(folder) - depth):], stem, *[Path(path).suffix[1:]] * extension])
-                     for path, folder in zip(group, folders)]
+            tried = ["_".join([*folder[max(0, len(folder) - depth):], stem,
+                               *[Path(path).suffix[1:]] * extension]) for path, folder in zip(group, folders)]
             if len(set(tried)) == len(group):
                 break
         names.update(zip(group, tried))
@@ -1590,7 +1590,7 @@ def photo_names(paths: Sequence[str], room: int = 255) -> dict:
 
 
 class Row(NamedTuple):
-    """One (photo, layer) pair of a job: one optimised image, whose files are its PNG's name with other endings."""
+    """One (photo, layer) pair of a job: one image, whose files are its PNG's name with other endings."""
 
     image_path: str
     layer_name: str
@@ -1636,17 +1636,16 @@ def in_shard(rows: list, part: int, parts: int) -> list:
 
 
 def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
-    """Fail before the work if an output cannot be written, would overwrite an input photo, or would
-    replace the record of another photo. Samples past the first are a pattern, so they cost nothing."""
+    """Fail before the work if an output is unwritable or would replace an input or another photo's record."""
     files = {Path(args.output_dir).absolute() / INDEX: False} if rows and not args.output else {}
     for row in rows:
         endings = [".png", ".json", ".diverged.png", *[".gif", "_frames"] * bool(args.save_every),
                    *["_mean.png", "_spread.png", "_sample*.png"] * (args.samples > 1)]
-        files.update({path.absolute(): path.name.endswith("_frames")
-                      for path in [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage)})
-        record = previous[row]
-        if record is not None and isinstance(record.get("image_path"), str) and record["image_path"] != row.image_path:
-            raise UsageError(f"{row.file('.json')} holds the result of another photo, {record['image_path']}: "
+        paths = [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage)
+        files.update({path.absolute(): path.name.endswith("_frames") for path in paths})
+        other = (previous[row] or {}).get("image_path")
+        if isinstance(other, str) and other != row.image_path:
+            raise UsageError(f"{row.file('.json')} holds the result of another photo, {other}: "
                              f"invert {row.image_path} into another --output_dir")
 
     def written(path: Path) -> Optional[bool]:  # None if the job does not write `path`; else if as a folder
@@ -1656,7 +1655,7 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
 
     for path in dict.fromkeys(row.image_path for row in rows):
         if written(Path(path)) is not None:
-            raise UsageError(f"the outputs would overwrite the input photo {path}: choose another --output_dir")
+            raise UsageError(f"the outputs would overwrite the input photo {path}: use another --output_dir")
     for folder in dict.fromkeys(path.parent for path in files):
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -1680,11 +1679,17 @@ def read_record(path: Path) -> Optional[dict]:
     return record if isinstance(record, dict) else None
 
 
-def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Optional[str], weights: str) -> dict:
-    """What --resume compares: the photo's path and content, the model, the weights' content, the
-    input size, the layer and the resolved settings."""
+def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Optional[str],
+             weights: str) -> dict:
+    """What --resume compares: photo path and content, model, weights' content, size, layer and settings."""
     return {"image_path": row.image_path, "image_sha256": sha256, "model": args.model, "weights_id": weights,
-            "input_size": args.input_size, "layer_name": row.layer_name, "settings": dataclasses.asdict(settings)}
+            "input_size": args.input_size, "layer_name": row.layer_name,
+            "settings": dataclasses.asdict(settings)}
+
+
+def natural(text: str) -> list:
+    """A sort key that puts features_4 before features_12."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def finished(record: Optional[dict], wanted: dict, row: Row, samples: int) -> bool:
@@ -1695,8 +1700,7 @@ def finished(record: Optional[dict], wanted: dict, row: Row, samples: int) -> bo
 
 
 def write_index(folder: Path, cache: dict) -> None:
-    """Rebuild folder/index.csv from every record in the folder, whichever call wrote it, under a lock,
-    so that the last process to finish leaves it complete; `cache` keeps unchanged records' lines."""
+    """Rebuild folder/index.csv from all its records under a lock; `cache` keeps unchanged records' lines."""
     with filelock.FileLock(str(folder / f"{INDEX}.lock")):
         for entry in os.scandir(folder):
             if entry.name.endswith(".json") and entry.is_file():
@@ -1704,11 +1708,12 @@ def write_index(folder: Path, cache: dict) -> None:
                 if cache.get(entry.name, (None,))[0] != key:
                     record = read_record(Path(entry.path)) or {}
                     line = {column: record.get(column, "") for column in INDEX_COLUMNS}
-                    cache[entry.name] = key, line if all(isinstance(line[column], str) and line[column] for
-                                                         column in ("image_path", "layer_name", "status")) else None
+                    named = all(isinstance(line[key], str) and line[key]
+                                for key in ("image_path", "layer_name", "status", "model", "png"))
+                    cache[entry.name] = key, line if named else None
         lines = sorted((line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)),
-                       key=lambda line: (line["image_path"], line["model"], [int(part) if part.isdigit() else part
-                                         for part in re.split(r"(\d+)", line["layer_name"])], line["png"]))
+                       key=lambda line: (line["image_path"], line["model"], natural(line["layer_name"]),
+                                         line["png"]))
 
         def write(file):
             text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
@@ -1725,8 +1730,7 @@ def write_index(folder: Path, cache: dict) -> None:
 
 
 def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes this process can still allocate on `device` (None if unknown): on a CPU the least of
-    MemAvailable, what `ulimit -v` leaves, and what its cgroup leaves, as SLURM sets one."""
+    """Bytes left to allocate on `device`: on a CPU the least of MemAvailable, `ulimit -v`'s, the cgroup's."""
     if device.type != "cpu":
         return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     left = []
@@ -1740,13 +1744,12 @@ def available_memory(device: torch.device) -> Optional[int]:
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():  # v2 ("0::/path") or v1's memory
             _, kinds, group = line.split(":", 2)
-            names = ("memory.max", "memory.current") if not kinds else \
-                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes") if "memory" in kinds.split(",") else ()
-            files = [Path("/sys/fs/cgroup", *name.split("/")[:-1], group.lstrip("/"), name.split("/")[-1])
-                     for name in names]
-            limit, used = (file.read_text().strip() if file.is_file() else "max" for file in files) if files \
-                else ("max", "0")
-            left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
+            folder, names = (Path("/sys/fs/cgroup", group.lstrip("/")), ("memory.max", "memory.current")) \
+                if not kinds else (Path("/sys/fs/cgroup/memory", group.lstrip("/")),
+                                   ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+            if (not kinds or "memory" in kinds.split(",")) and (folder / names[0]).is_file():
+                limit, used = ((folder / name).read_text().strip() for name in names)
+                left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
     return min(left) if left else None
 
 
@@ -1760,32 +1763,32 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
 
 def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
               device: torch.device) -> float:
-    """The memory one row at `layer` allocates by the estimate, from a forward pass at a small size
-    scaled by area: every activation up to the layer three times (values, gradients, a copy), the
-    reference and target, the canvas at the row's own jitter about 16 times over (the variable, its
-    gradient, the optimizer's state, the guard's copy, the render and priors), the GIF's frames."""
+    """Estimated bytes of one row at `layer`, from a forward pass at a small size scaled by area."""
     probe, elements = min(size, 64), []
     leaves = [module for module in model.modules() if not any(module.children())]
+    def count(module, inputs, output):
+        elements.append(output.numel() if isinstance(output, torch.Tensor) else 0)
+
     try:
-        with forward_hooks({leaf: lambda module, inputs, output: elements.append(
-                output.numel() if isinstance(output, torch.Tensor) else 0) for leaf in leaves}), torch.no_grad():
+        with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
             output = layer_outputs(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0]
         stride, activations = layer_stride((probe, probe), output), sum(elements) + output.numel()
     except FORWARD_ERRORS:  # a model that refuses the probe size is checked at the real size
         stride, activations = 1, 0
     canvas = 3 * (size + layer_settings(settings, stride)["jitter"]) ** 2
     state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
-    return 12 * activations * (size / probe) ** 2 + 24 * size * size + 4 * (16 + state) * canvas + frames * canvas
+    # float32: each activation thrice (values, gradients, a copy), the reference and target, the canvas
+    # about 16 times (variable, gradient, optimizer state, guard, render and priors), and the GIF's frames
+    return (12 * activations * (size / probe) ** 2 + 24 * size * size + 4 * (16 + state) * canvas
+            + frames * canvas)
 
 
 def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
                  device: torch.device) -> list:
-    """Consecutive runs of the rows, of --batch_size images at most (auto: BATCH_CAP, past which a batch
-    no longer gains per image) that fit in a safe share of the free memory by the estimate; refuses,
-    before the work, a row that cannot fit even alone."""
+    """Consecutive runs of rows within --batch_size and a share of free memory; refuses one too big alone."""
     frames = settings.epochs // args.save_every if args.save_every else 0
-    costs = {name: settings.samples * row_bytes(model, layers[name], args.input_size, settings, frames, device)
-             for name in dict.fromkeys(row.layer_name for row in rows)}
+    costs = {name: settings.samples * row_bytes(model, layer, args.input_size, settings, frames, device)
+             for name, layer in layers.items()}
     for name, cost in costs.items():
         check_memory(cost, device, f"inverting {name} at --input_size {args.input_size}"
                      + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
@@ -1808,8 +1811,7 @@ def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers:
 
 
 def write_atomically(path: Path, write: Callable) -> None:
-    """Call write(file) on a new temporary file in `path`'s folder, made exclusively (a link planted at
-    its name is never followed), then rename it over `path` in one step."""
+    """write(file) to a new, exclusive temporary file beside `path` (never a planted link), then rename it."""
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1845,8 +1847,7 @@ def save_json(path: Path, record: dict) -> None:
 
 
 class Job:
-    """The command line's job: its rows, planned and checked before the work, then inverted batch by
-    batch; a row that cannot be inverted fails alone and the others go on."""
+    """The command line's rows, planned and checked before the work, then inverted batch by batch."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device, self.failed, self.index = args, device, {}, {}  # failed: row -> why
@@ -1854,10 +1855,12 @@ class Job:
         self.settings = settings = resolve(settings_from_args(args), device)
         self.rows = rows = in_shard(plan(args), *shard_of(args.shard))
         weights, weights_data = weights_identity(args.model, args.weights)
-        self.photos = {path: read_photo(path, args.input_size) for path in dict.fromkeys(row.image_path for row in rows)}
+        self.photos = {path: read_photo(path, args.input_size)
+                       for path in dict.fromkeys(row.image_path for row in rows)}
         previous = {row: read_record(row.file(".json")) for row in rows}
         check_outputs(args, rows, previous)
-        self.wanted = {row: identity(row, args, settings, self.photos[row.image_path].sha256, weights) for row in rows}
+        self.wanted = {row: identity(row, args, settings, self.photos[row.image_path].sha256, weights)
+                       for row in rows}
         self.done = {row for row in rows if args.resume and finished(previous[row], self.wanted[row], row,
                                                                      settings.samples)}
         self.todo = [row for row in rows if row not in self.done]
@@ -1867,7 +1870,8 @@ class Job:
             self.layers = {row.layer_name: resolve_layer(self.model, row.layer_name)[1] for row in runnable}
             check_model(self.model, list(self.layers.values()), args.input_size, device, settings.precision)
             self.runs = plan_batches(args, runnable, self.model, self.layers, settings, device)
-        self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True, disable=args.quiet)
+        self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True,
+                        disable=args.quiet)
 
     def record(self, row: Row, **fields) -> dict:
         """A row's record: what identifies it, where it ran, and `fields`."""
@@ -1878,21 +1882,21 @@ class Job:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded."""
         self.failed[row] = reason
         if len(self.rows) > 1:
-            self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"), sys.stderr)
+            self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"),
+                           sys.stderr)
         save_json(row.file(".json"), self.record(row, status=status, error=reason))
 
     def photo(self, path: str) -> torch.Tensor:
-        """A photo, preprocessed: read again unless planning kept it (one changed since is recorded with
-        the hash planning read, so that --resume redoes it)."""
+        """A photo preprocessed, read again unless kept (if changed, planning's hash makes --resume redo)."""
         return load_photo(path, self.args.input_size, self.photos[path].data or read_bytes(path))
 
     def callback(self, rows: list, frames: list) -> tuple:
-        """invert()'s callback for a batch, and its bar: each image's losses every --stdout_epochs
-        iterations, and every --save_every-th image as a frame."""
+        """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
         epochs, every, samples = self.settings.epochs, self.args.stdout_epochs, self.settings.samples
         labels = [shown(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
                   if len(rows) * samples > 1 else "" for row in rows for sample in range(samples)]
-        bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False, disable=self.args.quiet)
+        bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False,
+                   disable=self.args.quiet)
 
         def report(step: int, losses: dict, images: Callable) -> None:
             bar.update()
@@ -1930,23 +1934,23 @@ class Job:
             finally:
                 bar.close()
             seconds = time.perf_counter() - started
+            timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
+                          ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
             for index, row in enumerate(rows):
-                self.save(row, result, range(index * count, (index + 1) * count), frames[index], self.record(
-                    row, seconds=round(seconds / len(rows), 4), batch=len(rows) * count, ms_per_iteration=round(
-                        1000 * seconds / max(*result.iterations, 1), 3), torch_version=torch.__version__,
-                    torchvision_version=torchvision.__version__))
+                self.save(row, result, range(index * count, (index + 1) * count), frames[index],
+                          self.record(row, **timing, torch_version=torch.__version__,
+                                      torchvision_version=torchvision.__version__))
             return "interrupted" in result.stopped
         return False
 
     def save(self, row: Row, result: Inversion, mine: range, frames: list, record: dict) -> None:
-        """Save one row's pictures (its samples, their mean and spread, its GIF), then its record; or,
-        where a sample diverged, that sample's last finite image."""
+        """Save a row's pictures and then its record; or where a sample diverged, its last finite image."""
         broken, first = [at for at in mine if result.stopped[at] == "diverged"], mine.start
         if broken:
             save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
             lr = result.layer_settings[broken[0]]["lr"]
-            return self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image is "
-                             f"{row.file('.diverged.png').name}", "diverged")
+            return self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image "
+                             f"is {row.file('.diverged.png').name}", "diverged")
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):
             save_png(row.sample(sample), picture)
@@ -1957,33 +1961,37 @@ class Job:
             mean, spread_picture, spread = mean_and_spread(result.images[first:mine.stop])
             save_png(row.file("_mean.png"), mean)
             save_png(row.file("_spread.png"), spread_picture)
+            samples = [{**result.losses[at], "iterations": result.iterations[at],
+                        "stopped": result.stopped[at]} for at in mine]
             record.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
-                          spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
-                                                             "stopped": result.stopped[at]} for at in mine])
+                          spread=round(spread, 3), samples=samples)
         if self.args.save_every:
             movie = frames + pictures[:1]
             write_atomically(row.file(".gif"), lambda file: movie[0].save(
-                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0, comment=MARK))
+                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0,
+                comment=MARK))
         save_json(row.file(".json"), record)
         self.done.update([row] if record["status"] == "done" else [])
         self.bar.update()
         if not self.args.quiet:
-            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: feature_error {record['feature_error']:.4f}"
+            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: feature_error "
+                                 f"{record['feature_error']:.4f}"
                                  + (f", spread {spread:.1f} grey levels" if len(mine) > 1 else "")))
 
     def montages(self, rows: list) -> None:
         """Write the montage of each photo among `rows` whose rows are all done, from their pictures."""
         for path in dict.fromkeys(row.image_path for row in rows if row.montage):
             mine = [row for row in self.rows if row.image_path == path]
-            shown_files = [(row.layer_name, row.png) for row in mine] if self.settings.samples == 1 else \
-                [(f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine for kind in ("mean", "spread")]
+            shown_files = [(row.layer_name, row.png) for row in mine] if self.settings.samples == 1 else [
+                (f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine
+                for kind in ("mean", "spread")]
             with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
                 if all(row in self.done for row in mine):
                     tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
                     save_png(mine[0].montage, montage(deprocess(self.photo(path)), tiles))
 
     def run(self) -> int:
-        """Invert and save batch by batch, rebuilding the index now and then and at the end; return the exit code."""
+        """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code."""
         indexed = started = time.perf_counter()
         interrupted, index = False, not self.args.output
         try:
@@ -2005,14 +2013,15 @@ class Job:
                 write_index(Path(self.args.output_dir), self.index)
         if self.failed:
             (row, reason), count = next(iter(self.failed.items())), len(self.failed)
-            raise UsageError(reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
-                             f"{row.png.stem} first: {reason}" + ("; see index.csv's status" if index else ""))
+            raise UsageError(reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) "
+                             f"failed, {row.png.stem} first: {reason}" + ("; see index.csv" if index else ""))
         if interrupted:
             print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
             return 130
+        before = len(self.rows) - len(self.todo)
         if not self.args.quiet:
             print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
-                  + (f", {len(self.rows) - len(self.todo)} done before" if len(self.todo) < len(self.rows) else ""))
+                  + (f", {before} done before" if before else ""))
         return 0
 
 

@@ -167,7 +167,9 @@ def test_the_index_covers_every_record_in_its_folder_whichever_call_wrote_it(pho
 
 
 def test_resume_skips_finished_rows_and_reruns_the_others(photos, tmp_path, cli):
-    args = ["--image_path", photos, *FAST, *LAYERS, "--epochs", "3", "--output_dir", tmp_path / "out"]
+    # batches of one, so that a redone row gives the same picture bit for bit (see the batch-size test)
+    args = ["--image_path", photos, *FAST, *LAYERS, "--epochs", "3", "--batch_size", "1",
+            "--output_dir", tmp_path / "out"]
     assert cli(*args)[0] == 0
     first = outputs(tmp_path / "out")
     done = sorted((tmp_path / "out").glob("*.json"))
@@ -346,17 +348,16 @@ def test_resume_keeps_only_a_record_of_the_same_photo_weights_and_settings(photo
     assert code == 2 and "holds the result of another photo" in err and str(photos / "a.jpg") in err
 
 
-@pytest.mark.parametrize("damage", ["", "{", "[]", "null", "7", '"done"', '{"status": "done"}',
-                                    '{"status": "done", "settings": [[[]]], "image_path": 5}',
-                                    "[" * 100000, '{"a": ' * 5000, "\udcff garbage"])
-def test_a_damaged_record_of_any_shape_is_redone(damage, photos, tmp_path, cli):
-    args = ["--image_path", photos / "a.jpg", *FAST, "--epochs", "2", "--resume", "--output_dir", tmp_path]
+def test_a_damaged_record_of_any_shape_is_redone(photos, tmp_path, cli):
+    args = ["--image_path", photos / "a.jpg", *FAST, "--epochs", "1", "--resume", "--output_dir", tmp_path]
     assert cli(*args)[0] == 0
     record = tmp_path / "a_squeezenet1_1_features_3.json"
-    record.write_bytes(damage.encode(errors="surrogateescape"))
-    code, _, err = cli(*args)
-    assert code == 0 and "Traceback" not in err, err
-    assert json.loads(record.read_text())["status"] == "done"
+    for damage in ["", "{", "[]", "null", "7", '"done"', '{"status": "done"}', "[" * 100000, '{"a": ' * 5000,
+                   '{"status": "done", "settings": [[[]]], "image_path": 5}', "\udcff garbage"]:
+        record.write_bytes(damage.encode(errors="surrogateescape"))
+        code, _, err = cli(*args)
+        assert code == 0 and "Traceback" not in err, (damage[:20], err)
+        assert json.loads(record.read_text())["status"] == "done"
 
 
 def all_zero_for_black_photos(path: Path) -> Path:

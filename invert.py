@@ -654,9 +654,9 @@ def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
     return None
 
 
-def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> None:
-    """Fail before the work if the model cannot compute `layers` at this input size, or gives a blank
-    image activations there that are not finite (unsound weights)."""
+def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> dict:
+    """Each of `layers`' strides at this input size; UsageError before the work if the model cannot
+    compute one, or gives a blank image activations there that are not finite (unsound weights)."""
     try:
         with torch.no_grad(), autocast(precision, device):
             outputs = layer_outputs(model, layers, torch.zeros(len(layers), 3, size, size, device=device))
@@ -664,8 +664,9 @@ def check_model(model: nn.Module, layers: list, size: int, device: torch.device,
         raise UsageError(f"the model cannot compute this layer for a 3x{size}x{size} input: change "
                          f"--input_size ({one_line(error)})") from None
     if not all(torch.isfinite(output).all() for output in outputs):
-        raise UsageError(f"the layer's activations for a blank image are not finite (NaN or inf) in {precision}: "
-                         "the weights are unsound or the precision overflows; --lr is not the cause")
+        raise UsageError(f"the layer's activations for a blank image are not finite (NaN or inf) in "
+                         f"{precision}: the weights are unsound or the precision overflows; --lr is not the cause")
+    return {layer: layer_stride((size, size), output) for layer, output in zip(layers, outputs)}
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -1344,8 +1345,9 @@ def sample_seed(seed: int, sample: int) -> int:
     return (seed + sample * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
-def check_references(references) -> None:
-    """UsageError unless `references` is a batch of RGB images: an Nx3xHxW float tensor with N >= 1."""
+def check_references(model: nn.Module, references) -> None:
+    """UsageError unless `references` is a batch of RGB images (the priors are of colour pixels): an
+    Nx3xHxW tensor with N >= 1, of the model's dtype and on its device."""
     if not isinstance(references, torch.Tensor):
         raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
     shape = "x".join(map(str, references.shape))
@@ -1355,9 +1357,11 @@ def check_references(references) -> None:
     if len(references) == 0 or references.shape[1] != 3:
         raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 colour "
                          f"channels, got shape {shape}")
-    if not references.is_floating_point():
-        raise UsageError(f"invert() needs float references, normalised as preprocess() makes them, got "
-                         f"{references.dtype}")
+    weight = next(model.parameters(), references)
+    if not references.is_floating_point() or (references.dtype, references.device) != (weight.dtype, weight.device):
+        raise UsageError(f"invert() needs references of the model's dtype and device, {weight.dtype} on "
+                         f"{weight.device}, normalised as preprocess() makes them: got {references.dtype} on "
+                         f"{references.device}")
 
 
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
@@ -1373,7 +1377,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     last), and a function that returns the current images. Ctrl-C stops early and returns the
     images so far. A RowError names the rows that cannot be inverted at all.
     """
-    check_references(references)
+    check_references(model, references)
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
     layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
     if len(layers) != len(references):
@@ -1506,10 +1510,12 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
-def shard_of(given: Optional[tuple]) -> tuple:
-    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK."""
+def shard_of(given: Optional[tuple], photos: int) -> tuple:
+    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK; a job
+    of one photo, as a launcher's task that names its own, runs whole."""
     names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
-    task, low, high, count, step = (launcher_int(name, int(name[-4:] in ("OUNT", "STEP"))) for name in names)
+    task, low, high, count, step = (launcher_int(name, 1 if name.endswith(("COUNT", "STEP")) else 0)
+                                    for name in names)
     world, rank, local = launcher_int("WORLD_SIZE", 1), launcher_int("RANK"), launcher_int("LOCAL_RANK")
     part, parts, present = 0, 1, [name for name, value in zip(names, (task, low, high, count, step))
                                 if value is not None]
@@ -1520,6 +1526,8 @@ def shard_of(given: Optional[tuple]) -> tuple:
                              f"{present[0]} is: SLURM sets SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP")
         step = step or 1
         parts = count if high is None else (high - low) // step + 1
+        if parts < 1:
+            raise UsageError(f"SLURM_ARRAY_TASK_MAX={high} is below SLURM_ARRAY_TASK_MIN={low}")
         if count not in (None, parts):
             raise UsageError(f"SLURM_ARRAY_TASK_COUNT={count}, but _MIN={low}, _MAX={high} and _STEP={step} "
                              f"make {parts} tasks: split photos with --array=0-{count - 1}, or --shard")
@@ -1532,9 +1540,12 @@ def shard_of(given: Optional[tuple]) -> tuple:
         lacking = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
         raise UsageError(f"the environment variable {lacking} is not set, but {have} is: torchrun sets "
                          "RANK, WORLD_SIZE and LOCAL_RANK together")
-    if world is not None and rank >= world:
-        raise UsageError(f"the environment variable RANK={rank} is not below WORLD_SIZE={world}")
-    return given or ((part, parts) if world is None else (part * world + rank, parts * world))
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
+        if value is not None and value >= world:
+            raise UsageError(f"the environment variable {name}={value} is not below WORLD_SIZE={world}")
+    if given or photos < 2:
+        return given or (0, 1)
+    return (part, parts) if world is None else (part * world + rank, parts * world)
 
 
 def photo_paths(given: Sequence[str]) -> list:
@@ -1624,8 +1635,8 @@ def plan(args: argparse.Namespace) -> list:
     room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png")) - len(
         os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}"))
     names = photo_names(paths, room)
-    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}.png",
-                folder / f"{names[path]}_{args.model}_montage.png" if several else None)
+    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}.png",  # a montage of its layers
+                folder / f"{names[path]}_{args.model}_montage.png" if len(layers) > 1 else None)
             for path in paths for layer in layers]
 
 
@@ -1635,14 +1646,20 @@ def in_shard(rows: list, part: int, parts: int) -> list:
     return [row for row in rows if row.image_path in mine]
 
 
-def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
-    """Fail before the work if an output is unwritable or would replace an input or another photo's record."""
-    files = {Path(args.output_dir).absolute() / INDEX: False} if rows and not args.output else {}
-    for row in rows:
-        endings = [".png", ".json", ".diverged.png", *[".gif", "_frames"] * bool(args.save_every),
-                   *["_mean.png", "_spread.png", "_sample*.png"] * (args.samples > 1)]
-        paths = [row.file(ending) for ending in endings] + [row.montage] * bool(row.montage)
-        files.update({path.absolute(): path.name.endswith("_frames") for path in paths})
+def real(path) -> Path:
+    """`path` with its folder's links and `..` resolved, but not its own name: where a write to it lands."""
+    return Path(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
+def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: list) -> None:
+    """Fail before the work if an output is unwritable, or would replace one of the job's `photos`
+    (in any shard, by any path) or another photo's record."""
+    files = {real(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
+    for row in rows:  # each file the rows write (True: a folder); samples past the first as one pattern
+        endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
+                   *(["_mean.png", "_spread.png", "_sample*.png"] if args.samples > 1 else [])]
+        paths = [row.file(ending) for ending in endings] + ([row.montage] if row.montage else [])
+        files.update({real(path): path.name.endswith("_frames") for path in paths})
         other = (previous[row] or {}).get("image_path")
         if isinstance(other, str) and other != row.image_path:
             raise UsageError(f"{row.file('.json')} holds the result of another photo, {other}: "
@@ -1653,16 +1670,16 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict) -> None:
         sample = path.name.endswith(".png") and number.isdigit() and 2 <= int(number) <= args.samples
         return files.get(path.with_name(f"{stem}_sample*.png") if sample else path)
 
-    for path in dict.fromkeys(row.image_path for row in rows):
-        if written(Path(path)) is not None:
-            raise UsageError(f"the outputs would overwrite the input photo {path}: use another --output_dir")
+    for photo in photos:
+        if any(written(path) is not None for path in (real(photo), Path(os.path.realpath(photo)))):
+            raise UsageError(f"the outputs would overwrite the input photo {photo}: use another --output_dir")
     for folder in dict.fromkeys(path.parent for path in files):
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write in {folder}: {existing} is not a writable directory")
         for entry in os.scandir(folder) if existing == folder else ():
             kind = written(folder / entry.name)
-            if kind is not None and entry.is_dir() != kind:
+            if kind is not None and entry.is_dir(follow_symlinks=False) != kind:
                 raise UsageError(f"cannot write {folder / entry.name}: something that is not a "
                                  f"{'folder' if kind else 'file'} is already there")
 
@@ -1692,38 +1709,63 @@ def natural(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def finished(record: Optional[dict], wanted: dict, row: Row, samples: int) -> bool:
+def finished(record: Optional[dict], wanted: dict, row: Row, samples: int, gif: bool) -> bool:
     """Whether --resume may skip a row: its record is done and of the same identity, its pictures there."""
     return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
             and all(record.get(key) == value for key, value in wanted.items())
-            and all(row.sample(index).is_file() for index in range(samples)))
+            and all(row.sample(index).is_file() for index in range(samples))
+            and (row.file(".gif").is_file() or not gif))
+
+
+def index_line(record: dict, name: str) -> Optional[dict]:
+    """The index's line for the record in file `name`, None if it is not one; a record of the version
+    before records had a status is read as it was meant."""
+    old = record.get("args") if "status" not in record and isinstance(record.get("args"), dict) else None
+    if old is not None:
+        settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+        record = {**record, "model": old.get("model"), "png": name.removesuffix(".json") + ".png",
+                  "status": "done" if record.get("stopped") in ("epochs", "plateau") else "interrupted",
+                  "precision": settings.get("precision", "")}
+    line = {column: record.get(column, "") for column in INDEX_COLUMNS}
+    if not all(isinstance(line[key], str) and line[key] for key in ("image_path", "layer_name", "status",
+                                                                   "model")):
+        return None
+    return {column: encodable(str(value)) for column, value in line.items()}
+
+
+def encodable(text: str) -> str:
+    """`text` if it can be written as UTF-8 with its undecodable bytes as they were, else escaped."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return text
+    except UnicodeEncodeError:  # a lone surrogate that no file name gives, e.g. from a damaged record
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def write_index(folder: Path, cache: dict) -> None:
     """Rebuild folder/index.csv from all its records under a lock; `cache` keeps unchanged records' lines."""
-    with filelock.FileLock(str(folder / f"{INDEX}.lock")):
-        for entry in os.scandir(folder):
-            if entry.name.endswith(".json") and entry.is_file():
-                key = (entry.stat().st_mtime_ns, entry.stat().st_size)
-                if cache.get(entry.name, (None,))[0] != key:
-                    record = read_record(Path(entry.path)) or {}
-                    line = {column: record.get(column, "") for column in INDEX_COLUMNS}
-                    named = all(isinstance(line[key], str) and line[key]
-                                for key in ("image_path", "layer_name", "status", "model", "png"))
-                    cache[entry.name] = key, line if named else None
-        lines = sorted((line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)),
-                       key=lambda line: (line["image_path"], line["model"], natural(line["layer_name"]),
-                                         line["png"]))
+    try:
+        with filelock.FileLock(str(folder / f"{INDEX}.lock")):
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".json") and entry.is_file():
+                    key = (entry.stat().st_mtime_ns, entry.stat().st_size)
+                    if cache.get(entry.name, (None,))[0] != key:
+                        cache[entry.name] = key, index_line(read_record(Path(entry.path)) or {}, entry.name)
+            present = [line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)]
+            lines = sorted(present, key=lambda line: (line["image_path"], line["model"],
+                                                      natural(line["layer_name"])))
 
-        def write(file):
-            text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
-            table = csv.DictWriter(text, INDEX_COLUMNS)
-            table.writeheader()
-            table.writerows(lines)
-            text.flush()
-            text.detach()
+            def write(file):
+                text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
+                table = csv.DictWriter(text, INDEX_COLUMNS)
+                table.writeheader()
+                table.writerows(lines)
+                text.flush()
+                text.detach()
 
-        write_atomically(folder / INDEX, write)
+            write_atomically(folder / INDEX, write)
+    except (OSError, filelock.Timeout) as error:  # a lock the file system refuses, a folder gone
+        raise UsageError(f"could not rebuild {folder / INDEX} ({one_line(error)})") from None
 
 
 # ---------------------------------------------------------------- memory and batches
@@ -1744,12 +1786,13 @@ def available_memory(device: torch.device) -> Optional[int]:
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():  # v2 ("0::/path") or v1's memory
             _, kinds, group = line.split(":", 2)
-            folder, names = (Path("/sys/fs/cgroup", group.lstrip("/")), ("memory.max", "memory.current")) \
-                if not kinds else (Path("/sys/fs/cgroup/memory", group.lstrip("/")),
-                                   ("memory.limit_in_bytes", "memory.usage_in_bytes"))
-            if (not kinds or "memory" in kinds.split(",")) and (folder / names[0]).is_file():
-                limit, used = ((folder / name).read_text().strip() for name in names)
-                left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
+            root, names = (Path("/sys/fs/cgroup"), ("memory.max", "memory.current")) if not kinds else \
+                (Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+            for folder in [root / group.lstrip("/"), *(root / group.lstrip("/")).parents]:  # SLURM's too
+                if (not kinds or "memory" in kinds.split(",")) and folder.is_relative_to(root) and all(
+                        (folder / name).is_file() for name in names):
+                    limit, used = ((folder / name).read_text().strip() for name in names)
+                    left += [int(limit) - int(used)] if limit.isdigit() and int(limit) < 2 ** 60 else []
     return min(left) if left else None
 
 
@@ -1761,20 +1804,21 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
                          f"{max(free, 0) / 2**30:.1f} GiB free on {device}: {helps}")
 
 
-def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings, frames: int,
+def row_bytes(model: nn.Module, layer: nn.Module, size: int, stride: int, settings: Settings, frames: int,
               device: torch.device) -> float:
     """Estimated bytes of one row at `layer`, from a forward pass at a small size scaled by area."""
     probe, elements = min(size, 64), []
     leaves = [module for module in model.modules() if not any(module.children())]
+
     def count(module, inputs, output):
         elements.append(output.numel() if isinstance(output, torch.Tensor) else 0)
 
     try:
         with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
             output = layer_outputs(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0]
-        stride, activations = layer_stride((probe, probe), output), sum(elements) + output.numel()
-    except FORWARD_ERRORS:  # a model that refuses the probe size is checked at the real size
-        stride, activations = 1, 0
+        activations = sum(elements) + output.numel()
+    except FORWARD_ERRORS:  # a model that refuses the probe size
+        activations = 0
     canvas = 3 * (size + layer_settings(settings, stride)["jitter"]) ** 2
     state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
     # float32: each activation thrice (values, gradients, a copy), the reference and target, the canvas
@@ -1783,12 +1827,12 @@ def row_bytes(model: nn.Module, layer: nn.Module, size: int, settings: Settings,
             + frames * canvas)
 
 
-def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, settings: Settings,
-                 device: torch.device) -> list:
+def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, strides: dict,
+                 settings: Settings, device: torch.device) -> list:
     """Consecutive runs of rows within --batch_size and a share of free memory; refuses one too big alone."""
     frames = settings.epochs // args.save_every if args.save_every else 0
-    costs = {name: settings.samples * row_bytes(model, layer, args.input_size, settings, frames, device)
-             for name, layer in layers.items()}
+    costs = {name: settings.samples * row_bytes(model, layer, args.input_size, strides[layer], settings,
+                                                 frames, device) for name, layer in layers.items()}
     for name, cost in costs.items():
         check_memory(cost, device, f"inverting {name} at --input_size {args.input_size}"
                      + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
@@ -1850,26 +1894,30 @@ class Job:
     """The command line's rows, planned and checked before the work, then inverted batch by batch."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args, self.device, self.failed, self.index = args, device, {}, {}  # failed: row -> why
+        self.args, self.device, self.failed, self.index_cache = args, device, {}, {}  # failed: row -> why
         # the cheap checks come first, so that a typo fails before a model loads or downloads
         self.settings = settings = resolve(settings_from_args(args), device)
-        self.rows = rows = in_shard(plan(args), *shard_of(args.shard))
+        job = plan(args)
+        everyone = list(dict.fromkeys(row.image_path for row in job))
+        self.shard = shard_of(args.shard, len(everyone))
+        self.rows = rows = in_shard(job, *self.shard)
         weights, weights_data = weights_identity(args.model, args.weights)
         self.photos = {path: read_photo(path, args.input_size)
                        for path in dict.fromkeys(row.image_path for row in rows)}
-        previous = {row: read_record(row.file(".json")) for row in rows}
-        check_outputs(args, rows, previous)
+        self.previous = previous = {row: read_record(row.file(".json")) for row in rows}
+        check_outputs(args, rows, previous, everyone)
         self.wanted = {row: identity(row, args, settings, self.photos[row.image_path].sha256, weights)
                        for row in rows}
         self.done = {row for row in rows if args.resume and finished(previous[row], self.wanted[row], row,
-                                                                     settings.samples)}
+                                                                     settings.samples, args.save_every)}
         self.todo = [row for row in rows if row not in self.done]
         runnable, self.runs = [row for row in self.todo if self.photos[row.image_path].error is None], []
         if runnable:
             self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
             self.layers = {row.layer_name: resolve_layer(self.model, row.layer_name)[1] for row in runnable}
-            check_model(self.model, list(self.layers.values()), args.input_size, device, settings.precision)
-            self.runs = plan_batches(args, runnable, self.model, self.layers, settings, device)
+            strides = check_model(self.model, list(self.layers.values()), args.input_size, device,
+                                  settings.precision)
+            self.runs = plan_batches(args, runnable, self.model, self.layers, strides, settings, device)
         self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True,
                         disable=args.quiet)
 
@@ -1879,16 +1927,25 @@ class Job:
                 "device": str(self.device), "png": row.png.name, **fields}
 
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
-        """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded."""
+        """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
+        its photo could not be read and its record is of a finished run of that photo (an NFS hiccup
+        must not undo a week's work)."""
         self.failed[row] = reason
         if len(self.rows) > 1:
             self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"),
                            sys.stderr)
-        save_json(row.file(".json"), self.record(row, status=status, error=reason))
+        kept = self.previous[row] or {}
+        if not (self.photos[row.image_path].error and kept.get("status") == "done"
+                and kept.get("image_path") == row.image_path):
+            save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
     def photo(self, path: str) -> torch.Tensor:
-        """A photo preprocessed, read again unless kept (if changed, planning's hash makes --resume redo)."""
-        return load_photo(path, self.args.input_size, self.photos[path].data or read_bytes(path))
+        """A photo preprocessed, read again unless planning kept it; its rows record what was read."""
+        data = self.photos[path].data or read_bytes(path)
+        for row in self.rows:
+            if row.image_path == path:
+                self.wanted[row]["image_sha256"] = hashlib.sha256(data).hexdigest()
+        return load_photo(path, self.args.input_size, data)
 
     def callback(self, rows: list, frames: list) -> tuple:
         """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
@@ -1917,8 +1974,8 @@ class Job:
         photos = {}
         for row in rows:
             try:
-                photos[row.image_path] = photos[row.image_path] if row.image_path in photos else \
-                    self.photo(row.image_path)
+                if row.image_path not in photos:
+                    photos[row.image_path] = self.photo(row.image_path)
             except UsageError as error:
                 self.fail(row, str(error))
         while rows := [row for row in rows if row not in self.failed]:
@@ -1931,6 +1988,15 @@ class Job:
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
                 continue
+            except RuntimeError as error:  # out of memory: the estimate was wrong, or others share the device
+                if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(rows) == 1:
+                    self.fail(rows[0], f"out of memory on {self.device} ({one_line(error)})")
+                    return False
+                return any([self.optimise([row]) for row in rows])  # each row alone, every one of them
             finally:
                 bar.close()
             seconds = time.perf_counter() - started
@@ -1949,8 +2015,9 @@ class Job:
         if broken:
             save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
             lr = result.layer_settings[broken[0]]["lr"]
-            return self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image "
-                             f"is {row.file('.diverged.png').name}", "diverged")
+            self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image "
+                      f"is {row.file('.diverged.png').name}", "diverged")
+            return
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):
             save_png(row.sample(sample), picture)
@@ -1971,7 +2038,8 @@ class Job:
                 file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0,
                 comment=MARK))
         save_json(row.file(".json"), record)
-        self.done.update([row] if record["status"] == "done" else [])
+        if record["status"] == "done":
+            self.done.add(row)
         self.bar.update()
         if not self.args.quiet:
             self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: feature_error "
@@ -1993,7 +2061,10 @@ class Job:
     def run(self) -> int:
         """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code."""
         indexed = started = time.perf_counter()
-        interrupted, index = False, not self.args.output
+        interrupted, folder, unindexed = False, None if self.args.output else Path(self.args.output_dir), None
+        if not self.rows:
+            print(f"invert.py: this process's part, {self.shard[0]} of {self.shard[1]} (from --shard or the "
+                  "launcher's variables), has no photos", file=sys.stderr)
         try:
             for row in self.todo:
                 if self.photos[row.image_path].error is not None:
@@ -2002,27 +2073,31 @@ class Job:
             for batch in self.runs:
                 interrupted = self.optimise(batch)
                 self.montages(batch)
-                if index and time.perf_counter() - indexed > INDEX_EVERY:
-                    write_index(Path(self.args.output_dir), self.index)
+                if folder and time.perf_counter() - indexed > INDEX_EVERY:
+                    write_index(folder, self.index_cache)
                     indexed = time.perf_counter()
                 if interrupted:
                     break
         finally:
             self.bar.close()
-            if index and Path(self.args.output_dir).is_dir():
-                write_index(Path(self.args.output_dir), self.index)
-        if self.failed:
-            (row, reason), count = next(iter(self.failed.items())), len(self.failed)
-            raise UsageError(reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) "
-                             f"failed, {row.png.stem} first: {reason}" + ("; see index.csv" if index else ""))
+            try:
+                if folder and folder.is_dir():
+                    write_index(folder, self.index_cache)
+            except UsageError as error:  # told after what stopped the run, if anything did
+                unindexed = error
         if interrupted:
             print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
-            return 130
+        if unindexed or self.failed:
+            (row, reason), count = (None, str(unindexed)) if unindexed else next(iter(self.failed.items())), \
+                len(self.failed)
+            raise UsageError(reason if unindexed or len(self.todo) == 1 else f"{count} of {len(self.todo)} "
+                             f"image(s) failed, {row.image_path} at {row.layer_name} first: {reason}"
+                             + ("; see index.csv" if folder else ""))
         before = len(self.rows) - len(self.todo)
-        if not self.args.quiet:
+        if not self.args.quiet and not interrupted:
             print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
                   + (f", {before} done before" if before else ""))
-        return 0
+        return 130 if interrupted else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -2088,10 +2163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     inputs = parser.add_argument_group("what to invert")
     inputs.add_argument("--image_path", nargs="+", type=given, default=[str(DEFAULT_IMAGE)],
-                        help="the photos to invert (any format Pillow reads), and folders of them (the "
-                             "images directly inside, by name); outputs are named by file stem, with "
-                             "parent folders where two photos share one")
-    inputs.add_argument("--model", type=given, default="alexnet", help="a torchvision classification model name")
+                        help="the photos to invert (any format Pillow reads, a pipe too), and folders of "
+                             "them (the images directly inside, by name, less the pictures invert.py "
+                             "wrote); outputs are named by file stem, with parent folders where two photos "
+                             "share one, cut with a hash where too long")
+    inputs.add_argument("--model", type=given, default="alexnet",
+                        help="a torchvision classification model name")
     inputs.add_argument("--weights", type=given, default="DEFAULT",
                         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
                              "a path to a state-dict file, or 'none' for random weights")
@@ -2108,12 +2185,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         explained = f" (default: {default_help(field.name)})" if field.default is None else ""
         method.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
                             **options)
-    running = parser.add_argument_group("running and output")
+    add_running_flags(parser.add_argument_group("running and output"))
+    return parser.parse_args(argv)
+
+
+def add_running_flags(running) -> None:
+    """The command line's flags for the device, the outputs, the progress and the job."""
     running.add_argument("--device", default="auto",
                          help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     running.add_argument("--output", type=given, default=None,
                          help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
-    running.add_argument("--output_dir", type=given, default="outputs", help="folder for outputs, created if missing")
+    running.add_argument("--output_dir", type=given, default="outputs",
+                         help="folder for outputs, created if missing; it may be a folder of the photos")
     running.add_argument("--save_every", type=non_negative_int, default=0,
                          help="also save every N-th iteration as <name>_frames/iteration_N.png, and "
                               "<name>.gif (0: off)")
@@ -2125,13 +2208,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                               f"memory by the estimate, up to {BATCH_CAP[0]} on a CPU and {BATCH_CAP[1]} "
                               "on a GPU. A row's picture does not depend on its batch")
     running.add_argument("--resume", action="store_true",
-                         help="skip each image whose PNG and JSON are there from a finished run of the same "
-                              "model, weights, layer, input size and settings")
+                         help="skip each image whose record says it finished from the same photo (path and "
+                              "content), weights (content), model, layer, input size and settings, and "
+                              "whose pictures are there")
     running.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
                          help="invert only the K-th (0 to N-1) of N parts of the photos, every N-th from "
-                              "the K-th; by default from torchrun's RANK and WORLD_SIZE or a SLURM job "
-                              "array's SLURM_ARRAY_TASK_ID, _COUNT and _MIN, else all")
-    return parser.parse_args(argv)
+                              "the K-th; by default from torchrun's RANK and WORLD_SIZE and a SLURM job "
+                              "array's SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP, else all (a job "
+                              "of one photo always runs whole)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -430,10 +430,15 @@ def test_every_value_the_launchers_set_gets_an_answer(environment, answer, photo
 def test_outputs_never_overwrite_or_become_inputs(photos, tmp_path, cli):
     code, _, err = cli("--image_path", photos / "b.png", *FAST, "--output", photos / "b.png")
     assert code == 2 and f"would overwrite the input photo {photos / 'b.png'}" in err
+    code, _, err = cli("--image_path", photos / "b.png", *FAST, "--output", photos / ".." / photos.name / "b.png")
+    assert code == 2 and "would overwrite the input photo" in err
     named = photos / "b_squeezenet1_1_features_3.png"  # a photo named as an output of another
     photo().save(named)
-    code, _, err = cli("--image_path", photos, *FAST, "--output_dir", photos)
-    assert code == 2 and f"overwrite the input photo {named}" in err
+    (tmp_path / "link").symlink_to(photos)
+    for flags in (["--output_dir", photos], ["--output_dir", tmp_path / "link"],  # by any path
+                  ["--output_dir", photos, "--shard", "1/2"]):  # the photo is in the other shard
+        code, _, err = cli("--image_path", photos, *FAST, *flags)
+        assert code == 2 and f"overwrite the input photo {named}" in err, flags
     named.unlink()
     (photos / "report.pdf").write_bytes(b"%PDF-1.4 Pillow writes PDFs but cannot read them")
     for extra in ([], ["--resume"], []):  # the job's outputs in an input folder are never photos
@@ -527,6 +532,7 @@ def test_invert_says_what_is_wrong_with_its_tensors(tiny):
                                 (invert.torch.rand(0, 3, 16, 16), "got shape 0x3x16x16"),
                                 (invert.torch.rand(1, 1, 16, 16), "3 colour channels, got shape 1x1x16x16"),
                                 (invert.torch.zeros(1, 3, 16, 16, dtype=invert.torch.uint8), "got torch.uint8"),
+                                (invert.torch.rand(1, 3, 16, 16).double(), "float32 on cpu, normalised as"),
                                 ([[0.0]], "got a list")]:
         with pytest.raises(invert.UsageError, match=message.replace(".", r"\.")):
             invert.invert(tiny, tiny[1], references, epochs=1)
@@ -538,3 +544,53 @@ def test_free_memory_honours_ulimit(photos, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(invert.resource, "getrlimit", lambda kind: (used + 2 ** 24, invert.resource.RLIM_INFINITY))
     code, _, err = cli("--image_path", photos / "a.jpg", *FAST, "--input_size", "512", "--output_dir", tmp_path)
     assert code == 2 and "more than the" in err and "GiB free on cpu" in err, err
+
+
+def test_a_launchers_task_that_names_its_own_photo_runs_it_and_an_empty_part_says_so(photos, tmp_path, cli,
+                                                                                    monkeypatch):
+    for name, value in {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "3"}.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = cli("--image_path", photos / "c.webp", *FAST, "--epochs", "1", "--output_dir", tmp_path / "one")
+    assert code == 0 and [Path(line["image_path"]).name for line in index_of(tmp_path / "one")] == ["c.webp"]
+    code, _, err = cli("--image_path", photos / "a.jpg", photos / "b.png", *FAST, "--epochs", "1",
+                       "--output_dir", tmp_path / "two")
+    assert code == 0 and "part, 2 of 3" in err and "has no photos" in err
+
+
+def test_a_batch_that_runs_out_of_memory_runs_again_row_by_row(photos, tmp_path, cli, monkeypatch):
+    convolve = invert.torch.nn.Conv2d._conv_forward
+
+    def small_memory(self, images, weight, bias):  # as a device with room for one image at a time
+        if len(images) > 1 and images.requires_grad:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return convolve(self, images, weight, bias)
+
+    monkeypatch.setattr(invert.torch.nn.Conv2d, "_conv_forward", small_memory)
+    code, _, err = cli("--image_path", photos, *FAST, "--epochs", "2", "--batch_size", "4", "--output_dir", tmp_path)
+    assert code == 0, err
+    assert [json.loads(path.read_text())["batch"] for path in sorted(tmp_path.glob("*.json"))] == [1] * 4
+
+
+def test_the_index_survives_what_else_is_in_its_folder(photos, tmp_path, cli):
+    (tmp_path / "other.json").write_text(json.dumps({"image_path": "\ud800x", "layer_name": "features_3",
+                                                     "status": "done", "model": "m"}))  # a lone surrogate
+    code, _, err = cli("--image_path", photos / "a.jpg", *FAST, "--epochs", "1", "--output_dir", tmp_path)
+    assert code == 0, err
+    assert [line["image_path"] for line in index_of(tmp_path)] == [str(photos / "a.jpg"), "\\ud800x"]
+    (tmp_path / "index.csv.lock").unlink()
+    (tmp_path / "index.csv.lock").symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(tmp_path / "index.csv.lock")
+    code, _, err = cli("--image_path", photos / "a.jpg", *FAST, "--epochs", "1", "--output_dir", tmp_path)
+    errors = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert code == 2 and len(errors) == 1 and "could not rebuild" in errors[0]
+    assert (tmp_path / "a_squeezenet1_1_features_3.png").exists()  # the work is done, and the index says why not
+
+
+def test_a_photo_that_cannot_be_read_on_resume_keeps_its_finished_record(photos, tmp_path, cli):
+    args = ["--image_path", photos / "a.jpg", photos / "b.png", *FAST, "--epochs", "1", "--resume",
+            "--output_dir", tmp_path]
+    assert cli(*args)[0] == 0
+    (photos / "a.jpg").unlink()  # as a share that is away for a moment
+    code, _, err = cli(*args)
+    assert code == 2 and "no such file" in err
+    assert json.loads((tmp_path / "a_squeezenet1_1_features_3.json").read_text())["status"] == "done"

@@ -13,6 +13,9 @@
 (4) GPU only: cudnn.benchmark on against off
 (5) whole runs: 200 default iterations of alexnet features_12 and of vgg16_bn features_32, and a
     batch of 16 photos against one (GPU targets: under 1 s, under 3 s, under 3x)
+(0) ops: torch ops dispatched per iteration (on a GPU, each at least one kernel launch), ours against
+    the bare step, counted by a TorchDispatchMode over 5 and over 25 iterations (the difference over
+    20), fp32 (targets: ours <= bare + 60 at batch 1, <= bare + 70 at batch 8)
 (6) a job: --photos photos at vgg16_bn features_22 through the command line, in a process of its own:
     the batch size auto chose, the process's peak memory, and the time per image per iteration
     against the bare batched step at that batch size (target: <= 1.15); on a GPU also one torchrun
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,8 +68,10 @@ def invert_ms(model, layer, references, steps: int, **settings) -> float:
     return 1000 * (stamps[1] - stamps[0]) / steps
 
 
-def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precision: str = "fp32") -> float:
-    """A truncated forward and backward to a batch of images, nothing else: the floor for an iteration."""
+def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precision: str = "fp32",
+            warm: bool = True) -> float:
+    """A truncated forward and backward to a batch of images, nothing else: the floor for an iteration
+    (after one untimed step, where `warm`)."""
     truncated = model.features[:index + 1]
     images = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
 
@@ -75,13 +81,50 @@ def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precis
             output = truncated(images)
         output.float().sum().backward()
 
-    step()
+    if warm:
+        step()
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
     return 1000 * (time.perf_counter() - started) / steps
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the torch ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(run) -> float:
+    """The ops one more iteration of run(iterations) dispatches: the count at 25 less the count at 5, over 20."""
+    counts = []
+    for iterations in (5, 25):
+        with OpCounter() as counter:
+            run(iterations)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 20
+
+
+def ops_table(models: dict, references: dict) -> None:
+    """Section (0): ops per iteration, ours against the bare step, fp32."""
+    print("\n(0) ops per iteration, fp32, default settings (--plateau 0) against a bare truncated forward "
+          "and backward (targets: ours <= bare + 60 at batch 1, + 70 at batch 8)")
+    print("| model, layer, batch | ours | bare | ours - bare |\n|---|---|---|---|")
+    for name, index, size, batch in [("alexnet", 1, 227, 1), ("alexnet", 12, 227, 1), ("alexnet", 12, 227, 8),
+                                     ("vgg16_bn", 22, 224, 1), ("vgg16_bn", 22, 224, 4), ("vgg16_bn", 22, 224, 8)]:
+        model, photos = models[name], references[size].expand(batch, -1, -1, -1).contiguous()
+        ours = ops_per_step(lambda steps: invert.invert(model, model.features[index], photos, epochs=steps,
+                                                        plateau=0.0, precision="fp32"))
+        bare = ops_per_step(lambda steps: bare_ms(model, index, batch, size, steps, photos.device, warm=False))
+        print(f"| {name} features_{index}, {batch} | {ours:.0f} | {bare:.0f} | {ours - bare:+.0f} |", flush=True)
 
 
 def against_bare(model, index: int, references, steps: int) -> tuple:
@@ -179,7 +222,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="iterations timed per figure")
     parser.add_argument("--total", type=int, default=200, help="iterations of each whole run in (5)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for (1)")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="which tables")
+    parser.add_argument("--sections", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6], help="which tables")
     parser.add_argument("--photos", type=int, default=None, help="photos of the job in (6) (default: 64, quick: 8)")
     parser.add_argument("--job_epochs", type=int, default=20, help="iterations of each image of the job in (6)")
     options = parser.parse_args()
@@ -196,6 +239,9 @@ def main() -> None:
     photo = invert.load_image(invert.DEFAULT_IMAGE)
     references = {size: invert.preprocess(photo, size).to(device) for size in (224, 227)}
     vgg = models["vgg16_bn"]
+
+    if 0 in options.sections:
+        ops_table(models, references)
 
     if 1 in options.sections:
         print("(1) batches: vgg16_bn at 224, fp32, ms per iteration per image (target: ours / bare <= 1.15)")

@@ -246,3 +246,19 @@ def test_fuzz_corrupted_real_images(name, cut, flips, tmp_path):
     for where, value in flips:
         data[int(where * len(data))] = value
     loads_or_refuses(bytes(data[:max(1, int(cut * len(data)))] if cut < 0.9 else data), tmp_path)
+
+
+@pytest.mark.slow
+def test_a_real_ulimit_refuses_a_row_that_would_not_fit_in_one_line(tmp_path):
+    import resource
+    script = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import invert; print(open('/proc/self/status').read())"
+    status = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    used = int(next(line for line in status.splitlines() if line.startswith("VmSize")).split()[1]) * 1024
+    limit = used + 2 ** 31  # room for vgg16_bn's weights, not for a 1024-pixel row of features_22
+    result = subprocess.run([sys.executable, INVERT, "--model", "vgg16_bn", "--weights", "none", "--input_size",
+                             "1024", "--layer_name", "features_22", "--epochs", "1", "--quiet", "--image_path",
+                             str(CORPUS / "good.png"), "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert result.returncode == 2 and len(errors) == 1 and "GiB free on cpu" in errors[0], result.stderr[-500:]

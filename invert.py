@@ -276,7 +276,9 @@ def resolve(settings: Settings, device: torch.device) -> Settings:
     if isinstance(chosen["decay_epochs"], Fraction):
         chosen["decay_epochs"] = max(1, round(chosen["epochs"] * chosen["decay_epochs"]))
     chosen["precision"] = resolve_precision(chosen["precision"], device)
-    return Settings(**chosen)
+    resolved = Settings(**chosen)
+    object.__setattr__(resolved, "requested", settings)  # what was asked: invert() resolves it again
+    return resolved
 
 
 def default_help(name: str) -> str:
@@ -1089,9 +1091,16 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
 
 
 def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
-    """How many input pixels one step of the layer's output grid spans: the input's height over the
-    output's (the whole input for a layer without a grid)."""
-    return input_shape[-2] // output.shape[-2] if output.dim() == 4 else input_shape[-2]
+    """How many input pixels one step of the layer's grid spans, from its number of positions: a map's
+    height times width, a token sequence's tokens (less a class token, where the rest make a square),
+    or one; a layer larger than its input has stride 1."""
+    positions = 1
+    if output.dim() == 4:
+        positions = output.shape[-2] * output.shape[-1]
+    elif output.dim() == 3:  # (N, tokens, width), as a ViT's encoder blocks give
+        tokens = output.shape[1]
+        positions = tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens
+    return max(1, math.isqrt(input_shape[-2] * input_shape[-1] // positions))
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
@@ -1378,7 +1387,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     images so far. A RowError names the rows that cannot be inverted at all.
     """
     check_references(model, references)
-    settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
+    asked = getattr(settings, "requested", settings) or Settings()  # a result's settings: as first asked
+    settings = resolve(dataclasses.replace(asked, **overrides), references.device)
     layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
     if len(layers) != len(references):
         raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
@@ -1441,11 +1451,12 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
 
 
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
-    """Update each term's latest value for every row with this iteration's values for `rows`."""
+    """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
+    callback may keep them."""
     for name, values in terms.items():
-        if name not in latest:
-            latest[name] = torch.full((count,), math.nan, device=values.device)
-        latest[name][rows] = values.detach()
+        kept = latest[name].clone() if name in latest else torch.full((count,), math.nan, device=values.device)
+        kept[rows] = values.detach()
+        latest[name] = kept
     return dict(latest)
 
 

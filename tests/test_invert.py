@@ -798,3 +798,46 @@ def test_precision_bf16_runs_close_to_fp32_and_is_recorded(photo, tmp_path, cli)
         errors[precision] = record["feature_error"]
     # bf16 keeps 8 bits of mantissa: the same optimisation, within a few percent
     assert errors["bf16"] == pytest.approx(errors["fp32"], rel=0.1) and errors["bf16"] != errors["fp32"]
+
+
+# ---------------------------------------------------------------- the core's contract
+
+
+def test_a_callback_may_keep_the_losses_it_is_given(tiny):
+    kept = []
+    invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=4, precision="fp32",
+                  callback=lambda step, losses, images: kept.append(losses))
+    assert len({losses["rec_loss"].item() for losses in kept}) == 4  # each iteration's own, not the last
+
+
+class Tokens(nn.Module):
+    """A ViT's layout: (N, 1 + 16, 8), a class token and a 4x4 grid of 8-pixel patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, images):
+        grid = self.patches(images).flatten(2).transpose(1, 2)
+        return torch.cat([grid.mean(1, keepdim=True), grid], 1)
+
+
+def test_token_and_upsampling_layers_take_their_settings_from_their_grid():
+    torch.manual_seed(0)
+    tokens = nn.Sequential(Tokens()).eval().requires_grad_(False)
+    result = invert.invert(tokens, tokens[0], torch.randn(1, 3, 32, 32), epochs=2, jitter="auto")
+    # stride 8, as a 4x4 grid over 32 pixels: C = 100 (4 / 8)^2 and the authors' jitter round(8 / 4) - 1
+    assert (result.layer_settings[0]["C"], result.layer_settings[0]["jitter"]) == (25.0, 1)
+    upsampling = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
+    result = invert.invert(upsampling.requires_grad_(False), upsampling[1], torch.randn(1, 3, 16, 16), epochs=2)
+    assert result.layer_settings[0]["C"] == 100.0 and result.iterations == [2]  # stride 1, not 0
+
+
+def test_a_results_settings_passed_back_follow_the_new_keywords(tiny):
+    reference = torch.randn(1, 3, 16, 16)
+    first = invert.invert(tiny, tiny[3], reference, epochs=7, plateau=0.0)
+    assert first.settings.decay_epochs == 6  # the paper's first stage: six sevenths
+    again = invert.invert(tiny, tiny[3], reference, first.settings, epochs=14)
+    assert again.settings.decay_epochs == 12 and again.settings.plateau == 0.0
+    other = invert.invert(tiny, tiny[3], reference, first.settings, optimizer="sgd", epochs=2)
+    assert other.settings.lr == invert.DEFAULT_LRS["paper", "sgd", "fft"]

@@ -815,9 +815,10 @@ class Surrogate:
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
-    """Sum each row (the first dimension) of `values` on its own: a batched sum adds in an order that
-    depends on the batch, and Adam would grow that rounding into another picture."""
-    return torch.stack([row.contiguous().sum() for row in values])
+    """Each row's sum (over all but the first dimension), in one op for the batch: added in float64, so
+    that the order a batch's sum takes, which depends on the batch, does not show in the float32 result
+    (the plateau rule compares them, and would grow a rounding into another picture)."""
+    return values.flatten(1).sum(1, dtype=torch.float64).float()
 
 
 def alpha_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -880,10 +881,11 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     return image * paper_scale(image.device)
 
 
-def data_term(C: float, features, targets, target_norms) -> torch.Tensor:
-    """Each row's weighted feature error C * ||features - target||^2 / ||target||^2."""
+def data_term(features, targets, weights) -> torch.Tensor:
+    """Each row's weighted feature error C * ||features - target||^2 / ||target||^2, with `weights` its
+    C / ||target||^2."""
     squares = nn.functional.mse_loss(features, targets, reduction="none")  # one kernel, both ways
-    return C * per_row(squares) / target_norms
+    return per_row(squares) * weights
 
 
 def prior_terms(settings: Settings, images) -> dict:
@@ -897,15 +899,8 @@ def prior_terms(settings: Settings, images) -> dict:
         alpha_sums, tv_sums = PaperPriors.apply(pixels, settings.alpha)
     else:
         alpha_sums, tv_sums = pixel_norm_prior(pixels, settings.alpha), tv_prior(pixels, settings.beta)
-    return {"alpha_loss": settings.lambda_alpha * alpha_sums / (area * PAPER_B ** settings.alpha),
-            "tv_loss": settings.lambda_tv * tv_sums / (area * PAPER_V ** settings.beta)}
-
-
-def objective_terms(settings: Settings, features, targets, target_norms, images) -> dict:
-    """The three weighted terms of each row, rec_loss, alpha_loss and tv_loss, of the seed's or the
-    paper's objective, for settings whose C is a number."""
-    return {"rec_loss": data_term(settings.C, features, targets, target_norms),
-            **prior_terms(settings, images)}
+    return {"alpha_loss": alpha_sums * (settings.lambda_alpha / (area * PAPER_B ** settings.alpha)),
+            "tv_loss": tv_sums * (settings.lambda_tv / (area * PAPER_V ** settings.beta))}
 
 
 def box_factor(pixels: torch.Tensor) -> torch.Tensor:
@@ -991,9 +986,9 @@ class FourierImage:
         spectrum = torch.view_as_complex(variables) * self.scale
         canvas = torch.fft.irfftn(spectrum, s=self.canvas, dim=(-2, -1), norm="ortho")
         decorrelated = canvas[..., :self.size[0], :self.size[1]]
-        # in the paper's units; a batched einsum returns a batch-major layout, which the sums would
-        # add in another order than a single image's
-        pixels = torch.einsum("ij,bjhw->bihw", self.paper_colour, decorrelated).contiguous()
+        # colour, in the paper's units: a broadcast product and a sum, two ops for any batch (an
+        # einsum dispatches about eight)
+        pixels = (self.paper_colour[:, :, None, None] * decorrelated[:, None]).sum(2)
         if self.boxed:  # the box as part of the image's definition: cheaper than a projection, two FFTs
             pixels = pixels * box_factor(pixels)
         return pixels / paper_scale(pixels.device)
@@ -1137,7 +1132,7 @@ class Targets:
         self.by_layer, self.row_settings = {}, [None] * len(layers)
         for layer, rows, target in reference_features(model, layers, references, settings.precision):
             chosen = layer_settings(settings, layer_stride(references.shape, target))
-            self.by_layer[layer] = (rows, target, per_row(target.square()), chosen["C"])
+            self.by_layer[layer] = (rows, target, chosen["C"] / per_row(target.square()))  # C / ||target||^2
             for row in rows:
                 self.row_settings[row] = chosen
         self.use(range(len(layers)))
@@ -1146,14 +1141,14 @@ class Targets:
         """From now on, compute the feature terms of `rows` alone, in this order."""
         self.rows = list(rows)
         position = {row: index for index, row in enumerate(self.rows)}
-        self.in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, norms, C)
-        for layer, (layer_rows, target, norms, C) in self.by_layer.items():
+        self.in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, weights)
+        for layer, (layer_rows, target, weights) in self.by_layer.items():
             kept = [index for index, row in enumerate(layer_rows) if row in position]
             if len(kept) < len(layer_rows):
-                target, norms = target[kept], norms[kept]
+                target, weights = target[kept], weights[kept]
             if kept:
-                self.in_use[layer] = ([position[layer_rows[index]] for index in kept], target, norms, C)
-        self.order = row_order([positions for positions, _, _, _ in self.in_use.values()], self.device)
+                self.in_use[layer] = ([position[layer_rows[index]] for index in kept], target, weights)
+        self.order = row_order([positions for positions, _, _ in self.in_use.values()], self.device)
 
     def layers_in_use(self) -> list:
         """The layer of each row in use."""
@@ -1162,8 +1157,8 @@ class Targets:
     def feature_terms(self, outputs: list) -> torch.Tensor:
         """Each row's weighted feature error C * ||features - target||^2 / ||target||^2, from
         layer_batches' outputs (which list each layer's rows in the order of self.rows)."""
-        errors = {layer: data_term(C, output.float(), target, norms) for layer, _, output in outputs
-                  for _, target, norms, C in [self.in_use[layer]]}
+        errors = {layer: data_term(output.float(), target, weights) for layer, _, output in outputs
+                  for _, target, weights in [self.in_use[layer]]}
         return in_order([errors[layer] for layer in self.in_use], self.order)
 
 
@@ -1428,11 +1423,7 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
                 schedule.set_rates(optimizer, step, rows)
                 surrogate.use(targets.layers_in_use(), [schedule.surrogate_weight(row, step) for row in rows])
                 optimizer.zero_grad(set_to_none=True)
-                wholes = canvases.render()  # render
-                with autocast(settings.precision, device):  # forward
-                    outputs = layer_batches(model, targets.layers_in_use(), canvases.crop(wholes, offsets),
-                                            surrogate.alive)
-                terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}  # loss
+                _, terms = evaluate(model, settings, targets, canvases, offsets, surrogate.alive)  # render to loss
                 losses = sum(terms.values())
                 broken = guard.check(rows, losses) if guard.due(step, {schedule.last[row] for row in rows}) else []
                 loss = losses.sum()
@@ -1450,9 +1441,23 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
     return final_result(model, settings, targets, canvases, guard, schedule, reached)
 
 
+def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, offsets: dict,
+             alive: Optional[list] = None) -> tuple:
+    """Render the rows in use, run the model to their layers and weigh each row's terms: (the images the
+    network saw, each term per row). The loop and the final evaluation both call it."""
+    wholes = canvases.render()
+    images = canvases.crop(wholes, offsets)
+    with autocast(settings.precision, images.device):
+        outputs = layer_batches(model, targets.layers_in_use(), images, alive)
+    return images, {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
+
+
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
     """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
     callback may keep them."""
+    if len(rows) == count:  # every row ran: this iteration's terms are the latest, and new
+        latest.update({name: values.detach() for name, values in terms.items()})
+        return dict(latest)
     for name, values in terms.items():
         kept = latest[name].clone() if name in latest else torch.full((count,), math.nan, device=values.device)
         kept[rows] = values.detach()
@@ -1469,11 +1474,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
     canvases.use(every)
     targets.use(every)
     for _ in range(2):
-        wholes = canvases.render()
-        images = canvases.crop(wholes, dict(enumerate(canvases.middles)))
-        with autocast(settings.precision, images.device):
-            outputs = layer_batches(model, targets.layers_in_use(), images)
-        terms = {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
+        images, terms = evaluate(model, settings, targets, canvases, dict(enumerate(canvases.middles)))
         broken = guard.check(list(every), sum(terms.values()))
         if not broken:
             break

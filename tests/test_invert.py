@@ -98,16 +98,26 @@ def test_every_objective_optimizer_and_param_reduces_its_loss(objective, optimiz
     assert result.settings.lr == (lr or invert.DEFAULT_LRS[objective, optimizer, param])
 
 
-def test_paper_terms_are_normalised_in_0_255_units():
-    image = torch.zeros(1, 3, 2, 2)
-    image[0, :, 0, 0] = torch.tensor([80.0, 0, 0]) / (255 * invert.IMAGENET_STD[0])  # norm B at one pixel
-    features, target = torch.ones(1, 4), torch.zeros(1, 4)
-    settings = invert.Settings(objective="paper", lambda_alpha=1.0, lambda_tv=1.0, C=3.0)
-    terms = invert.objective_terms(settings, features, target, target.new_tensor([2.0]), image)
-    assert terms["rec_loss"].item() == pytest.approx(3 * 4 / 2)
-    assert terms["alpha_loss"].item() == pytest.approx(1 / 4, rel=1e-4)  # one pixel at B, of four
-    # that pixel differs by B from its right and lower neighbours: 2 B^2 / (4 V^2) = 2 * 6.5^2 / 4
-    assert terms["tv_loss"].item() == pytest.approx(2 * 6.5 ** 2 / 4, rel=1e-4)
+def test_a_results_losses_are_the_objectives_terms_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval().requires_grad_(False)
+    reference = torch.randn(1, 3, 8, 8)
+    scale = 255 * torch.tensor(invert.IMAGENET_STD).view(1, 3, 1, 1)
+    for objective in invert.OBJECTIVES:
+        result = invert.invert(model, model[0], reference, objective=objective, param="pixel", C=3.0, epochs=3,
+                               precision="fp32")
+        image, losses = result.images, result.losses[0]
+        features, target = model(image), model(reference)
+        assert losses["rec_loss"] == pytest.approx(3 * (features - target).square().sum() / target.square().sum())
+        dx, dy = image[..., :, 1:] - image[..., :, :-1], image[..., 1:, :] - image[..., :-1, :]
+        if objective == "seed":  # 1e-5 sum |x|^6 and 1e-5 sum dx^2 + dy^2
+            alpha, tv = 1e-5 * image.abs().pow(6).sum(), 1e-5 * (dx.square().sum() + dy.square().sum())
+        else:  # in 0-255 units, each normalised by the area and a typical pixel, B = 80 and V = B / 6.5
+            pixels = image * scale
+            alpha = pixels.square().sum(1).pow(3).sum() / (64 * 80 ** 6)
+            tv = ((dx * scale).square().sum() + (dy * scale).square().sum()) / (64 * (80 / 6.5) ** 2)
+        assert (losses["alpha_loss"], losses["tv_loss"]) == (pytest.approx(alpha.item(), rel=1e-4),
+                                                             pytest.approx(tv.item(), rel=1e-4)), objective
 
 
 def test_priors_match_their_definitions():

@@ -111,9 +111,9 @@ SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX = "index.csv"
 INDEX_EVERY = 60.0
-INDEX_COLUMNS = ("image_path", "model", "layer_name", "status", "png", "feature_error", "rec_loss", "alpha_loss",
-                 "tv_loss", "iterations", "stopped", "seconds", "precision", "device", "mean_png", "spread_png",
-                 "spread", "error")
+INDEX_COLUMNS = ("image_path", "model", "layer_name", "status", "png", "feature_error", "rec_loss",
+                 "alpha_loss", "tv_loss", "iterations", "stopped", "seconds", "precision", "device",
+                 "mean_png", "spread_png", "spread", "error")
 # every picture this tool writes carries this PNG text (a GIF comment), so that folder listings leave it out
 MARK = "invert.py"
 # the plateau rule compares each image's loss with its loss this many iterations before
@@ -139,8 +139,8 @@ class RowError(UsageError):
 
     def __init__(self, reasons: dict):
         self.reasons = reasons
-        super().__init__("; ".join(f"row {row}: {reason}" for row, reason in reasons.items()) if len(reasons) > 1
-                         else next(iter(reasons.values())))
+        told = [f"row {row}: {reason}" for row, reason in reasons.items()]
+        super().__init__("; ".join(told) if len(reasons) > 1 else next(iter(reasons.values())))
 
 
 def shown(text) -> str:
@@ -265,7 +265,8 @@ class Settings:
 def resolve(settings: Settings, device: torch.device) -> Settings:
     """The settings with each None replaced by its default and the precision chosen for `device`."""
     for field in dataclasses.fields(Settings):  # what argparse checks, for values from the Python API
-        value, choices, kind = getattr(settings, field.name), field.metadata.get("choices"), field.metadata.get("type")
+        value = getattr(settings, field.name)
+        choices, kind = field.metadata.get("choices"), field.metadata.get("type")
         if value is not None and choices and value not in choices:
             raise UsageError(f"--{field.name} {value!r} is not one of {', '.join(choices)}")
         if value is not None and kind and not kind.holds(value):
@@ -376,7 +377,8 @@ def read_photo(path: str, size: int) -> Photo:
         load_photo(path, size, data)
     except UsageError as error:
         return Photo(None, str(error), None)
-    return Photo(hashlib.sha256(data).hexdigest(), None, None if stat.S_ISREG(os.stat(path).st_mode) else data)
+    kept = None if stat.S_ISREG(os.stat(path).st_mode) else data
+    return Photo(hashlib.sha256(data).hexdigest(), None, kept)
 
 
 def ours(path) -> bool:
@@ -436,7 +438,8 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
     tiles = [("original", original), *tiles]
     side, label_height = original.width, 16
     columns = math.ceil(math.sqrt(len(tiles)))
-    grid = Image.new("RGB", (columns * side, math.ceil(len(tiles) / columns) * (side + label_height)), "white")
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
     draw = ImageDraw.Draw(grid)
     for index, (label, picture) in enumerate(tiles):
         left, top = (index % columns) * side, (index // columns) * (side + label_height)
@@ -667,7 +670,8 @@ def check_model(model: nn.Module, layers: list, size: int, device: torch.device,
                          f"--input_size ({one_line(error)})") from None
     if not all(torch.isfinite(output).all() for output in outputs):
         raise UsageError(f"the layer's activations for a blank image are not finite (NaN or inf) in "
-                         f"{precision}: the weights are unsound or the precision overflows; --lr is not the cause")
+                         f"{precision}: the weights are unsound or the precision overflows; --lr is not the "
+                         "cause")
     return {layer: layer_stride((size, size), output) for layer, output in zip(layers, outputs)}
 
 
@@ -685,7 +689,8 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
             model(torch.zeros(1, 3, size, size, device=device))
     except FORWARD_ERRORS:  # the layers before the failure still have their shapes
         unused = f"not reached: the model fails at --input_size {size}"
-    return [(seed_form(name), name, type(module).__name__, shapes.get(module, unused)) for name, module in named]
+    return [(seed_form(name), name, type(module).__name__, shapes.get(module, unused))
+            for name, module in named]
 
 
 def describe(output) -> str:
@@ -767,7 +772,8 @@ class Surrogate:
         self.layers, self.weights, self.cache = [], [], {}
 
     def __enter__(self) -> "Surrogate":
-        hooks = {**{module: self.relu_hook for module in self.relus}, **{module: self.pool_hook for module in self.pools}}
+        hooks = {**{module: self.relu_hook for module in self.relus},
+                 **{module: self.pool_hook for module in self.pools}}
         self.hooks = forward_hooks(hooks)
         self.hooks.__enter__()
         return self
@@ -799,15 +805,16 @@ class Surrogate:
         if weights is None:
             return None
         upper = 6.0 if isinstance(module, nn.ReLU6) else None
-        return LeakyBackward.apply(inputs[0], output, weights[1], upper, SURROGATE_LEAK if weights[2] else None)
+        slope = SURROGATE_LEAK if weights[2] else None
+        return LeakyBackward.apply(inputs[0], output, weights[1], upper, slope)
 
     def pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
         weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
         if weights is None or isinstance(output, tuple):  # return_indices: left as it is
             return None
         pool = None if isinstance(module, nn.AdaptiveMaxPool2d) else (
-            as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size), as_pair(module.padding),
-            module.ceil_mode)
+            as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size),
+            as_pair(module.padding), module.ceil_mode)
         return AveragedBackward.apply(inputs[0], output, weights[0], pool, weights[2])
 
 
@@ -1075,9 +1082,9 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
     reasons = {}
     for _, rows, target in targets:
         finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
-        reasons.update({row: f"the layer's activations for this photo are not finite (NaN or inf) in {precision}, "
-                        "before any optimisation: the weights are unsound or the precision overflows; --lr is "
-                        "not the cause" for row, ok in zip(rows, finite) if not ok})
+        reasons.update({row: f"the layer's activations for this photo are not finite (NaN or inf) in "
+                        f"{precision}, before any optimisation: the weights are unsound or the precision "
+                        "overflows; --lr is not the cause" for row, ok in zip(rows, finite) if not ok})
         reasons.update({row: "the layer's activations for this photo are all zero: there is nothing to invert"
                         for row, ok, any_ in zip(rows, finite, nonzero) if ok and not any_})
     if reasons:
@@ -1099,13 +1106,15 @@ def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
-    """The jitter, C, plateau tolerance, surrogate gradients and rate of a row whose layer has this stride,
-    where 'auto' or stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop offsets per axis."""
+    """The jitter, C, plateau tolerance, surrogate gradients and rate of a row whose layer has this
+    stride, where 'auto' or stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop
+    offsets per axis."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
             "surrogate": settings.surrogate == "on",
-            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto" else settings.lr}
+            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
+            else settings.lr}
 
 
 def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
@@ -1177,9 +1186,10 @@ class Canvases:
         self.size, self.jitters, self.generators, self.device = tuple(size), jitters, generators, device
         self.middles = [(jitter // 2, jitter // 2) for jitter in jitters]
         make = PARAMETERISATIONS[settings.param]
-        self.images = {jitter: make((self.size[0] + jitter, self.size[1] + jitter), device, settings.objective)
-                       for jitter in dict.fromkeys(jitters)}
-        self.variables = [self.images[jitter].initial(generator) for jitter, generator in zip(jitters, generators)]
+        self.images = {jitter: make((self.size[0] + jitter, self.size[1] + jitter), device,
+                                    settings.objective) for jitter in dict.fromkeys(jitters)}
+        self.variables = [self.images[jitter].initial(generator)
+                          for jitter, generator in zip(jitters, generators)]
         self.use(range(len(jitters)))
 
     def use(self, rows: Sequence[int]) -> None:
@@ -1189,7 +1199,8 @@ class Canvases:
         for row in self.rows:
             self.groups.setdefault(self.jitters[row], []).append(row)
         position = {row: index for index, row in enumerate(self.rows)}
-        self.order = row_order([[position[row] for row in rows] for rows in self.groups.values()], self.device)
+        self.order = row_order([[position[row] for row in rows] for rows in self.groups.values()],
+                               self.device)
 
     def render(self) -> list:
         """Per jitter, the whole canvases of its rows in use, normalised."""
@@ -1221,7 +1232,8 @@ class Canvases:
         """Every row's current image, the middle of its canvas: a copy."""
         height, width = self.size
         return torch.cat([self.images[jitter].render(variable)[..., dy:dy + height, dx:dx + width]
-                          for jitter, variable, (dy, dx) in zip(self.jitters, self.variables, self.middles)]).clone()
+                          for jitter, variable, (dy, dx) in zip(self.jitters, self.variables,
+                                                                self.middles)]).clone()
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -1251,7 +1263,8 @@ class FiniteGuard:
             raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
                             "cause: the model gives non-finite values for this photo (unsound weights?), "
                             "or a weight such as --C is too large" for row in broken if row not in self.kept})
-        self.kept.update({row: self.canvases.variables[row].detach().clone() for row, ok in zip(rows, finite) if ok})
+        self.kept.update({row: self.canvases.variables[row].detach().clone()
+                          for row, ok in zip(rows, finite) if ok})
         return broken
 
     def restore(self, rows: list) -> None:
@@ -1273,7 +1286,8 @@ class Schedule:
 
     def __init__(self, settings: Settings, rows: list, device: torch.device):
         self.settings = settings  # rows: each row's layer_settings
-        self.tolerances, self.surrogates = [row["plateau"] for row in rows], [row["surrogate"] for row in rows]
+        self.tolerances = [row["plateau"] for row in rows]
+        self.surrogates = [row["surrogate"] for row in rows]
         self.rates = [row["lr"] for row in rows]
         self.first_stage_end = [settings.decay_epochs] * len(rows)  # each row's last first-stage iteration
         self.last = [settings.epochs] * len(rows)  # each row's last iteration
@@ -1307,7 +1321,8 @@ class Schedule:
 
     def record(self, step: int, rows: list, losses: torch.Tensor) -> None:
         """Account for iteration `step`, whose `rows` had `losses` before its update."""
-        watched = [index for index, row in enumerate(rows) if self.tolerances[row] and self.first_stage(row, step)]
+        watched = [index for index, row in enumerate(rows)
+                   if self.tolerances[row] and self.first_stage(row, step)]
         if not watched:
             return
         positions = torch.tensor([rows[index] for index in watched], device=losses.device)
@@ -1322,7 +1337,7 @@ class Schedule:
         self.before = now
 
     def stalled(self, row: int, lowest: list) -> bool:
-        """Whether the row's lowest loss fell by less than its tolerance since PLATEAU_WINDOW iterations ago."""
+        """Whether the row's lowest loss fell by less than its tolerance in PLATEAU_WINDOW iterations."""
         return self.before[row] - lowest[row] < self.tolerances[row] * abs(self.before[row])
 
     def diverge(self, rows: list, step: int) -> None:
@@ -1356,13 +1371,15 @@ def check_references(model: nn.Module, references) -> None:
         raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
     shape = "x".join(map(str, references.shape))
     if references.dim() != 4:
-        raise UsageError(f"invert() needs the references as Nx3xHxW images, got a {references.dim()}-D tensor "
-                         f"of shape {shape}" + ("; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else ""))
+        hint = "; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else ""
+        raise UsageError(f"invert() needs the references as Nx3xHxW images, got a {references.dim()}-D "
+                         f"tensor of shape {shape}{hint}")
     if len(references) == 0 or references.shape[1] != 3:
-        raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 colour "
-                         f"channels, got shape {shape}")
+        raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 "
+                         f"colour channels, got shape {shape}")
     weight = next(model.parameters(), references)
-    if not references.is_floating_point() or (references.dtype, references.device) != (weight.dtype, weight.device):
+    kind = (references.dtype, references.device)
+    if not references.is_floating_point() or kind != (weight.dtype, weight.device):
         raise UsageError(f"invert() needs references of the model's dtype and device, {weight.dtype} on "
                          f"{weight.device}, normalised as preprocess() makes them: got {references.dtype} on "
                          f"{references.device}")
@@ -1404,7 +1421,8 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(count)]
-    canvases = Canvases(settings, references.shape[-2:], [row["jitter"] for row in chosen], generators, device)
+    jitters = [row["jitter"] for row in chosen]
+    canvases = Canvases(settings, references.shape[-2:], jitters, generators, device)
     schedule = Schedule(settings, chosen, device)
     optimizer = make_optimizer(settings, canvases.variables, schedule.rates)
     guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
@@ -1423,9 +1441,11 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
                 schedule.set_rates(optimizer, step, rows)
                 surrogate.use(targets.layers_in_use(), [schedule.surrogate_weight(row, step) for row in rows])
                 optimizer.zero_grad(set_to_none=True)
-                _, terms = evaluate(model, settings, targets, canvases, offsets, surrogate.alive)  # render to loss
+                # render, forward, loss
+                _, terms = evaluate(model, settings, targets, canvases, offsets, surrogate.alive)
                 losses = sum(terms.values())
-                broken = guard.check(rows, losses) if guard.due(step, {schedule.last[row] for row in rows}) else []
+                due = guard.due(step, {schedule.last[row] for row in rows})
+                broken = guard.check(rows, losses) if due else []
                 loss = losses.sum()
                 loss.backward()  # backward, step
                 optimizer.step(lambda: loss)
@@ -1459,7 +1479,8 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
         latest.update({name: values.detach() for name, values in terms.items()})
         return dict(latest)
     for name, values in terms.items():
-        kept = latest[name].clone() if name in latest else torch.full((count,), math.nan, device=values.device)
+        kept = latest[name].clone() if name in latest else \
+            torch.full((count,), math.nan, device=values.device)
         kept[rows] = values.detach()
         latest[name] = kept
     return dict(latest)
@@ -2001,7 +2022,7 @@ class Job:
                     self.fail(rows[index], reason)
                 continue
             except RuntimeError as error:  # out of memory: the estimate was wrong, or others share the device
-                if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

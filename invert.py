@@ -509,28 +509,26 @@ def looks_like_path(weights: str) -> bool:
 
 
 def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
-    """Load torchvision's pretrained weights, downloading them once into TORCH_HOME's cache."""
+    """Build `name` with torchvision's pretrained weights through its weights API, which downloads them
+    once into TORCH_HOME's cache; first read with weights_only=True, so that a file that would run code
+    is refused before torchvision's own reading."""
     chosen = pretrained_weights(name, weights)
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(chosen.url).path).name
-    if not checkpoint.exists():
-        # downloaded here rather than by torchvision, so that a failure is one line, not two
-        hash_prefix = torch.hub.HASH_REGEX.search(checkpoint.name)
-        try:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(chosen.url, str(checkpoint), hash_prefix and hash_prefix.group(1),
-                                           progress=progress)
-        except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad hash is a RuntimeError
-            raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
-                             f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache "
-                             "under TORCH_HOME), or pass --weights PATH to a state-dict file, or "
-                             "--weights none for random weights") from None
-        if progress:
-            print(f"downloaded {checkpoint.name} to {checkpoint.parent}/ for later runs", file=sys.stderr)
+    file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / file
+    cached = checkpoint.exists()
     try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            chosen.get_state_dict(progress=progress, check_hash=True, weights_only=True)
         return torchvision.models.get_model(name, weights=chosen, progress=progress)
-    except Exception as error:  # torch.load raises many types for a damaged file
-        raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
-                         "delete it to download again") from None
+    except Exception as error:  # a refused download (URLError is an OSError), a bad hash, a damaged file
+        if cached:
+            raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
+                             "delete it to download again") from None
+        raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
+                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache under "
+                         "TORCH_HOME), or pass --weights PATH to a state-dict file, or --weights none for "
+                         "random weights") from None
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional[bytes] = None) -> None:

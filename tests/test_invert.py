@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import json
+import pickle
 import math
 import socket
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import invert
+from bad_inputs import Payload
 from conftest import FAST, assert_clean_failure
 
 # the seed's method, with a learning rate that suits the tiny network
@@ -692,10 +694,13 @@ def test_corrupt_cached_weights_fail_cleanly(photo, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    (cache / Path(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url).name).write_bytes(b"half a file")
-    code, _, err = cli("--image_path", photo, *FAST, "--weights", "DEFAULT", "--output_dir", tmp_path / "out")
-    assert_clean_failure(code, err, tmp_path / "out")
-    assert "delete it to download again" in err
+    cached = cache / Path(torchvision.models.SqueezeNet1_1_Weights.DEFAULT.url).name
+    marker = tmp_path / "payload_ran"
+    for damage in (b"half a file", pickle.dumps({"weight": Payload(str(marker))})):  # one would run code
+        cached.write_bytes(damage)
+        code, _, err = cli("--image_path", photo, *FAST, "--weights", "DEFAULT", "--output_dir", tmp_path / "out")
+        assert_clean_failure(code, err, tmp_path / "out")
+        assert "delete it to download again" in err and not marker.exists()
 
 
 def test_a_state_dict_file_loads_frozen_and_random_weights_warn(photo, tmp_path, cli):

@@ -274,12 +274,15 @@ def resolve(settings: Settings, device: torch.device) -> Settings:
     given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
     chosen = {**OBJECTIVE_DEFAULTS[settings.objective], **given}
     chosen.setdefault("lr", DEFAULT_LRS[chosen["objective"], chosen["optimizer"], chosen["param"]])
-    if isinstance(chosen["decay_epochs"], Fraction):
-        chosen["decay_epochs"] = max(1, round(chosen["epochs"] * chosen["decay_epochs"]))
+    if isinstance(chosen["decay_epochs"], Fraction):  # a share of --epochs: decided where it is used
+        chosen["decay_epochs"] = None
     chosen["precision"] = resolve_precision(chosen["precision"], device)
-    resolved = Settings(**chosen)
-    object.__setattr__(resolved, "requested", settings)  # what was asked: invert() resolves it again
-    return resolved
+    return Settings(**chosen)
+
+
+def decay_iterations(settings: Settings) -> int:
+    """The iterations between learning-rate decays: --decay_epochs, else the paper's first stage."""
+    return settings.decay_epochs or max(1, round(settings.epochs * FIRST_STAGE))
 
 
 def default_help(name: str) -> str:
@@ -510,25 +513,28 @@ def looks_like_path(weights: str) -> bool:
 
 def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
     """Build `name` with torchvision's pretrained weights through its weights API, which downloads them
-    once into TORCH_HOME's cache; first read with weights_only=True, so that a file that would run code
-    is refused before torchvision's own reading."""
+    once into TORCH_HOME's cache. The file is read first with weights_only=True, so that one that would
+    run code is refused before torchvision reads it again (twice the time, the safety of both)."""
     chosen = pretrained_weights(name, weights)
     file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / file
+    damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
     cached = checkpoint.exists()
     try:
-        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stdout if progress else io.StringIO()):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # of a file refused anyway
             chosen.get_state_dict(progress=progress, check_hash=True, weights_only=True)
-        return torchvision.models.get_model(name, weights=chosen, progress=progress)
     except Exception as error:  # a refused download (URLError is an OSError), a bad hash, a damaged file
         if cached:
-            raise UsageError(f"cannot read cached weights {checkpoint} ({one_line(error)}); "
-                             "delete it to download again") from None
+            raise UsageError(damaged.format(one_line(error))) from None
         raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
                          f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache under "
                          "TORCH_HOME), or pass --weights PATH to a state-dict file, or --weights none for "
                          "random weights") from None
+    try:
+        return torchvision.models.get_model(name, weights=chosen, progress=progress)
+    except Exception as error:  # read safely a moment ago: changed since
+        raise UsageError(damaged.format(one_line(error))) from None
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional[bytes] = None) -> None:
@@ -823,7 +829,8 @@ def per_row(values: torch.Tensor) -> torch.Tensor:
     """Each row's sum (over all but the first dimension), in one op for the batch: added in float64, so
     that the order a batch's sum takes, which depends on the batch, does not show in the float32 result
     (the plateau rule compares them, and would grow a rounding into another picture)."""
-    return values.flatten(1).sum(1, dtype=torch.float64).float()
+    wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
+    return values.flatten(1).sum(1, dtype=wide).float()
 
 
 def alpha_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -1017,7 +1024,7 @@ class Inversion(NamedTuple):
     iterations: list  # per row; for a row that diverged, the iteration whose loss was not finite
     stopped: list  # per row: "epochs" (all ran), "plateau", "interrupted" (Ctrl-C) or "diverged"
     settings: Settings
-    layer_settings: list  # per row: the jitter, C, plateau tolerance, surrogate and rate its layer decided
+    layer_settings: list  # per row: the jitter, C, plateau, surrogate, decays and rate its layer decided
 
 
 def too_large_lr(iteration: int, lr: float) -> str:
@@ -1091,16 +1098,17 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
 
 
 def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
-    """How many input pixels one step of the layer's grid spans, from its number of positions: a map's
-    height times width, a token sequence's tokens (less a class token, where the rest make a square),
-    or one; a layer larger than its input has stride 1."""
-    positions = 1
-    if output.dim() == 4:
-        positions = output.shape[-2] * output.shape[-1]
-    elif output.dim() == 3:  # (N, tokens, width), as a ViT's encoder blocks give
+    """How many input pixels one step of the layer's grid spans: the input's side over the grid's, a
+    map's (N, C, H, W, or channels last as Swin's) or a token sequence's (a ViT's (N, tokens, width),
+    less a class token where the rest make a square); the whole input for a layer without a grid,
+    and 1 for a layer larger than its input."""
+    side = 1
+    if output.dim() == 4:  # the maps are square: the second-last side is theirs in either layout
+        side = output.shape[-2]
+    elif output.dim() == 3:
         tokens = output.shape[1]
-        positions = tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens
-    return max(1, math.isqrt(input_shape[-2] * input_shape[-1] // positions))
+        side = math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
+    return max(1, input_shape[-2] // side)
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
@@ -1110,7 +1118,7 @@ def layer_settings(settings: Settings, stride: int) -> dict:
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
-            "surrogate": settings.surrogate == "on",
+            "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
             "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
             else settings.lr}
 
@@ -1287,7 +1295,8 @@ class Schedule:
         self.tolerances = [row["plateau"] for row in rows]
         self.surrogates = [row["surrogate"] for row in rows]
         self.rates = [row["lr"] for row in rows]
-        self.first_stage_end = [settings.decay_epochs] * len(rows)  # each row's last first-stage iteration
+        self.decay_epochs = decay_iterations(settings)
+        self.first_stage_end = [self.decay_epochs] * len(rows)  # each row's last first-stage iteration
         self.last = [settings.epochs] * len(rows)  # each row's last iteration
         self.lowest = torch.full((len(rows),), math.inf, device=device)  # Adam's loss oscillates
         self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
@@ -1296,7 +1305,7 @@ class Schedule:
     def rate(self, row: int, step: int) -> float:
         """The learning rate of `row` at iteration `step`."""
         end = self.first_stage_end[row]
-        decays = 0 if step <= end else 1 + (step - end - 1) // self.settings.decay_epochs
+        decays = 0 if step <= end else 1 + (step - end - 1) // self.decay_epochs
         return self.rates[row] * self.settings.decay_factor ** decays
 
     def first_stage(self, row: int, step: int) -> bool:
@@ -1375,7 +1384,7 @@ def check_references(model: nn.Module, references) -> None:
     if len(references) == 0 or references.shape[1] != 3:
         raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 "
                          f"colour channels, got shape {shape}")
-    weight = next(model.parameters(), references)
+    weight = next(model.parameters(), references)  # a model without parameters takes any float
     kind = (references.dtype, references.device)
     if not references.is_floating_point() or kind != (weight.dtype, weight.device):
         raise UsageError(f"invert() needs references of the model's dtype and device, {weight.dtype} on "
@@ -1397,8 +1406,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     images so far. A RowError names the rows that cannot be inverted at all.
     """
     check_references(model, references)
-    asked = getattr(settings, "requested", settings) or Settings()  # a result's settings: as first asked
-    settings = resolve(dataclasses.replace(asked, **overrides), references.device)
+    settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
     layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
     if len(layers) != len(references):
         raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
@@ -1473,7 +1481,7 @@ def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: C
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
     """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
     callback may keep them."""
-    if len(rows) == count:  # every row ran: this iteration's terms are the latest, and new
+    if len(rows) == count:  # every row ran (rows_at lists them in order): this iteration's terms, new
         latest.update({name: values.detach() for name, values in terms.items()})
         return dict(latest)
     for name, values in terms.items():
@@ -1542,8 +1550,8 @@ def pick_device(spec: str) -> torch.device:
 
 
 def shard_of(given: Optional[tuple], photos: int) -> tuple:
-    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK; a job
-    of one photo, as a launcher's task that names its own, runs whole."""
+    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK; a
+    task's job of one photo, as when each task names its own, is not split between the tasks."""
     names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
     task, low, high, count, step = (launcher_int(name, 1 if name.endswith(("COUNT", "STEP")) else 0)
                                     for name in names)
@@ -1574,8 +1582,9 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
     for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
         if value is not None and value >= world:
             raise UsageError(f"the environment variable {name}={value} is not below WORLD_SIZE={world}")
-    if given or photos < 2:
-        return given or (0, 1)
+    if given:
+        return given
+    part, parts = (0, 1) if photos < 2 else (part, parts)
     return (part, parts) if world is None else (part * world + rank, parts * world)
 
 
@@ -1932,6 +1941,9 @@ class Job:
         everyone = list(dict.fromkeys(row.image_path for row in job))
         self.shard = shard_of(args.shard, len(everyone))
         self.rows = rows = in_shard(job, *self.shard)
+        self.by_photo = {}  # each photo's rows
+        for row in rows:
+            self.by_photo.setdefault(row.image_path, []).append(row)
         weights, weights_data = weights_identity(args.model, args.weights)
         self.photos = {path: read_photo(path, args.input_size)
                        for path in dict.fromkeys(row.image_path for row in rows)}
@@ -1959,23 +1971,22 @@ class Job:
 
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
-        its photo could not be read and its record is of a finished run of that photo (an NFS hiccup
-        must not undo a week's work)."""
+        its photo could not be read and its record is of a finished run of this row (an NFS hiccup must
+        not undo a week's work)."""
         self.failed[row] = reason
         if len(self.rows) > 1:
             self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"),
                            sys.stderr)
         kept = self.previous[row] or {}
-        if not (self.photos[row.image_path].error and kept.get("status") == "done"
-                and kept.get("image_path") == row.image_path):
+        same = all(kept.get(key) == value for key, value in self.wanted[row].items() if key != "image_sha256")
+        if not (self.photos[row.image_path].error and kept.get("status") == "done" and same):
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
     def photo(self, path: str) -> torch.Tensor:
         """A photo preprocessed, read again unless planning kept it; its rows record what was read."""
         data = self.photos[path].data or read_bytes(path)
-        for row in self.rows:
-            if row.image_path == path:
-                self.wanted[row]["image_sha256"] = hashlib.sha256(data).hexdigest()
+        for row in self.by_photo[path]:
+            self.wanted[row]["image_sha256"] = hashlib.sha256(data).hexdigest()
         return load_photo(path, self.args.input_size, data)
 
     def callback(self, rows: list, frames: list) -> tuple:
@@ -2012,6 +2023,7 @@ class Job:
         while rows := [row for row in rows if row not in self.failed]:
             frames, count, started = [[] for _ in rows], self.settings.samples, time.perf_counter()
             report, bar = self.callback(rows, frames)
+            short = None  # what ran out of memory, if it did
             try:
                 result = invert(self.model, [self.layers[row.layer_name] for row in rows], torch.cat(
                     [photos[row.image_path] for row in rows]).to(self.device), self.settings, callback=report)
@@ -2022,14 +2034,11 @@ class Job:
             except RuntimeError as error:  # out of memory: the estimate was wrong, or others share the device
                 if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
                     raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if len(rows) == 1:
-                    self.fail(rows[0], f"out of memory on {self.device} ({one_line(error)})")
-                    return False
-                return any([self.optimise([row]) for row in rows])  # each row alone, every one of them
+                short = one_line(error)  # the batch's tensors go with the error, outside this block
             finally:
                 bar.close()
+            if short is not None:
+                return self.alone(rows, short)
             seconds = time.perf_counter() - started
             timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
                           ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
@@ -2039,6 +2048,16 @@ class Job:
                                       torchvision_version=torchvision.__version__))
             return "interrupted" in result.stopped
         return False
+
+    def alone(self, rows: list, short: str) -> bool:
+        """After a batch ran out of memory: each of its rows alone, or failed if even one was too many;
+        return whether Ctrl-C stopped them."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(rows) == 1:
+            self.fail(rows[0], f"out of memory on {self.device} ({short})")
+            return False
+        return any(self.optimise([row]) for row in rows)  # any() stops at the first interrupted row
 
     def save(self, row: Row, result: Inversion, mine: range, frames: list, record: dict) -> None:
         """Save a row's pictures and then its record; or where a sample diverged, its last finite image."""
@@ -2080,7 +2099,7 @@ class Job:
     def montages(self, rows: list) -> None:
         """Write the montage of each photo among `rows` whose rows are all done, from their pictures."""
         for path in dict.fromkeys(row.image_path for row in rows if row.montage):
-            mine = [row for row in self.rows if row.image_path == path]
+            mine = self.by_photo[path]
             shown_files = [(row.layer_name, row.png) for row in mine] if self.settings.samples == 1 else [
                 (f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine
                 for kind in ("mean", "spread")]
@@ -2118,12 +2137,14 @@ class Job:
                 unindexed = error
         if interrupted:
             print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
-        if unindexed or self.failed:
-            (row, reason), count = (None, str(unindexed)) if unindexed else next(iter(self.failed.items())), \
-                len(self.failed)
-            raise UsageError(reason if unindexed or len(self.todo) == 1 else f"{count} of {len(self.todo)} "
-                             f"image(s) failed, {row.image_path} at {row.layer_name} first: {reason}"
-                             + ("; see index.csv" if folder else ""))
+        told = [] if unindexed is None else [str(unindexed)]
+        if self.failed:
+            (row, reason), count = next(iter(self.failed.items())), len(self.failed)
+            told.insert(0, reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
+                        f"{row.image_path} at {row.layer_name} first: {reason}"
+                        + ("; see index.csv" if folder and unindexed is None else ""))
+        if told:
+            raise UsageError("; and ".join(told))
         before = len(self.rows) - len(self.todo)
         if not self.args.quiet and not interrupted:
             print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
@@ -2246,7 +2267,7 @@ def add_running_flags(running) -> None:
                          help="invert only the K-th (0 to N-1) of N parts of the photos, every N-th from "
                               "the K-th; by default from torchrun's RANK and WORLD_SIZE and a SLURM job "
                               "array's SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP, else all (a job "
-                              "of one photo always runs whole)")
+                              "of one photo runs whole in each array task); 0/1 runs all in every process")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -37,12 +37,14 @@ def test_the_objective_decides_its_defaults_and_flags_override_them():
     assert (seed.optimizer, seed.param, seed.lr, seed.lambda_alpha, seed.C, seed.decay_epochs) == \
            ("sgd", "pixel", 100.0, 1e-5, 1.0, 200)
     paper = invert.resolve(invert.Settings(epochs=70), cpu)
-    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", "auto", 60)
+    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", "auto", None)
+    assert invert.decay_iterations(paper) == 60  # six sevenths of --epochs, decided where it is used
     assert paper.C == invert.OBJECTIVE_DEFAULTS["paper"]["C"]
     mixed = invert.resolve(invert.Settings(objective="seed", optimizer="adam", C=7.0), cpu)
     assert (mixed.optimizer, mixed.param, mixed.lr, mixed.C) == ("adam", "pixel", 0.1, 7.0)
     assert invert.resolve(seed, cpu) == seed  # resolving twice changes nothing
-    assert None not in dataclasses.astuple(paper) and paper.precision in ("fp32", "bf16")
+    assert [name for name, value in dataclasses.asdict(paper).items() if value is None] == ["decay_epochs"]
+    assert paper.precision in ("fp32", "bf16")
     with pytest.raises(invert.UsageError, match="--optimizer 'adagrad'"):
         invert.resolve(invert.Settings(optimizer="adagrad"), cpu)
 
@@ -550,7 +552,8 @@ def test_end_to_end_writes_png_and_json(photo, tmp_path, cli):
     assert record["settings"] == dataclasses.asdict(invert.resolve(
         invert.Settings(objective="seed", lr=3.0, epochs=5), torch.device("cpu")))
     assert record["layer_name"] == "features_3" and record["image_path"] == str(photo)
-    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0, "surrogate": False, "lr": 3.0}
+    assert record["layer_settings"] == {"jitter": 0, "C": 1.0, "plateau": 0.0, "surrogate": False, "lr": 3.0,
+                                        "decay_epochs": 200}
     assert record["iterations"] == 5 and record["stopped"] == "epochs"
     # the command line is a thin shell over invert(): the same settings give the same result
     torch.manual_seed(2023)  # as the command line does, before it builds the random network
@@ -837,12 +840,22 @@ class Tokens(nn.Module):
         return torch.cat([grid.mean(1, keepdim=True), grid], 1)
 
 
+class Permute(nn.Module):
+    """Channels last, as Swin's feature maps are."""
+
+    def forward(self, maps):
+        return maps.permute(0, 2, 3, 1)
+
+
 def test_token_and_upsampling_layers_take_their_settings_from_their_grid():
     torch.manual_seed(0)
     tokens = nn.Sequential(Tokens()).eval().requires_grad_(False)
     result = invert.invert(tokens, tokens[0], torch.randn(1, 3, 32, 32), epochs=2, jitter="auto")
     # stride 8, as a 4x4 grid over 32 pixels: C = 100 (4 / 8)^2 and the authors' jitter round(8 / 4) - 1
     assert (result.layer_settings[0]["C"], result.layer_settings[0]["jitter"]) == (25.0, 1)
+    channels_last = nn.Sequential(nn.Conv2d(3, 96, 4, stride=4), Permute()).eval().requires_grad_(False)
+    result = invert.invert(channels_last, channels_last[1], torch.randn(1, 3, 32, 32), epochs=2)
+    assert result.layer_settings[0]["C"] == 100.0  # (N, 8, 8, 96), as Swin's: stride 4
     upsampling = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
     result = invert.invert(upsampling.requires_grad_(False), upsampling[1], torch.randn(1, 3, 16, 16), epochs=2)
     assert result.layer_settings[0]["C"] == 100.0 and result.iterations == [2]  # stride 1, not 0
@@ -851,8 +864,6 @@ def test_token_and_upsampling_layers_take_their_settings_from_their_grid():
 def test_a_results_settings_passed_back_follow_the_new_keywords(tiny):
     reference = torch.randn(1, 3, 16, 16)
     first = invert.invert(tiny, tiny[3], reference, epochs=7, plateau=0.0)
-    assert first.settings.decay_epochs == 6  # the paper's first stage: six sevenths
+    assert first.layer_settings[0]["decay_epochs"] == 6  # the paper's first stage: six sevenths
     again = invert.invert(tiny, tiny[3], reference, first.settings, epochs=14)
-    assert again.settings.decay_epochs == 12 and again.settings.plateau == 0.0
-    other = invert.invert(tiny, tiny[3], reference, first.settings, optimizer="sgd", epochs=2)
-    assert other.settings.lr == invert.DEFAULT_LRS["paper", "sgd", "fft"]
+    assert again.layer_settings[0]["decay_epochs"] == 12 and again.settings.plateau == 0.0

@@ -563,6 +563,13 @@ def test_a_launchers_task_that_names_its_own_photo_runs_it_and_an_empty_part_say
     code, _, err = cli("--image_path", photos / "a.jpg", photos / "b.png", *FAST, "--epochs", "1",
                        "--output_dir", tmp_path / "two")
     assert code == 0 and "part, 2 of 3" in err and "has no photos" in err
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(name)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():  # torchrun's still split
+        monkeypatch.setenv(name, value)
+    code, _, err = cli("--image_path", photos / "c.webp", *FAST, "--epochs", "1", "--device", "cpu",
+                       "--output_dir", tmp_path / "torchrun")
+    assert code == 0 and "part, 1 of 2" in err and not (tmp_path / "torchrun").exists()
 
 
 def test_a_batch_that_runs_out_of_memory_runs_again_row_by_row(photos, tmp_path, cli, monkeypatch):

@@ -124,8 +124,9 @@ MAX_EXPONENT = 12.0
 # --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
 SURROGATE_LEAK = 0.1
 SURROGATES = ("on", "off")
-# L-BFGS keeps this many past steps and gradients
+# L-BFGS keeps this many past steps and gradients; Adam's beta2 and epsilon are torch's defaults
 LBFGS_HISTORY = 10
+ADAM_BETA2, ADAM_EPSILON = 0.999, 1e-8
 # what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
 FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
@@ -1033,37 +1034,55 @@ def too_large_lr(iteration: int, lr: float) -> str:
             "layer; try a smaller --lr")
 
 
-def make_optimizer(settings: Settings, variables: list, rates: list):
-    """SGD with momentum, Adam with --momentum as beta1, or L-BFGS taking one step per iteration;
-    one parameter group per row, each with its own learning rate (`rates`)."""
-    groups = [{"params": [variable], "lr": rate} for variable, rate in zip(variables, rates)]
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=rates[0], momentum=settings.momentum, foreach=False)
-    if settings.optimizer == "adam":
-        betas = (settings.momentum, 0.999)
-        try:  # one fused kernel per step; torch before 2.4 has it for CUDA only
-            return torch.optim.Adam(groups, lr=rates[0], betas=betas, fused=True)
-        except RuntimeError:
-            return torch.optim.Adam(groups, lr=rates[0], betas=betas, foreach=False)
-    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure; one
-    # L-BFGS per row, since one over the batch would couple its images
-    return EachRow([torch.optim.LBFGS([group], max_iter=1, history_size=LBFGS_HISTORY) for group in groups])
+class Descent:
+    """SGD with momentum, or Adam with --momentum as beta1, over one variable of several rows, each at
+    its own rate (0 for a row that has stopped): torch's updates (not fused), a rate per row."""
+
+    def __init__(self, settings: Settings, variable: torch.Tensor):
+        self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
+        self.variable, self.steps = variable, 0
+        self.average, self.squares = torch.zeros_like(variable), torch.zeros_like(variable)
+        self.rates, self.key = None, None  # each row's rate as a tensor, made from the list `key`
+
+    def set_rates(self, rates: list) -> None:
+        """Each row's rate from now on; a new tensor only when they change (a stage's end, a decay)."""
+        if rates != self.key:
+            self.key = rates
+            shape = (-1, *[1] * (self.variable.dim() - 1))
+            self.rates = torch.tensor(rates, device=self.variable.device).view(shape)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None, rows: Optional[torch.Tensor] = None) -> None:
+        """One update of each row in use (`rows`, or all) by its gradient; the others keep their state."""
+        self.steps += 1
+        if rows is None:
+            self.update(self.variable, self.variable.grad, self.average, self.squares, self.rates)
+            return
+        state = [self.variable[rows], self.average[rows], self.squares[rows]]
+        self.update(state[0], self.variable.grad[rows], state[1], state[2], self.rates[rows])
+        self.variable[rows], self.average[rows], self.squares[rows] = state
+
+    def update(self, variable, gradient, average, squares, rates) -> None:
+        """SGD's or Adam's update of `variable` in place, with its state."""
+        if not self.adam:
+            average.mul_(self.momentum).add_(gradient)
+            variable.sub_(rates * average)
+            return
+        average.lerp_(gradient, 1 - self.momentum)
+        squares.mul_(ADAM_BETA2).addcmul_(gradient, gradient, value=1 - ADAM_BETA2)
+        denominator = (squares.sqrt() / math.sqrt(1 - ADAM_BETA2 ** self.steps)).add_(ADAM_EPSILON)
+        variable.sub_(rates / (1 - self.momentum ** self.steps) * average / denominator)
 
 
-class EachRow:
-    """Optimizers stepped together, one per row, whose parameter groups are the rows' in order."""
-
-    def __init__(self, optimizers: list):
-        self.optimizers = optimizers
-        self.param_groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Callable) -> None:
-        for optimizer in self.optimizers:
-            optimizer.step(closure)
+def make_optimizer(settings: Settings, variable: torch.Tensor):
+    """SGD with momentum or Adam over a variable of rows, a rate per row (Descent); or L-BFGS taking one
+    step per iteration over a variable of one row (one over several would couple them)."""
+    if settings.optimizer != "lbfgs":
+        return Descent(settings, variable)
+    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
+    optimizer = torch.optim.LBFGS([variable], max_iter=1, history_size=LBFGS_HISTORY)
+    optimizer.set_rates = lambda rates: optimizer.param_groups[0].update(lr=rates[0])
+    return optimizer
 
 
 def autocast(precision: str, device: torch.device):
@@ -1178,41 +1197,51 @@ class Targets:
 
 
 class Canvases:
-    """The images being optimised, one per row, and the bookkeeping between rows and canvases.
+    """The images being optimised, and the bookkeeping between rows and canvases.
 
-    Each row is a variable of its own, so that it has its own learning rate and can stop on its
-    own, and draws from its own generator, so that it gets what a call of its own would. With
-    jitter, a row's canvas is `jitter` pixels larger than the input, and the network sees a crop of
-    it at offsets the row draws each iteration of its first stage. The rows in use that share a
-    jitter render as one batch.
+    The rows that share a jitter share one variable (for L-BFGS, each row has its own), with one
+    optimizer that gives each row its own rate; each row draws from its own generator, so that it
+    gets what a call of its own would. With jitter, a row's canvas is `jitter` pixels larger than
+    the input, and the network sees a crop of it at offsets the row draws each iteration of its
+    first stage. Rows that have stopped leave their group's rendered batch by one index.
     """
 
     def __init__(self, settings: Settings, size: Sequence[int], jitters: list, generators: list,
                  device: torch.device):
         self.size, self.jitters, self.generators, self.device = tuple(size), jitters, generators, device
         self.middles = [(jitter // 2, jitter // 2) for jitter in jitters]
+        keys = list(range(len(jitters))) if settings.optimizer == "lbfgs" else jitters
+        self.members = {}  # group -> its rows
+        for row, key in enumerate(keys):
+            self.members.setdefault(key, []).append(row)
+        self.slot = {row: (key, position)  # each row's group, and its place in the group's variable
+                     for key, rows in self.members.items() for position, row in enumerate(rows)}
         make = PARAMETERISATIONS[settings.param]
-        self.images = {jitter: make((self.size[0] + jitter, self.size[1] + jitter), device,
-                                    settings.objective) for jitter in dict.fromkeys(jitters)}
-        self.variables = [self.images[jitter].initial(generator)
-                          for jitter, generator in zip(jitters, generators)]
+        self.images = {key: make((self.size[0] + jitters[rows[0]], self.size[1] + jitters[rows[0]]), device,
+                                 settings.objective) for key, rows in self.members.items()}
+        self.variables = {key: torch.cat([self.images[key].initial(generators[row]).detach() for row in rows])
+                          .requires_grad_() for key, rows in self.members.items()}
+        self.optimizers = {key: make_optimizer(settings, variable)
+                           for key, variable in self.variables.items()}
         self.use(range(len(jitters)))
 
     def use(self, rows: Sequence[int]) -> None:
         """From now on, render and crop `rows` alone, in this order."""
         self.rows = list(rows)
-        self.groups = {}  # jitter -> its rows in use
+        self.groups = {}  # group -> its rows in use
         for row in self.rows:
-            self.groups.setdefault(self.jitters[row], []).append(row)
+            self.groups.setdefault(self.slot[row][0], []).append(row)
+        self.index = {key: None if rows == self.members[key] else
+                      torch.tensor([self.slot[row][1] for row in rows], device=self.device)
+                      for key, rows in self.groups.items()}
         position = {row: index for index, row in enumerate(self.rows)}
         self.order = row_order([[position[row] for row in rows] for rows in self.groups.values()],
                                self.device)
 
     def render(self) -> list:
-        """Per jitter, the whole canvases of its rows in use, normalised."""
-        return [self.images[jitter].render(torch.cat([self.variables[row] for row in rows])
-                                           if len(rows) > 1 else self.variables[rows[0]])
-                for jitter, rows in self.groups.items()]
+        """Per group, the whole canvases of its rows in use, normalised."""
+        return [self.images[key].render(self.variables[key] if self.index[key] is None
+                                        else self.variables[key][self.index[key]]) for key in self.groups]
 
     def offsets(self, jittering: Callable) -> dict:
         """Each row's crop offsets this iteration: random while jittering(row), else the middle."""
@@ -1222,10 +1251,10 @@ class Canvases:
     def crop(self, wholes: list, offsets: dict) -> torch.Tensor:
         """The images the network sees, in the order of the rows in use, cut from their canvases."""
         height, width = self.size
-        crops = [whole if not jitter else
+        crops = [whole if not self.jitters[rows[0]] else
                  torch.cat([whole[index:index + 1, :, dy:dy + height, dx:dx + width]
                             for index, (dy, dx) in enumerate(offsets[row] for row in rows)])
-                 for (jitter, rows), whole in zip(self.groups.items(), wholes)]
+                 for rows, whole in zip(self.groups.values(), wholes)]
         return in_order(crops, self.order)
 
     def priors(self, settings: Settings, wholes: list) -> dict:
@@ -1233,20 +1262,37 @@ class Canvases:
         terms = [prior_terms(settings, whole) for whole in wholes]
         return {name: in_order([parts[name] for parts in terms], self.order) for name in terms[0]}
 
+    def set_rates(self, rates: list) -> None:
+        """Each row's rate, as a list over every row."""
+        for key, rows in self.members.items():
+            self.optimizers[key].set_rates([rates[row] for row in rows])
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One update of the rows in use, each by its own loss's gradient (one backward over all)."""
+        for variable in self.variables.values():
+            variable.grad = None
+        loss.backward()
+        for key in self.groups:
+            if isinstance(self.optimizers[key], Descent):
+                self.optimizers[key].step(rows=self.index[key])
+            else:  # L-BFGS, of one row
+                self.optimizers[key].step(lambda: loss)
+
     @torch.no_grad()
     def current(self) -> torch.Tensor:
         """Every row's current image, the middle of its canvas: a copy."""
-        height, width = self.size
-        return torch.cat([self.images[jitter].render(variable)[..., dy:dy + height, dx:dx + width]
-                          for jitter, variable, (dy, dx) in zip(self.jitters, self.variables,
-                                                                self.middles)]).clone()
+        (height, width), rendered = self.size, {}
+        for key, rows in self.members.items():
+            whole = self.images[key].render(self.variables[key])
+            rendered.update({row: whole[position:position + 1, :, dy:dy + height, dx:dx + width]
+                             for position, row in enumerate(rows) for dy, dx in [self.middles[row]]})
+        return torch.cat([rendered[row] for row in range(len(self.jitters))]).clone()
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Let each parameterisation project the rows in use, e.g. into the paper's box."""
-        for jitter, rows in self.groups.items():
-            for row in rows:
-                self.images[jitter].after_step(self.variables[row])
+        """Let each parameterisation project its group's variable, e.g. into the paper's box."""
+        for key in self.groups:
+            self.images[key].after_step(self.variables[key])
 
 
 class FiniteGuard:
@@ -1255,7 +1301,8 @@ class FiniteGuard:
 
     def __init__(self, canvases: Canvases, every: int):
         self.canvases, self.every = canvases, every
-        self.kept = {}  # row -> its variable when its loss was last checked finite
+        self.kept = {key: variable.detach().clone() for key, variable in canvases.variables.items()}
+        self.checked = set()  # the rows checked finite at least once
 
     def due(self, step: int, last_steps: set) -> bool:
         """Whether to check at `step`: the first, every `every`-th, and any row's last."""
@@ -1265,18 +1312,30 @@ class FiniteGuard:
         """Keep the variables of `rows` whose `losses` are finite; return the others."""
         finite = torch.isfinite(losses).tolist()  # waits for a GPU: only when due
         broken = [row for row, ok in zip(rows, finite) if not ok]
-        if any(row not in self.kept for row in broken):
+        if any(row not in self.checked for row in broken):
             raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
                             "cause: the model gives non-finite values for this photo (unsound weights?), "
-                            "or a weight such as --C is too large" for row in broken if row not in self.kept})
-        self.kept.update({row: self.canvases.variables[row].detach().clone()
-                          for row, ok in zip(rows, finite) if ok})
+                            "or a weight such as --C is too large"
+                            for row in broken if row not in self.checked})
+        good = [row for row, ok in zip(rows, finite) if ok]
+        self.checked.update(good)
+        self.copy(good, self.canvases.variables, self.kept)
         return broken
 
     def restore(self, rows: list) -> None:
         """Put `rows` back to their last finite variables."""
-        for row in rows:
-            self.canvases.variables[row].data.copy_(self.kept[row])
+        self.copy(rows, self.kept, self.canvases.variables)
+
+    @torch.no_grad()
+    def copy(self, rows: list, sources: dict, targets: dict) -> None:
+        """Copy `rows` of each group from `sources` to `targets`: the whole group in one op, where all."""
+        for key, members in self.canvases.members.items():
+            positions = [self.canvases.slot[row][1] for row in rows if self.canvases.slot[row][0] == key]
+            if len(positions) == len(members):
+                targets[key].copy_(sources[key])
+            elif positions:
+                index = torch.tensor(positions, device=sources[key].device)
+                targets[key][index] = sources[key][index]
 
 
 class Schedule:
@@ -1321,10 +1380,10 @@ class Schedule:
         """The rows that still run at iteration `step`."""
         return [row for row, last in enumerate(self.last) if step <= last]
 
-    def set_rates(self, optimizer: torch.optim.Optimizer, step: int, rows: list) -> None:
-        """Give each of `rows` its rate for iteration `step`."""
-        for row in rows:
-            optimizer.param_groups[row]["lr"] = self.rate(row, step)
+    def rates_at(self, step: int, rows: list) -> list:
+        """Each row's rate at iteration `step`: 0 for a row not among `rows`, which has stopped."""
+        running = set(rows)
+        return [self.rate(row, step) if row in running else 0.0 for row in range(len(self.rates))]
 
     def record(self, step: int, rows: list, losses: torch.Tensor) -> None:
         """Account for iteration `step`, whose `rows` had `losses` before its update."""
@@ -1430,7 +1489,6 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
     jitters = [row["jitter"] for row in chosen]
     canvases = Canvases(settings, references.shape[-2:], jitters, generators, device)
     schedule = Schedule(settings, chosen, device)
-    optimizer = make_optimizer(settings, canvases.variables, schedule.rates)
     guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
     latest = {}  # each term's latest value for every row, for the callback
     reached = 0  # the last iteration that ran
@@ -1444,17 +1502,14 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
                     canvases.use(rows)
                     targets.use(rows)
                 offsets = canvases.offsets(lambda row: schedule.first_stage(row, step))
-                schedule.set_rates(optimizer, step, rows)
+                canvases.set_rates(schedule.rates_at(step, rows))
                 surrogate.use(targets.layers_in_use(), [schedule.surrogate_weight(row, step) for row in rows])
-                optimizer.zero_grad(set_to_none=True)
                 # render, forward, loss
                 _, terms = evaluate(model, settings, targets, canvases, offsets, surrogate.alive)
                 losses = sum(terms.values())
                 due = guard.due(step, {schedule.last[row] for row in rows})
                 broken = guard.check(rows, losses) if due else []
-                loss = losses.sum()
-                loss.backward()  # backward, step
-                optimizer.step(lambda: loss)
+                canvases.step(losses.sum())  # backward, step
                 canvases.after_step()
                 guard.restore(broken)  # record
                 schedule.diverge(broken, step)
@@ -1497,7 +1552,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: Canvases
                  schedule: Schedule, reached: int) -> Inversion:
     """Evaluate every row's image at the middle of its canvas, as returned, and gather the result;
     a row whose last update, after its last check, broke it goes back to its last finite image."""
-    every = range(len(canvases.variables))
+    every = range(len(canvases.jitters))
     canvases.use(every)
     targets.use(every)
     for _ in range(2):

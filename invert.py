@@ -918,7 +918,7 @@ def prior_terms(settings: Settings, images) -> dict:
 
 def box_factor(pixels: torch.Tensor) -> torch.Tensor:
     """Per pixel of images in the paper's 0-255 units, the factor that shrinks an RGB norm above 2B to 2B."""
-    return (2 * PAPER_B / pixels.square().sum(dim=1, keepdim=True).sqrt()).clamp(max=1.0)
+    return (2 * PAPER_B / torch.linalg.vector_norm(pixels, dim=1, keepdim=True)).clamp(max=1.0)
 
 
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
@@ -998,7 +998,7 @@ class FourierImage:
         """The normalised images of a batch of variables."""
         spectrum = torch.view_as_complex(variables) * self.scale
         canvas = torch.fft.irfftn(spectrum, s=self.canvas, dim=(-2, -1), norm="ortho")
-        decorrelated = canvas[..., :self.size[0], :self.size[1]]
+        decorrelated = canvas if self.canvas == self.size else canvas[..., :self.size[0], :self.size[1]]
         # colour, in the paper's units: a broadcast product and a sum, two ops for any batch (an
         # einsum dispatches about eight)
         pixels = (self.paper_colour[:, :, None, None] * decorrelated[:, None]).sum(2)

@@ -1052,7 +1052,7 @@ class Descent:
             self.rates = torch.tensor(rates, device=self.variable.device).view(shape)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None, rows: Optional[torch.Tensor] = None) -> None:
+    def step(self, rows: Optional[torch.Tensor] = None) -> None:
         """One update of each row in use (`rows`, or all) by its gradient; the others keep their state."""
         self.steps += 1
         if rows is None:
@@ -1080,9 +1080,7 @@ def make_optimizer(settings: Settings, variable: torch.Tensor):
     if settings.optimizer != "lbfgs":
         return Descent(settings, variable)
     # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
-    optimizer = torch.optim.LBFGS([variable], max_iter=1, history_size=LBFGS_HISTORY)
-    optimizer.set_rates = lambda rates: optimizer.param_groups[0].update(lr=rates[0])
-    return optimizer
+    return torch.optim.LBFGS([variable], max_iter=1, history_size=LBFGS_HISTORY)
 
 
 def autocast(precision: str, device: torch.device):
@@ -1265,7 +1263,10 @@ class Canvases:
     def set_rates(self, rates: list) -> None:
         """Each row's rate, as a list over every row."""
         for key, rows in self.members.items():
-            self.optimizers[key].set_rates([rates[row] for row in rows])
+            if isinstance(self.optimizers[key], Descent):
+                self.optimizers[key].set_rates([rates[row] for row in rows])
+            else:  # L-BFGS, of one row
+                self.optimizers[key].param_groups[0]["lr"] = rates[rows[0]]
 
     def step(self, loss: torch.Tensor) -> None:
         """One update of the rows in use, each by its own loss's gradient (one backward over all)."""

@@ -709,46 +709,46 @@ def describe(output) -> str:
 
 
 class LeakyBackward(torch.autograd.Function):
-    """A ReLU's output as it is, with the gradient of a leaky ReLU, of slope `leaks` (one per row,
-    or `slope` for every row), passed straight to the ReLU's input; a slope of 0 is the ReLU's own
-    gradient."""
+    """A ReLU's output as it is, with the gradient of a leaky ReLU of slope SURROGATE_LEAK passed straight
+    to the ReLU's input, for the rows where `mask` (Nx1x1x1, or True for all) is 1; the others keep the
+    ReLU's own gradient."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, leaks: torch.Tensor, upper: Optional[float],
-                slope: Optional[float]):
-        ctx.save_for_backward(output, leaks)
-        ctx.upper, ctx.slope = upper, slope  # ReLU6 passes the gradient only below 6
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, upper: Optional[float]):
+        ctx.save_for_backward(output, *([mask] if isinstance(mask, torch.Tensor) else []))
+        ctx.upper = upper  # ReLU6 passes the gradient only below 6
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        output, leaks = ctx.saved_tensors
-        if ctx.upper is None and ctx.slope is not None:  # one fused pass instead of three
-            return torch.ops.aten.leaky_relu_backward(grad, output, ctx.slope, True), None, None, None, None
+        output, *mask = ctx.saved_tensors
+        if ctx.upper is None and not mask:  # one fused pass instead of three
+            return torch.ops.aten.leaky_relu_backward(grad, output, SURROGATE_LEAK, True), None, None, None
         passing = output > 0 if ctx.upper is None else (output > 0) & (output < ctx.upper)
-        return torch.where(passing, grad, grad * leaks.to(grad.dtype)), None, None, None, None
+        slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
+        return torch.where(passing, grad, grad * slope), None, None, None
 
 
 class AveragedBackward(torch.autograd.Function):
-    """A max-pool's output as it is; the share `shares` (one per row) of its gradient reaches the
-    input as an average pool's over the same windows would, the rest by the max-pool's own path."""
+    """A max-pool's output as it is; for the rows where `mask` (Nx1x1x1, or True for all) is 1, its
+    gradient reaches the input as an average pool's over the same windows would, the others' by the
+    max-pool's own path."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, shares: torch.Tensor, pool: Optional[tuple],
-                whole: bool):
-        ctx.save_for_backward(inputs, shares)
-        ctx.pool, ctx.whole = pool, whole  # pool: kernel, stride, padding, ceil_mode; None if adaptive
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, pool: Optional[tuple]):
+        ctx.save_for_backward(inputs, *([mask] if isinstance(mask, torch.Tensor) else []))
+        ctx.pool = pool  # kernel, stride, padding, ceil_mode; None if adaptive
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        inputs, shares = ctx.saved_tensors
-        smooth = grad if ctx.whole else grad * shares.to(grad.dtype)
+        inputs, *mask = ctx.saved_tensors
+        smooth = grad * mask[0].to(grad.dtype) if mask else grad
         if ctx.pool is None:
             averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, inputs)
         else:  # max-pool padding is never the maximum, so the average leaves it out too
             averaged = torch.ops.aten.avg_pool2d_backward(smooth, inputs, *ctx.pool, False, None)
-        return averaged, None if ctx.whole else grad - smooth, None, None, None
+        return averaged, grad - smooth if mask else None, None, None
 
 
 def as_pair(value) -> tuple:
@@ -757,15 +757,14 @@ def as_pair(value) -> tuple:
 
 
 class Surrogate:
-    """Scoped surrogate gradients through a model's ReLU and max-pool modules; forward values stay
-    the network's own.
+    """Surrogate gradients through a model's ReLU and max-pool modules, for the rows that ask (one
+    boolean each); forward values stay the network's own.
 
-    While a row's weight is w > 0, its gradient passes each ReLU below its layer as a leaky ReLU's
-    of slope SURROGATE_LEAK * w would, and each max-pool below its layer with the share w of it
-    spread over the window as an average pool's would; at w = 0 both are the true gradients. A row's
-    own layer always gives it its true gradient. In-place ReLUs run out of place meanwhile, since
-    the leak needs their inputs; everything is restored on exit. Functional ReLUs and pools
-    (F.relu inside a forward) are not modules and keep their true gradients.
+    A row that asks gets its gradient through each ReLU below its layer as a leaky ReLU's of slope
+    SURROGATE_LEAK would, and through each max-pool below its layer as an average pool's over the same
+    windows would; its own layer always gives it its true gradient. In-place ReLUs run out of place
+    meanwhile, since the leak needs their inputs; everything is restored on exit. Functional ReLUs and
+    pools (F.relu inside a forward) are not modules and keep their true gradients.
     """
 
     def __init__(self, model: nn.Module):
@@ -774,12 +773,10 @@ class Surrogate:
                       or isinstance(module, nn.MaxPool2d) and as_pair(module.dilation) == (1, 1)]
         self.inplace = [module.inplace for module in self.relus]
         self.alive = []  # the positions of the rows in the batch as it reaches each module (layer_batches')
-        self.layers, self.weights, self.cache = [], [], {}
+        self.layers, self.asking, self.masks = [], [], {}
 
     def __enter__(self) -> "Surrogate":
-        hooks = {**{module: self.relu_hook for module in self.relus},
-                 **{module: self.pool_hook for module in self.pools}}
-        self.hooks = forward_hooks(hooks)
+        self.hooks = forward_hooks({**{module: self.hook for module in self.relus + self.pools}})
         self.hooks.__enter__()
         return self
 
@@ -788,39 +785,33 @@ class Surrogate:
         for module, inplace in zip(self.relus, self.inplace):
             module.inplace = inplace
 
-    def use(self, layers: list, weights: list) -> None:
-        """From now on, the rows of the forward pass have these layers and weights."""
-        if (layers, weights) != (self.layers, self.weights):
-            self.layers, self.weights, self.cache = layers, weights, {}
+    def use(self, layers: list, asking: list) -> None:
+        """From now on, the rows of the forward pass have these layers, and these ask for the surrogate."""
+        if (layers, asking) != (self.layers, self.asking):
+            self.layers, self.asking, self.masks = layers, asking, {}
             for module, inplace in zip(self.relus, self.inplace):
-                module.inplace = inplace and not any(weights)
+                module.inplace = inplace and not any(asking)
 
-    def row_weights(self, module: nn.Module, device: torch.device) -> Optional[tuple]:
-        """(a weight per row in the batch at `module` as a tensor, the ReLU slopes they give, whether
-        all are 1), or None if all are 0; made once per batch of rows, not on every forward pass."""
+    def mask(self, module: nn.Module, device: torch.device):
+        """Which rows of the batch at `module` take the surrogate there: an Nx1x1x1 tensor of 0 and 1,
+        True for all, or None for none; made once per batch of rows, not on every forward pass."""
         key = (module, tuple(self.alive))
-        if key not in self.cache:
-            values = [0.0 if self.layers[row] is module else self.weights[row] for row in self.alive]
-            weights = torch.tensor(values, device=device).view(-1, 1, 1, 1)
-            self.cache[key] = (weights, SURROGATE_LEAK * weights, min(values) == 1) if any(values) else None
-        return self.cache[key]
+        if key not in self.masks:
+            taking = [self.asking[row] and self.layers[row] is not module for row in self.alive]
+            self.masks[key] = None if not any(taking) else True if all(taking) else \
+                torch.tensor(taking, device=device).view(-1, 1, 1, 1)
+        return self.masks[key]
 
-    def relu_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
-        weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
-        if weights is None:
+    def hook(self, module: nn.Module, inputs: tuple, output):
+        mask = self.mask(module, output.device) if torch.is_grad_enabled() and self.asking else None
+        if mask is None or isinstance(output, tuple):  # return_indices: left as it is
             return None
-        upper = 6.0 if isinstance(module, nn.ReLU6) else None
-        slope = SURROGATE_LEAK if weights[2] else None
-        return LeakyBackward.apply(inputs[0], output, weights[1], upper, slope)
-
-    def pool_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
-        weights = self.row_weights(module, output.device) if torch.is_grad_enabled() else None
-        if weights is None or isinstance(output, tuple):  # return_indices: left as it is
-            return None
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            return LeakyBackward.apply(inputs[0], output, mask, 6.0 if isinstance(module, nn.ReLU6) else None)
         pool = None if isinstance(module, nn.AdaptiveMaxPool2d) else (
             as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size),
             as_pair(module.padding), module.ceil_mode)
-        return AveragedBackward.apply(inputs[0], output, weights[0], pool, weights[2])
+        return AveragedBackward.apply(inputs[0], output, mask, pool)
 
 
 # ---------------------------------------------------------------- losses
@@ -1041,8 +1032,8 @@ def too_large_lr(iteration: int, lr: float) -> str:
 
 
 class Descent:
-    """SGD with momentum, or Adam with --momentum as beta1, over one variable of several rows, each at
-    its own rate (0 for a row that has stopped): torch's updates (not fused), a rate per row."""
+    """SGD with momentum, or Adam with --momentum as beta1, over one variable of several rows, each row
+    in use at its own rate: torch's updates, written out since torch's take one rate."""
 
     def __init__(self, settings: Settings, variable: torch.Tensor):
         self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
@@ -1056,7 +1047,8 @@ class Descent:
         if rates != self.key:
             self.key = rates
             shape = (-1, *[1] * (self.variable.dim() - 1))
-            self.rates = rates[0] if len(set(rates)) == 1 else torch.tensor(rates, device=self.variable.device)
+            self.rates = float(rates[0]) if len(set(rates)) == 1 else \
+                torch.tensor(rates, device=self.variable.device)
             self.rates = self.rates if isinstance(self.rates, float) else self.rates.view(shape)
 
     @torch.no_grad()
@@ -1067,8 +1059,7 @@ class Descent:
             self.update(self.variable, self.variable.grad, self.average, self.squares, self.rates)
             return
         state = [self.variable[rows], self.average[rows], self.squares[rows]]
-        rates = self.rates if isinstance(self.rates, float) else self.rates[rows]
-        self.update(state[0], self.variable.grad[rows], state[1], state[2], rates)
+        self.update(state[0], self.variable.grad[rows], state[1], state[2], self.rates)
         self.variable[rows], self.average[rows], self.squares[rows] = state
 
     def update(self, variable, gradient, average, squares, rates) -> None:
@@ -1213,203 +1204,130 @@ class Targets:
 
 
 class Canvases:
-    """The images being optimised, and the bookkeeping between rows and canvases.
+    """The images of rows that share a canvas size: one variable of all their parameters, its optimizer,
+    and its last copy whose losses were checked finite.
 
-    The rows that share a jitter share one variable (for L-BFGS, each row has its own), with one
-    optimizer that gives each row its own rate; each row draws from its own generator, so that it
-    gets what a call of its own would. With jitter, a row's canvas is `jitter` pixels larger than
-    the input, and the network sees a crop of it at offsets the row draws each iteration of its
-    first stage. Rows that have stopped leave their group's rendered batch by one index.
+    Each row draws from its own generator, so that it gets what a call of its own would. With jitter, a
+    row's canvas is `jitter` pixels larger than the input, and the network sees a crop of it at offsets
+    the row draws each iteration of its first stage. Rows that have stopped leave by one index.
     """
 
-    def __init__(self, settings: Settings, size: Sequence[int], jitters: list, generators: list,
+    def __init__(self, settings: Settings, size: Sequence[int], jitter: int, rows: list, generators: list,
                  device: torch.device):
-        self.size, self.jitters, self.generators, self.device = tuple(size), jitters, generators, device
-        self.middles = [(jitter // 2, jitter // 2) for jitter in jitters]
-        keys = list(range(len(jitters))) if settings.optimizer == "lbfgs" else jitters
-        self.members = {}  # group -> its rows
-        for row, key in enumerate(keys):
-            self.members.setdefault(key, []).append(row)
-        self.slot = {row: (key, position)  # each row's group, and its place in the group's variable
-                     for key, rows in self.members.items() for position, row in enumerate(rows)}
-        make = PARAMETERISATIONS[settings.param]
-        self.images = {key: make((self.size[0] + jitters[rows[0]], self.size[1] + jitters[rows[0]]), device,
-                                 settings.objective) for key, rows in self.members.items()}
-        self.variables = {key: torch.cat([self.images[key].initial(generators[row]).detach() for row in rows])
-                          .requires_grad_() for key, rows in self.members.items()}
-        self.optimizers = {key: make_optimizer(settings, variable)
-                           for key, variable in self.variables.items()}
-        self.use(range(len(jitters)))
+        self.size, self.jitter, self.members, self.generators = tuple(size), jitter, rows, generators
+        self.image = PARAMETERISATIONS[settings.param]((size[0] + jitter, size[1] + jitter), device,
+                                                       settings.objective)
+        starts = [self.image.initial(generators[row]).detach() for row in rows]
+        self.variable = torch.cat(starts).requires_grad_()
+        self.optimizer = make_optimizer(settings, self.variable)
+        self.kept, self.checked = self.variable.detach().clone(), set()  # checked: rows ever found finite
+        self.use(rows)
 
-    def use(self, rows: Sequence[int]) -> None:
-        """From now on, render and crop `rows` alone, in this order."""
-        self.rows = list(rows)
-        self.groups = {}  # group -> its rows in use
-        for row in self.rows:
-            self.groups.setdefault(self.slot[row][0], []).append(row)
-        self.index = {key: None if rows == self.members[key] else
-                      torch.tensor([self.slot[row][1] for row in rows], device=self.device)
-                      for key, rows in self.groups.items()}
-        position = {row: index for index, row in enumerate(self.rows)}
-        self.order = row_order([[position[row] for row in rows] for rows in self.groups.values()],
-                               self.device)
+    def use(self, rows: list) -> None:
+        """From now on, render and step `rows` alone (a sublist of the members)."""
+        self.rows = rows
+        self.index = None if rows == self.members else torch.tensor(
+            [self.members.index(row) for row in rows], device=self.variable.device)
 
-    def render(self) -> list:
-        """Per group, the whole canvases of its rows in use: normalised, and in the paper's units or None."""
-        return [self.images[key].render(self.variables[key] if self.index[key] is None
-                                        else self.variables[key][self.index[key]]) for key in self.groups]
-
-    def offsets(self, jittering: Callable) -> dict:
-        """Each row's crop offsets this iteration: random while jittering(row), else the middle."""
-        return {row: torch.randint(0, self.jitters[row] + 1, (2,), generator=self.generators[row]).tolist()
-                if self.jitters[row] and jittering(row) else self.middles[row] for row in self.rows}
-
-    def crop(self, wholes: list, offsets: dict) -> torch.Tensor:
-        """The images the network sees, in the order of the rows in use, cut from their canvases."""
-        height, width = self.size
-        crops = [whole[0] if not self.jitters[rows[0]] else
-                 torch.cat([whole[0][index:index + 1, :, dy:dy + height, dx:dx + width]
-                            for index, (dy, dx) in enumerate(offsets[row] for row in rows)])
-                 for rows, whole in zip(self.groups.values(), wholes)]
-        return in_order(crops, self.order)
-
-    def priors(self, settings: Settings, wholes: list) -> dict:
-        """Each row's weighted prior terms over its canvas, in the order of the rows in use."""
-        terms = [prior_terms(settings, *whole) for whole in wholes]
-        return {name: in_order([parts[name] for parts in terms], self.order) for name in terms[0]}
+    def render(self, jittering: list) -> tuple:
+        """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
+        the middle; the whole canvases, normalised and in the paper's units or None) of the rows in use."""
+        variable = self.variable if self.index is None else self.variable[self.index]
+        whole, pixels = self.image.render(variable)
+        if not self.jitter:
+            return whole, (whole, pixels)
+        (height, width), middle = self.size, self.jitter // 2
+        offsets = [torch.randint(0, self.jitter + 1, (2,), generator=self.generators[row]).tolist()
+                   if on else (middle, middle) for row, on in zip(self.rows, jittering)]
+        crops = [whole[index:index + 1, :, dy:dy + height, dx:dx + width]
+                 for index, (dy, dx) in enumerate(offsets)]
+        return torch.cat(crops), (whole, pixels)
 
     def set_rates(self, rates: list) -> None:
-        """Each row's rate, as a list over every row."""
-        for key, rows in self.members.items():
-            if isinstance(self.optimizers[key], Descent):
-                self.optimizers[key].set_rates([rates[row] for row in rows])
-            else:  # L-BFGS, of one row
-                self.optimizers[key].param_groups[0]["lr"] = rates[rows[0]]
+        """Each row in use's rate from now on."""
+        if isinstance(self.optimizer, Descent):
+            self.optimizer.set_rates(rates)
+        else:  # L-BFGS, of one row
+            self.optimizer.param_groups[0]["lr"] = rates[0]
 
     def step(self, loss: torch.Tensor) -> None:
         """One update of the rows in use, each by its own loss's gradient (one backward over all)."""
-        for variable in self.variables.values():
-            variable.grad = None
+        self.variable.grad = None
         loss.backward()
-        for key in self.groups:
-            if isinstance(self.optimizers[key], Descent):
-                self.optimizers[key].step(rows=self.index[key])
-            else:  # L-BFGS, of one row
-                self.optimizers[key].step(lambda: loss)
+        if isinstance(self.optimizer, Descent):
+            self.optimizer.step(rows=self.index)
+        else:  # L-BFGS, of one row
+            self.optimizer.step(lambda: loss)
+        self.image.after_step(self.variable)
 
     @torch.no_grad()
     def current(self) -> torch.Tensor:
-        """Every row's current image, the middle of its canvas: a copy."""
-        (height, width), rendered = self.size, {}
-        for key, rows in self.members.items():
-            whole = self.images[key].render(self.variables[key])[0]
-            rendered.update({row: whole[position:position + 1, :, dy:dy + height, dx:dx + width]
-                             for position, row in enumerate(rows) for dy, dx in [self.middles[row]]})
-        return torch.cat([rendered[row] for row in range(len(self.jitters))]).clone()
+        """Every member's current image, the middle of its canvas: a copy."""
+        (height, width), middle = self.size, self.jitter // 2
+        whole = self.image.render(self.variable)[0]
+        return whole[:, :, middle:middle + height, middle:middle + width].clone()
 
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Let each parameterisation project its group's variable, e.g. into the paper's box."""
-        for key in self.groups:
-            self.images[key].after_step(self.variables[key])
-
-
-class FiniteGuard:
-    """Keeps a copy of each row's variable from when its loss was last checked finite; a row whose
-    loss is not finite goes back to that copy and stops, as diverged, while the others go on."""
-
-    def __init__(self, canvases: Canvases, every: int):
-        self.canvases, self.every = canvases, every
-        self.kept = {key: variable.detach().clone() for key, variable in canvases.variables.items()}
-        self.checked = set()  # the rows checked finite at least once
-
-    def due(self, step: int, last_steps: set) -> bool:
-        """Whether to check at `step`: the first, every `every`-th, and any row's last."""
-        return step == 1 or step % self.every == 0 or step in last_steps
-
-    def check(self, rows: list, losses: torch.Tensor, total: Optional[torch.Tensor] = None) -> list:
-        """Keep the variables of `rows` whose `losses` (summing to `total`) are finite; return the others."""
+    def check(self, losses: torch.Tensor, total: Optional[torch.Tensor] = None) -> list:
+        """Keep the variables of the rows in use whose `losses` (summing to `total`) are finite, and
+        return the others; RowError where a row's loss was never finite."""
         # waits for a GPU: only when due; a finite sum, the common case, in one op
-        finite = [True] * len(rows) if total is not None and math.isfinite(total.item()) else \
+        finite = [True] * len(self.rows) if total is not None and math.isfinite(total.item()) else \
             torch.isfinite(losses).tolist()
-        broken = [row for row, ok in zip(rows, finite) if not ok]
+        broken = [row for row, ok in zip(self.rows, finite) if not ok]
         if any(row not in self.checked for row in broken):
             raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
                             "cause: the model gives non-finite values for this photo (unsound weights?), "
                             "or a weight such as --C is too large"
                             for row in broken if row not in self.checked})
-        good = [row for row, ok in zip(rows, finite) if ok]
+        good = [row for row, ok in zip(self.rows, finite) if ok]
         self.checked.update(good)
-        self.copy(good, self.canvases.variables, self.kept)
+        self.copy(good, self.variable, self.kept)
         return broken
 
-    def restore(self, rows: list) -> None:
-        """Put `rows` back to their last finite variables."""
-        self.copy(rows, self.kept, self.canvases.variables)
-
     @torch.no_grad()
-    def copy(self, rows: list, sources: dict, targets: dict) -> None:
-        """Copy `rows` of each group from `sources` to `targets`: the whole group in one op, where all."""
-        for key, members in self.canvases.members.items():
-            positions = [self.canvases.slot[row][1] for row in rows if self.canvases.slot[row][0] == key]
-            if len(positions) == len(members):
-                targets[key].copy_(sources[key])
-            elif positions:
-                index = torch.tensor(positions, device=sources[key].device)
-                targets[key][index] = sources[key][index]
+    def copy(self, rows: list, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copy `rows` from `source` to `target` (the variable and its finite copy): in one op."""
+        if rows == self.members:
+            target.copy_(source)
+        elif rows:
+            index = torch.tensor([self.members.index(row) for row in rows], device=source.device)
+            target[index] = source[index]
+
+
+def learning_rate(base: float, step: int, first_stage_end: int, settings: Settings) -> float:
+    """A row's rate at iteration `step`: `base` through its first stage, then --decay_factor times less
+    at once and again every decay_iterations()."""
+    decays = 0 if step <= first_stage_end else 1 + (step - first_stage_end - 1) // decay_iterations(settings)
+    return base * settings.decay_factor ** decays
 
 
 class Schedule:
-    """Each row's learning rate, stages and last iteration.
+    """Each row's stages: its first stage (with jitter and surrogate gradients) ends after iteration
+    first_stage_end[row], and it stops after iteration last[row].
 
-    A row's rate is a pure function of the iteration and of where its first stage ended (as
-    nanoGPT's get_lr is): the row's --lr in the first stage, then times --decay_factor at its end and every
-    --decay_epochs iterations after. Without a plateau tolerance the first stage is --decay_epochs
-    long. With one, a row's first stage ends as soon as its lowest loss has not fallen by that
-    fraction over PLATEAU_WINDOW iterations, and the row stops after a last stage as long,
-    relative to the first, as the paper's.
+    With a plateau tolerance, a row's first stage ends as soon as its lowest loss has not fallen by
+    that fraction over PLATEAU_WINDOW iterations, and the row stops after a last stage as long,
+    relative to the first, as the paper's. A row whose loss is not finite stops there, as diverged.
     """
 
-    def __init__(self, settings: Settings, rows: list, device: torch.device):
-        self.settings = settings  # rows: each row's layer_settings
-        self.tolerances = [row["plateau"] for row in rows]
-        self.surrogates = [row["surrogate"] for row in rows]
-        self.rates = [row["lr"] for row in rows]
-        self.decay_epochs = decay_iterations(settings)
-        self.first_stage_end = [self.decay_epochs] * len(rows)  # each row's last first-stage iteration
-        self.last = [settings.epochs] * len(rows)  # each row's last iteration
-        self.lowest = torch.full((len(rows),), math.inf, device=device)  # Adam's loss oscillates
+    def __init__(self, settings: Settings, chosen: list, device: torch.device):
+        self.settings, self.chosen, count = settings, chosen, len(chosen)  # chosen: each row's layer_settings
+        self.first_stage_end = [decay_iterations(settings)] * count
+        self.last = [settings.epochs] * count
+        self.why = ["epochs"] * count  # why each row stops at its last iteration
+        self.lowest = torch.full((count,), math.inf, device=device)  # Adam's loss oscillates
         self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
-        self.diverged = {}  # row -> the iteration whose loss was not finite
+        self.reached = dict.fromkeys(range(count), 0)  # each row's last iteration run so far
 
-    def rate(self, row: int, step: int) -> float:
-        """The learning rate of `row` at iteration `step`."""
-        end = self.first_stage_end[row]
-        decays = 0 if step <= end else 1 + (step - end - 1) // self.decay_epochs
-        return self.rates[row] * self.settings.decay_factor ** decays
-
-    def first_stage(self, row: int, step: int) -> bool:
-        """Whether `step` is in the first stage of `row`, the one with jitter."""
-        return step <= self.first_stage_end[row]
-
-    def surrogate_weight(self, row: int, step: int) -> float:
-        """How much of the surrogate gradients `row` takes at iteration `step`: all of them through
-        its first stage, none after (see Surrogate)."""
-        return 1.0 if self.surrogates[row] and self.first_stage(row, step) else 0.0
-
-    def rows_at(self, step: int) -> list:
-        """The rows that still run at iteration `step`."""
-        return [row for row, last in enumerate(self.last) if step <= last]
-
-    def rates_at(self, step: int, rows: list) -> list:
-        """Each row's rate at iteration `step`: 0 for a row not among `rows`, which has stopped."""
-        running = set(rows)
-        return [self.rate(row, step) if row in running else 0.0 for row in range(len(self.rates))]
+    def rates(self, step: int, rows: list) -> list:
+        """The rate of each of `rows` at iteration `step`."""
+        return [learning_rate(self.chosen[row]["lr"], step, self.first_stage_end[row], self.settings)
+                for row in rows]
 
     def record(self, step: int, rows: list, losses: torch.Tensor) -> None:
-        """Account for iteration `step`, whose `rows` had `losses` before its update."""
+        """Apply the plateau rule at iteration `step`, whose `rows` had `losses` before its update."""
         watched = [index for index, row in enumerate(rows)
-                   if self.tolerances[row] and self.first_stage(row, step)]
+                   if self.chosen[row]["plateau"] and step <= self.first_stage_end[row]]
         if not watched:
             return
         positions = torch.tensor([rows[index] for index in watched], device=losses.device)
@@ -1418,31 +1336,23 @@ class Schedule:
             return
         now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
         for row in (rows[index] for index in watched):
-            if self.before is not None and step < self.first_stage_end[row] and self.stalled(row, now):
+            if self.before is not None and step < self.first_stage_end[row] and \
+                    self.before[row] - now[row] < self.chosen[row]["plateau"] * abs(self.before[row]):
                 self.first_stage_end[row] = step
                 self.last[row] = min(self.last[row], step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
+                self.why[row] = "plateau" if self.last[row] < self.settings.epochs else "epochs"
         self.before = now
-
-    def stalled(self, row: int, lowest: list) -> bool:
-        """Whether the row's lowest loss fell by less than its tolerance in PLATEAU_WINDOW iterations."""
-        return self.before[row] - lowest[row] < self.tolerances[row] * abs(self.before[row])
 
     def diverge(self, rows: list, step: int) -> None:
         """Stop `rows`, whose loss was not finite at iteration `step`."""
         for row in rows:
-            self.diverged[row], self.last[row] = step, min(self.last[row], step)
+            self.last[row], self.why[row] = min(self.last[row], step), "diverged"
 
-    def iterations(self, row: int, reached: int) -> int:
-        """How many iterations `row` ran, if the loop got to iteration `reached`."""
-        return self.diverged.get(row) or min(reached, self.last[row])
-
-    def stopped(self, row: int, reached: int) -> str:
-        """Why `row` stopped, if the loop got to iteration `reached`."""
-        if row in self.diverged:
-            return "diverged"
-        if reached < self.last[row]:
-            return "interrupted"
-        return "plateau" if self.last[row] < self.settings.epochs else "epochs"
+    def outcome(self, row: int) -> tuple:
+        """(How many iterations `row` ran, and why it stopped)."""
+        if self.why[row] != "diverged" and self.reached[row] < self.last[row]:
+            return self.reached[row], "interrupted"
+        return self.last[row], self.why[row]
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -1500,65 +1410,78 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
 
 def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
                     callback: Optional[Callable]) -> Inversion:
-    """invert()'s loop, over one image per row of `references` (each sample a row of its own)."""
+    """invert()'s loop, over one image per row of `references` (each sample a row of its own): the rows
+    that share a canvas size are optimised together, one such group after another (with L-BFGS, each
+    row is a group)."""
     device, count = references.device, len(references)
     targets = Targets(model, layers, references, settings)
     chosen = targets.row_settings
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(count)]
-    jitters = [row["jitter"] for row in chosen]
-    canvases = Canvases(settings, references.shape[-2:], jitters, generators, device)
-    schedule = Schedule(settings, chosen, device)
-    guard = FiniteGuard(canvases, 1 if device.type == "cpu" else GPU_CHECK_EVERY)
-    latest = {}  # each term's latest value for every row, for the callback
-    reached = 0  # the last iteration that ran
-    try:
-        with Surrogate(model) as surrogate:
-            for step in range(1, settings.epochs + 1):
-                rows = schedule.rows_at(step)
-                if not rows:
-                    break
-                if rows != canvases.rows:  # rows that have stopped cost nothing more
-                    canvases.use(rows)
-                    targets.use(rows)
-                offsets = canvases.offsets(lambda row: schedule.first_stage(row, step))
-                canvases.set_rates(schedule.rates_at(step, rows))
-                surrogate.use(targets.layers_in_use(), [schedule.surrogate_weight(row, step) for row in rows])
-                # render, forward, loss
-                _, terms = evaluate(model, settings, targets, canvases, offsets, surrogate.alive)
-                losses = terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"]
-                total = losses.sum()
-                due = guard.due(step, {schedule.last[row] for row in rows})
-                broken = guard.check(rows, losses, total) if due else []
-                canvases.step(total)  # backward, step
-                canvases.after_step()
-                guard.restore(broken)  # record
-                schedule.diverge(broken, step)
-                schedule.record(step, rows, losses)
-                reached = step
-                if callback is not None:
-                    callback(step, record_latest(latest, terms, rows, count), canvases.current)
-    except KeyboardInterrupt:
-        pass
-    return final_result(model, settings, targets, canvases, guard, schedule, reached)
+    groups = {}
+    for row, key in enumerate(range(count) if settings.optimizer == "lbfgs" else
+                              [row["jitter"] for row in chosen]):
+        groups.setdefault(key, []).append(row)
+    canvases = [Canvases(settings, references.shape[-2:], chosen[rows[0]]["jitter"], rows, generators, device)
+                for rows in groups.values()]
+    order = row_order([group.members for group in canvases], device)
+    schedule, latest = Schedule(settings, chosen, device), {}
+
+    def report(step: int, terms: dict, rows: list) -> None:
+        if callback is not None:
+            callback(step, record_latest(latest, terms, rows, count),
+                     lambda: in_order([group.current() for group in canvases], order))
+
+    with Surrogate(model) as surrogate, contextlib.suppress(KeyboardInterrupt):
+        for group in canvases:
+            descend(model, settings, targets, group, schedule, surrogate, report)
+    return final_result(model, settings, targets, canvases, order, schedule)
 
 
-def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, offsets: dict,
+def descend(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
+            surrogate: Surrogate, report: Callable) -> None:
+    """Optimise one group of rows to the end of their schedules: each iteration renders, runs the model
+    forward, weighs the loss, runs it backward, steps and records."""
+    check_every = 1 if canvases.variable.device.type == "cpu" else GPU_CHECK_EVERY
+    for step in range(1, settings.epochs + 1):
+        rows = [row for row in canvases.members if step <= schedule.last[row]]
+        if not rows:
+            break
+        if rows != targets.rows:  # rows that have stopped cost nothing more
+            canvases.use(rows)
+            targets.use(rows)
+        first = [step <= schedule.first_stage_end[row] for row in rows]  # jitter and surrogate gradients
+        canvases.set_rates(schedule.rates(step, rows))
+        surrogate.use(targets.layers_in_use(), [on and schedule.chosen[row]["surrogate"]
+                                                for row, on in zip(rows, first)])
+        terms = evaluate(model, settings, targets, canvases, first, surrogate.alive)[1]
+        losses = terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"]
+        total = losses.sum()
+        due = step == 1 or step % check_every == 0 or any(step == schedule.last[row] for row in rows)
+        broken = canvases.check(losses, total) if due else []
+        canvases.step(total)
+        canvases.copy(broken, canvases.kept, canvases.variable)
+        schedule.diverge(broken, step)
+        schedule.record(step, rows, losses)
+        schedule.reached.update(dict.fromkeys(canvases.members, step))
+        report(step, terms, rows)
+
+
+def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, jittering: list,
              alive: Optional[list] = None) -> tuple:
     """Render the rows in use, run the model to their layers and weigh each row's terms: (the images the
     network saw, each term per row). The loop and the final evaluation both call it."""
-    wholes = canvases.render()
-    images = canvases.crop(wholes, offsets)
+    images, (whole, pixels) = canvases.render(jittering)
     with autocast(settings.precision, images.device):
         outputs = layer_batches(model, targets.layers_in_use(), images, alive)
-    return images, {"rec_loss": targets.feature_terms(outputs), **canvases.priors(settings, wholes)}
+    return images, {"rec_loss": targets.feature_terms(outputs), **prior_terms(settings, whole, pixels)}
 
 
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
     """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
     callback may keep them."""
-    if len(rows) == count:  # every row ran (rows_at lists them in order): this iteration's terms, new
+    if len(rows) == count:  # every row ran, in order: this iteration's terms, new
         latest.update({name: values.detach() for name, values in terms.items()})
         return dict(latest)
     for name, values in terms.items():
@@ -1570,25 +1493,31 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
 
 
 @torch.no_grad()
-def final_result(model, settings: Settings, targets: Targets, canvases: Canvases, guard: FiniteGuard,
-                 schedule: Schedule, reached: int) -> Inversion:
+def final_result(model, settings: Settings, targets: Targets, canvases: list, order: Optional[torch.Tensor],
+                 schedule: Schedule) -> Inversion:
     """Evaluate every row's image at the middle of its canvas, as returned, and gather the result;
     a row whose last update, after its last check, broke it goes back to its last finite image."""
-    every = range(len(canvases.jitters))
-    canvases.use(every)
-    targets.use(every)
-    for _ in range(2):
-        images, terms = evaluate(model, settings, targets, canvases, dict(enumerate(canvases.middles)))
-        broken = guard.check(list(every), sum(terms.values()))
-        if not broken:
-            break
-        guard.restore(broken)
-        schedule.diverge(broken, reached)
-    final = {name: values.tolist() for name, values in terms.items()}
+    images, terms = [], []
+    for group in canvases:
+        group.use(group.members)
+        targets.use(group.members)
+        for _ in range(2):
+            seen, values = evaluate(model, settings, targets, group, [False] * len(group.members))
+            broken = group.check(values["rec_loss"] + values["alpha_loss"] + values["tv_loss"])
+            group.copy(broken, group.kept, group.variable)
+            for row in broken:
+                schedule.diverge([row], schedule.reached[row])
+            if not broken:
+                break
+        images.append(seen)
+        terms.append(values)
+    final = {name: in_order([values[name] for values in terms], order).tolist() for name in terms[0]}
     losses = [{**{name: values[row] for name, values in final.items()},
-               "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]} for row in every]
-    return Inversion(images.detach().clone(), losses, [schedule.iterations(row, reached) for row in every],
-                     [schedule.stopped(row, reached) for row in every], settings, targets.row_settings)
+               "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]}
+              for row in range(len(targets.row_settings))]
+    outcomes = [schedule.outcome(row) for row in range(len(targets.row_settings))]
+    return Inversion(in_order(images, order).detach().clone(), losses, [done for done, _ in outcomes],
+                     [why for _, why in outcomes], settings, targets.row_settings)
 
 
 # ---------------------------------------------------------------- planning: launchers, photos, names

@@ -341,20 +341,20 @@ def test_surrogate_gradients_keep_every_forward_value_and_change_only_the_backwa
               "no pooling": lambda: [model[3], model[3]]}[name]()
     images = torch.randn(2, 3, 64, 64, requires_grad=True)
 
-    def forward_and_gradient(surrogate=None, weights=None):
+    def forward_and_gradient(surrogate=None, asking=None):
         if surrogate is not None:
-            surrogate.use(layers, weights)
+            surrogate.use(layers, asking)
         batches = invert.layer_batches(model, layers, images, None if surrogate is None else surrogate.alive)
         outputs = [output for _, _, output in batches]
         return outputs, torch.autograd.grad(sum(output.square().sum() for output in outputs), images)[0]
 
     plain, true = forward_and_gradient()
     with invert.Surrogate(model) as surrogate:
-        for weights in ([1.0, 1.0], [0.0, 0.0], [1.0, 0.0]):
-            outputs, gradient = forward_and_gradient(surrogate, weights)
+        for asking in ([True, True], [False, False], [True, False]):
+            outputs, gradient = forward_and_gradient(surrogate, asking)
             assert all(torch.equal(a, b) for a, b in zip(outputs, plain))  # bit for bit
-            for row, weight in enumerate(weights):
-                assert torch.equal(gradient[row], true[row]) == (weight == 0), (row, weight)
+            for row, asked in enumerate(asking):
+                assert torch.equal(gradient[row], true[row]) == (not asked), (row, asked)
     assert not any(module._forward_hooks for module in model.modules())  # nothing left on the model
     assert all(module.inplace for module in model.modules() if isinstance(module, nn.ReLU) and name != "no pooling")
 
@@ -367,12 +367,12 @@ def test_surrogate_gradients_are_the_leaky_relus_and_the_average_pools():
     expected, = torch.autograd.grad((smooth(images) * weights).sum(), images)
     true, = torch.autograd.grad((model(images.clone()) * weights).sum(), images)
     with invert.Surrogate(model) as surrogate:
-        for rows in ([1.0, 1.0], [1.0, 0.0]):  # every row (one fused pass), or some rows
-            surrogate.use([model[2], model[2]], rows)
+        for asking in ([True, True], [True, False]):  # every row (one fused pass), or some rows
+            surrogate.use([model[2], model[2]], asking)
             (_, _, output), = invert.layer_batches(model, [model[2], model[2]], images, surrogate.alive)
             gradient, = torch.autograd.grad((output * weights).sum(), images)
-            for row, weight in enumerate(rows):
-                assert torch.allclose(gradient[row], (expected if weight else true)[row], atol=1e-6), (rows, row)
+            for row, asked in enumerate(asking):
+                assert torch.allclose(gradient[row], (expected if asked else true)[row], atol=1e-6), (asking, row)
 
 
 def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():

@@ -1176,20 +1176,24 @@ class Targets:
             self.by_layer[layer] = (rows, target, chosen["C"] / per_row(target.square()))  # C / ||target||^2
             for row in rows:
                 self.row_settings[row] = chosen
+        self.views = {}  # each list of rows used so far -> its in_use and order, made once
         self.use(range(len(layers)))
 
     def use(self, rows: Sequence[int]) -> None:
         """From now on, compute the feature terms of `rows` alone, in this order."""
         self.rows = list(rows)
-        position = {row: index for index, row in enumerate(self.rows)}
-        self.in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, weights)
-        for layer, (layer_rows, target, weights) in self.by_layer.items():
-            kept = [index for index, row in enumerate(layer_rows) if row in position]
-            if len(kept) < len(layer_rows):
-                target, weights = target[kept], weights[kept]
-            if kept:
-                self.in_use[layer] = ([position[layer_rows[index]] for index in kept], target, weights)
-        self.order = row_order([positions for positions, _, _ in self.in_use.values()], self.device)
+        if tuple(self.rows) not in self.views:
+            position = {row: index for index, row in enumerate(self.rows)}
+            in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, weights)
+            for layer, (layer_rows, target, weights) in self.by_layer.items():
+                kept = [index for index, row in enumerate(layer_rows) if row in position]
+                if len(kept) < len(layer_rows):
+                    target, weights = target[kept], weights[kept]
+                if kept:
+                    in_use[layer] = ([position[layer_rows[index]] for index in kept], target, weights)
+            order = row_order([positions for positions, _, _ in in_use.values()], self.device)
+            self.views[tuple(self.rows)] = in_use, order
+        self.in_use, self.order = self.views[tuple(self.rows)]
 
     def layers_in_use(self) -> list:
         """The layer of each row in use."""
@@ -1410,9 +1414,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
 
 def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
                     callback: Optional[Callable]) -> Inversion:
-    """invert()'s loop, over one image per row of `references` (each sample a row of its own): the rows
-    that share a canvas size are optimised together, one such group after another (with L-BFGS, each
-    row is a group)."""
+    """invert()'s loop, over one image per row of `references` (each sample a row of its own). The rows
+    that share a canvas size are a group, optimised together; with L-BFGS each row is a group."""
     device, count = references.device, len(references)
     targets = Targets(model, layers, references, settings)
     chosen = targets.row_settings
@@ -1427,45 +1430,47 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
                 for rows in groups.values()]
     order = row_order([group.members for group in canvases], device)
     schedule, latest = Schedule(settings, chosen, device), {}
-
-    def report(step: int, terms: dict, rows: list) -> None:
-        if callback is not None:
-            callback(step, record_latest(latest, terms, rows, count),
-                     lambda: in_order([group.current() for group in canvases], order))
-
     with Surrogate(model) as surrogate, contextlib.suppress(KeyboardInterrupt):
-        for group in canvases:
-            descend(model, settings, targets, group, schedule, surrogate, report)
+        for step in range(1, settings.epochs + 1):
+            ran = [iteration(model, settings, targets, group, schedule, surrogate, step) for group in canvases]
+            ran = [(rows, terms) for rows, terms in ran if rows]
+            if not ran:
+                break
+            if callback is not None:
+                rows = [row for rows, _ in ran for row in rows]
+                terms = {name: torch.cat([terms[name] for _, terms in ran]) if len(ran) > 1 else ran[0][1][name]
+                         for name in ran[0][1]}
+                callback(step, record_latest(latest, terms, rows, count),
+                         lambda: in_order([group.current() for group in canvases], order))
     return final_result(model, settings, targets, canvases, order, schedule)
 
 
-def descend(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
-            surrogate: Surrogate, report: Callable) -> None:
-    """Optimise one group of rows to the end of their schedules: each iteration renders, runs the model
-    forward, weighs the loss, runs it backward, steps and records."""
-    check_every = 1 if canvases.variable.device.type == "cpu" else GPU_CHECK_EVERY
-    for step in range(1, settings.epochs + 1):
-        rows = [row for row in canvases.members if step <= schedule.last[row]]
-        if not rows:
-            break
-        if rows != targets.rows:  # rows that have stopped cost nothing more
-            canvases.use(rows)
-            targets.use(rows)
-        first = [step <= schedule.first_stage_end[row] for row in rows]  # jitter and surrogate gradients
-        canvases.set_rates(schedule.rates(step, rows))
-        surrogate.use(targets.layers_in_use(), [on and schedule.chosen[row]["surrogate"]
-                                                for row, on in zip(rows, first)])
-        terms = evaluate(model, settings, targets, canvases, first, surrogate.alive)[1]
-        losses = terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"]
-        total = losses.sum()
-        due = step == 1 or step % check_every == 0 or any(step == schedule.last[row] for row in rows)
-        broken = canvases.check(losses, total) if due else []
-        canvases.step(total)
-        canvases.copy(broken, canvases.kept, canvases.variable)
-        schedule.diverge(broken, step)
-        schedule.record(step, rows, losses)
-        schedule.reached.update(dict.fromkeys(canvases.members, step))
-        report(step, terms, rows)
+def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
+              surrogate: Surrogate, step: int) -> tuple:
+    """Iteration `step` of one group: render, forward, loss, backward, step, record; (its rows that
+    ran, their terms), or ([], None) if all have stopped."""
+    rows = [row for row in canvases.members if step <= schedule.last[row]]
+    if not rows:
+        return [], None
+    if rows != targets.rows or rows != canvases.rows:  # rows that have stopped cost nothing more
+        canvases.use(rows)
+        targets.use(rows)
+    first = [step <= schedule.first_stage_end[row] for row in rows]  # jitter and surrogate gradients
+    canvases.set_rates(schedule.rates(step, rows))
+    surrogate.use(targets.layers_in_use(), [on and schedule.chosen[row]["surrogate"]
+                                            for row, on in zip(rows, first)])
+    terms = evaluate(model, settings, targets, canvases, first, surrogate.alive)[1]
+    losses = terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"]
+    total = losses.sum()
+    check_every = 1 if total.device.type == "cpu" else GPU_CHECK_EVERY
+    due = step == 1 or step % check_every == 0 or any(step == schedule.last[row] for row in rows)
+    broken = canvases.check(losses, total) if due else []
+    canvases.step(total)
+    canvases.copy(broken, canvases.kept, canvases.variable)
+    schedule.diverge(broken, step)
+    schedule.record(step, rows, losses)
+    schedule.reached.update(dict.fromkeys(canvases.members, step))
+    return rows, terms
 
 
 def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, jittering: list,
@@ -1481,7 +1486,7 @@ def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: C
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
     """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
     callback may keep them."""
-    if len(rows) == count:  # every row ran, in order: this iteration's terms, new
+    if rows == list(range(count)):  # every row ran, in order: this iteration's terms, new
         latest.update({name: values.detach() for name, values in terms.items()})
         return dict(latest)
     for name, values in terms.items():

@@ -163,8 +163,7 @@ class _LayerReached(Exception):
 
 
 class Checked:
-    """An argparse type that parses `kind` and insists on a finite value for which `test` holds;
-    holds() applies the same rule to a value given through the Python API."""
+    """An argparse type: `kind`, finite, for which `test` holds; holds() checks values from the API."""
 
     def __init__(self, kind: type, test: Callable, requirement: str, auto: bool = False):
         self.kind, self.test, self.requirement, self.auto = kind, test, requirement, auto
@@ -212,8 +211,7 @@ def setting(default, help: str, **argparse_options):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """How to invert. Each field is a keyword of invert() and a flag of the command line; None
-    means the default that OBJECTIVE_DEFAULTS and DEFAULT_LRS give for the objective."""
+    """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
     objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas "
                              "1e-5); paper: the IJCV 2016 normalised loss with box constraint and two "
@@ -341,8 +339,7 @@ def read_bytes(path, flag: str = "--image_path") -> bytes:
 
 
 def load_image(path, data: Optional[bytes] = None) -> Image.Image:
-    """Open an image file, or its bytes `data` if already read, as 8-bit RGB, honouring EXIF
-    orientation; UsageError if it cannot be read."""
+    """An image file (or its bytes `data`) as upright 8-bit RGB; UsageError if it cannot be read."""
     data = read_bytes(path) if data is None else data
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -366,8 +363,7 @@ def load_photo(path, size: int, data: Optional[bytes] = None) -> torch.Tensor:
 
 
 class Photo(NamedTuple):
-    """What planning learnt of a photo: its content's hash, or why it cannot be used; its bytes are
-    kept only where it is not a regular file, since a pipe can be read once."""
+    """A photo as planned: its hash, or why it cannot be used; its bytes where it is a pipe (read once)."""
 
     sha256: Optional[str]
     error: Optional[str]
@@ -456,8 +452,7 @@ def montage(original: Image.Image, tiles: list) -> Image.Image:
 
 
 def pretrained_weights(name: str, weights: str):
-    """torchvision's weights `weights` (DEFAULT or an enum name) of classification model `name`; None
-    for a file or 'none'."""
+    """torchvision's weights `weights` (DEFAULT or an enum name) of `name`; None for a file or 'none'."""
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -473,8 +468,7 @@ def pretrained_weights(name: str, weights: str):
 
 
 def weights_identity(name: str, weights: str) -> tuple:
-    """(what identifies the weights' content in a record: a file's SHA-256, torchvision's URL, or
-    'none'; a weights file's bytes, read once, or None)."""
+    """(The weights' identity in records: a file's sha256, torchvision's URL or 'none'; a file's bytes)."""
     chosen = pretrained_weights(name, weights)
     if chosen is not None:
         return chosen.url, None
@@ -485,8 +479,7 @@ def weights_identity(name: str, weights: str) -> tuple:
 
 
 def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
-    """Build torchvision model `name`, frozen, with DEFAULT, enum-name, state-dict-file (or its bytes
-    `data`, already read) or no weights."""
+    """Torchvision model `name`, frozen, with DEFAULT, enum, state-dict-file (or `data`) or no weights."""
     pretrained_weights(name, weights)
     if weights.lower() == "none":
         print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
@@ -539,8 +532,7 @@ def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional[bytes] = None) -> None:
-    """Load a state-dict file (or its bytes `data`) into `model` with weights_only=True; UsageError if
-    it is not one or misfits."""
+    """Load a state-dict file (or its bytes) into `model`, weights_only; UsageError if it misfits."""
     data = read_bytes(path, "--weights") if data is None else data
     try:
         with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
@@ -665,8 +657,7 @@ def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
 
 
 def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> dict:
-    """Each of `layers`' strides at this input size; UsageError before the work if the model cannot
-    compute one, or gives a blank image activations there that are not finite (unsound weights)."""
+    """Each layer's stride at this size; UsageError before the work if it cannot run or is not finite."""
     try:
         with torch.no_grad(), autocast(precision, device):
             outputs = layer_outputs(model, layers, torch.zeros(len(layers), 3, size, size, device=device))
@@ -709,9 +700,7 @@ def describe(output) -> str:
 
 
 class LeakyBackward(torch.autograd.Function):
-    """A ReLU's output as it is, with the gradient of a leaky ReLU of slope SURROGATE_LEAK passed straight
-    to the ReLU's input, for the rows where `mask` (Nx1x1x1, or True for all) is 1; the others keep the
-    ReLU's own gradient."""
+    """A ReLU's output, its gradient a leaky ReLU's (SURROGATE_LEAK) where `mask` (or True) is 1."""
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, upper: Optional[float]):
@@ -730,9 +719,7 @@ class LeakyBackward(torch.autograd.Function):
 
 
 class AveragedBackward(torch.autograd.Function):
-    """A max-pool's output as it is; for the rows where `mask` (Nx1x1x1, or True for all) is 1, its
-    gradient reaches the input as an average pool's over the same windows would, the others' by the
-    max-pool's own path."""
+    """A max-pool's output, its gradient an average pool's where `mask` (or True) is 1."""
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, pool: Optional[tuple]):
@@ -793,8 +780,7 @@ class Surrogate:
                 module.inplace = inplace and not any(asking)
 
     def mask(self, module: nn.Module, device: torch.device):
-        """Which rows of the batch at `module` take the surrogate there: an Nx1x1x1 tensor of 0 and 1,
-        True for all, or None for none; made once per batch of rows, not on every forward pass."""
+        """Which rows at `module` take the surrogate: an Nx1x1x1 0/1 tensor, True for all or None; cached."""
         key = (module, tuple(self.alive))
         if key not in self.masks:
             taking = [self.asking[row] and self.layers[row] is not module for row in self.alive]
@@ -818,9 +804,7 @@ class Surrogate:
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
-    """Each row's sum (over all but the first dimension), in one op for the batch: added in float64, so
-    that the order a batch's sum takes, which depends on the batch, does not show in the float32 result
-    (the plateau rule compares them, and would grow a rounding into another picture)."""
+    """Each row's sum in one op, added in float64 so that a batch's summing order does not show in fp32."""
     wide = torch.float32 if values.device.type == "mps" else torch.float64  # MPS has no float64
     return values.flatten(1).sum(1, dtype=wide).float()
 
@@ -847,9 +831,7 @@ def tv_prior(image: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 class PaperPriors(torch.autograd.Function):
-    """The paper's two prior sums of each row times their weights, sum_ij ||x_ij||^alpha and total
-    variation with beta 2, the latter as <x, Lx> (L the grid's Laplacian, one convolution), with the
-    gradient written out."""
+    """The paper's weighted alpha-norm and TV (beta 2, as <x, Lx>) per row, gradient written out."""
 
     @staticmethod
     def forward(ctx, pixels: torch.Tensor, alpha: float, alpha_weight: float = 1.0, tv_weight: float = 1.0):
@@ -889,15 +871,13 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
 
 
 def data_term(features, targets, weights) -> torch.Tensor:
-    """Each row's weighted feature error C * ||features - target||^2 / ||target||^2, with `weights` its
-    C / ||target||^2."""
+    """Each row's C * ||features - target||^2 / ||target||^2, with `weights` its C / ||target||^2."""
     squares = nn.functional.mse_loss(features, targets, reduction="none")  # one kernel, both ways
     return per_row(squares) * weights
 
 
 def prior_terms(settings: Settings, images, pixels=None) -> dict:
-    """Each row's weighted alpha_loss and tv_loss, of the seed's objective or of the paper's (over
-    `pixels`, the images in its units, where given)."""
+    """Each row's weighted alpha_loss and tv_loss: the seed's, or the paper's over `pixels` if given."""
     if settings.objective == "seed":
         return {"alpha_loss": settings.lambda_alpha * alpha_prior(images, settings.alpha),
                 "tv_loss": settings.lambda_tv * tv_prior(images, settings.beta)}
@@ -960,8 +940,7 @@ class PixelImage:
         return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device).requires_grad_()
 
     def render(self, variables: torch.Tensor) -> tuple:
-        """The normalised images of a batch of variables, and None: their pixels in the paper's units
-        are not made here."""
+        """The normalised images of a batch of variables, and None for their paper-unit pixels."""
         return variables, None
 
     @torch.no_grad()
@@ -1014,8 +993,7 @@ PARAMETERISATIONS = {"pixel": PixelImage, "fft": FourierImage}
 
 
 class Inversion(NamedTuple):
-    """What `invert` returns, per row where a list: the normalised images, final losses, iterations
-    run and why they stopped, the settings as resolved, and the settings each row's layer decided."""
+    """What invert() returns: images, and per row its losses, iterations, why it stopped, its settings."""
 
     images: torch.Tensor
     losses: list  # per row: rec_loss, alpha_loss, tv_loss and feature_error of the returned image
@@ -1032,8 +1010,7 @@ def too_large_lr(iteration: int, lr: float) -> str:
 
 
 class Descent:
-    """SGD with momentum, or Adam with --momentum as beta1, over one variable of several rows, each row
-    in use at its own rate: torch's updates, written out since torch's take one rate."""
+    """SGD with momentum, or Adam (beta1 --momentum), with a rate per row: torch's take only one."""
 
     def __init__(self, settings: Settings, variable: torch.Tensor):
         self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
@@ -1042,8 +1019,7 @@ class Descent:
         self.rates, self.key = None, None  # each row's rate as a tensor, made from the list `key`
 
     def set_rates(self, rates: list) -> None:
-        """Each row's rate from now on: one number while they are all the same, else a tensor, made
-        only when they change (a stage's end, a decay)."""
+        """Each row's rate from now on: a number while all are the same, else a tensor, made on change."""
         if rates != self.key:
             self.key = rates
             shape = (-1, *[1] * (self.variable.dim() - 1))
@@ -1084,8 +1060,7 @@ class Descent:
 
 
 def make_optimizer(settings: Settings, variable: torch.Tensor):
-    """SGD with momentum or Adam over a variable of rows, a rate per row (Descent); or L-BFGS taking one
-    step per iteration over a variable of one row (one over several would couple them)."""
+    """Descent over a variable of rows, or L-BFGS (one step per iteration) over one row's."""
     if settings.optimizer != "lbfgs":
         return Descent(settings, variable)
     # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
@@ -1100,8 +1075,7 @@ def autocast(precision: str, device: torch.device):
 
 
 def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str) -> list:
-    """Per layer, (the layer, its rows, their fp32 activations); UsageError where there is nothing
-    sound to invert."""
+    """Per layer, (the layer, its rows, their fp32 activations); RowError where nothing is sound."""
     try:
         with torch.no_grad(), autocast(precision, references.device):
             batches = layer_batches(model, layers, references)
@@ -1138,9 +1112,7 @@ def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
-    """The jitter, C, plateau tolerance, surrogate gradients and rate of a row whose layer has this
-    stride, where 'auto' or stride-dependent. The authors' jitter is max(1, round(stride / 4)) crop
-    offsets per axis."""
+    """A row's jitter, C, plateau, surrogate, decays and rate where its layer's stride decides them."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
             "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
@@ -1164,9 +1136,7 @@ def in_order(parts: list, permutation: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 class Targets:
-    """The per-layer side of a batch: each layer's rows, their target activations and norms, and
-    what the layer's stride decides; turns a forward pass's layer outputs into the feature terms of
-    the rows in use, in their order."""
+    """Each layer's rows, target activations and weights; the feature terms of the rows in use."""
 
     def __init__(self, model: nn.Module, layers: list, references: torch.Tensor, settings: Settings):
         self.layers, self.device = layers, references.device
@@ -1200,8 +1170,7 @@ class Targets:
         return [self.layers[row] for row in self.rows]
 
     def feature_terms(self, outputs: list) -> torch.Tensor:
-        """Each row's weighted feature error C * ||features - target||^2 / ||target||^2, from
-        layer_batches' outputs (which list each layer's rows in the order of self.rows)."""
+        """Each row's weighted feature error, from layer_batches' outputs, in the order of self.rows."""
         errors = {layer: data_term(output.float(), target, weights) for layer, _, output in outputs
                   for _, target, weights in [self.in_use[layer]]}
         return in_order([errors[layer] for layer in self.in_use], self.order)
@@ -1272,8 +1241,7 @@ class Canvases:
         return whole[:, :, middle:middle + height, middle:middle + width].clone()
 
     def check(self, losses: torch.Tensor, total: Optional[torch.Tensor] = None) -> list:
-        """Keep the variables of the rows in use whose `losses` (summing to `total`) are finite, and
-        return the others; RowError where a row's loss was never finite."""
+        """Keep the rows in use whose losses are finite, return the others; RowError if never finite."""
         # waits for a GPU: only when due; a finite sum, the common case, in one op
         finite = [True] * len(self.rows) if total is not None and math.isfinite(total.item()) else \
             torch.isfinite(losses).tolist()
@@ -1299,8 +1267,7 @@ class Canvases:
 
 
 def learning_rate(base: float, step: int, first_stage_end: int, settings: Settings) -> float:
-    """A row's rate at iteration `step`: `base` through its first stage, then --decay_factor times less
-    at once and again every decay_iterations()."""
+    """A row's rate at `step`: `base` through its first stage, then decayed every decay_iterations()."""
     decays = 0 if step <= first_stage_end else 1 + (step - first_stage_end - 1) // decay_iterations(settings)
     return base * settings.decay_factor ** decays
 
@@ -1360,14 +1327,12 @@ class Schedule:
 
 
 def sample_seed(seed: int, sample: int) -> int:
-    """The seed of sample `sample` (from 0) of a row: --seed for the first, then steps of 2^64 over
-    the golden ratio, so that the samples' noises are unrelated."""
+    """The seed of sample `sample` of a row: --seed, then steps of 2^64 over the golden ratio."""
     return (seed + sample * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
 def check_references(model: nn.Module, references) -> None:
-    """UsageError unless `references` is a batch of RGB images (the priors are of colour pixels): an
-    Nx3xHxW tensor with N >= 1, of the model's dtype and on its device."""
+    """UsageError unless `references` is an Nx3xHxW float tensor of the model's dtype and device."""
     if not isinstance(references, torch.Tensor):
         raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
     shape = "x".join(map(str, references.shape))
@@ -1414,8 +1379,7 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
 
 def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
                     callback: Optional[Callable]) -> Inversion:
-    """invert()'s loop, over one image per row of `references` (each sample a row of its own). The rows
-    that share a canvas size are a group, optimised together; with L-BFGS each row is a group."""
+    """invert()'s loop; rows sharing a canvas size are a group (with L-BFGS, each row one)."""
     device, count = references.device, len(references)
     targets = Targets(model, layers, references, settings)
     chosen = targets.row_settings
@@ -1432,14 +1396,15 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
     schedule, latest = Schedule(settings, chosen, device), {}
     with Surrogate(model) as surrogate, contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
-            ran = [iteration(model, settings, targets, group, schedule, surrogate, step) for group in canvases]
+            ran = [iteration(model, settings, targets, group, schedule, surrogate, step)
+                   for group in canvases]
             ran = [(rows, terms) for rows, terms in ran if rows]
             if not ran:
                 break
             if callback is not None:
-                rows = [row for rows, _ in ran for row in rows]
-                terms = {name: torch.cat([terms[name] for _, terms in ran]) if len(ran) > 1 else ran[0][1][name]
-                         for name in ran[0][1]}
+                rows, parts = [row for rows, _ in ran for row in rows], [terms for _, terms in ran]
+                terms = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts])
+                                                          for name in parts[0]}
                 callback(step, record_latest(latest, terms, rows, count),
                          lambda: in_order([group.current() for group in canvases], order))
     return final_result(model, settings, targets, canvases, order, schedule)
@@ -1447,8 +1412,7 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
 
 def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
               surrogate: Surrogate, step: int) -> tuple:
-    """Iteration `step` of one group: render, forward, loss, backward, step, record; (its rows that
-    ran, their terms), or ([], None) if all have stopped."""
+    """One group's iteration `step`; (its rows that ran, their terms), or ([], None) if none did."""
     rows = [row for row in canvases.members if step <= schedule.last[row]]
     if not rows:
         return [], None
@@ -1475,8 +1439,7 @@ def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: 
 
 def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, jittering: list,
              alive: Optional[list] = None) -> tuple:
-    """Render the rows in use, run the model to their layers and weigh each row's terms: (the images the
-    network saw, each term per row). The loop and the final evaluation both call it."""
+    """Render, forward, weigh: (the images the network saw, each term per row), for loop and result."""
     images, (whole, pixels) = canvases.render(jittering)
     with autocast(settings.precision, images.device):
         outputs = layer_batches(model, targets.layers_in_use(), images, alive)
@@ -1484,8 +1447,7 @@ def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: C
 
 
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
-    """Each term's latest value for every row, with this iteration's for `rows`: new tensors, so that a
-    callback may keep them."""
+    """Each term's latest value for every row, this iteration's for `rows`, as new tensors."""
     if rows == list(range(count)):  # every row ran, in order: this iteration's terms, new
         latest.update({name: values.detach() for name, values in terms.items()})
         return dict(latest)
@@ -1500,8 +1462,7 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
 @torch.no_grad()
 def final_result(model, settings: Settings, targets: Targets, canvases: list, order: Optional[torch.Tensor],
                  schedule: Schedule) -> Inversion:
-    """Evaluate every row's image at the middle of its canvas, as returned, and gather the result;
-    a row whose last update, after its last check, broke it goes back to its last finite image."""
+    """Every row's image at its canvas's middle, its losses and outcome; a last broken step undone."""
     images, terms = [], []
     for group in canvases:
         group.use(group.members)
@@ -1561,8 +1522,7 @@ def pick_device(spec: str) -> torch.device:
 
 
 def shard_of(given: Optional[tuple], photos: int) -> tuple:
-    """(K, N): --shard, else a SLURM array's task (MIN-MAX:STEP) split again by torchrun's RANK; a
-    task's job of one photo, as when each task names its own, is not split between the tasks."""
+    """(K, N): --shard, else a SLURM array task split by torchrun's RANK; one photo is not split."""
     names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
     task, low, high, count, step = (launcher_int(name, 1 if name.endswith(("COUNT", "STEP")) else 0)
                                     for name in names)
@@ -1703,8 +1663,7 @@ def real(path) -> Path:
 
 
 def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: list) -> None:
-    """Fail before the work if an output is unwritable, or would replace one of the job's `photos`
-    (in any shard, by any path) or another photo's record."""
+    """UsageError before the work if an output is unwritable or would replace a photo or record."""
     files = {real(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
     for row in rows:  # each file the rows write (True: a folder); samples past the first as one pattern
         endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
@@ -1769,8 +1728,7 @@ def finished(record: Optional[dict], wanted: dict, row: Row, samples: int, gif: 
 
 
 def index_line(record: dict, name: str) -> Optional[dict]:
-    """The index's line for the record in file `name`, None if it is not one; a record of the version
-    before records had a status is read as it was meant."""
+    """The index's line for the record in file `name`, None if not one; old records read as meant."""
     old = record.get("args") if "status" not in record and isinstance(record.get("args"), dict) else None
     if old is not None:
         settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
@@ -2061,8 +2019,7 @@ class Job:
         return False
 
     def alone(self, rows: list, short: str) -> bool:
-        """After a batch ran out of memory: each of its rows alone, or failed if even one was too many;
-        return whether Ctrl-C stopped them."""
+        """After running out of memory, each row alone (failed if one is too many); whether Ctrl-C stopped."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(rows) == 1:

@@ -763,7 +763,7 @@ class Surrogate:
         self.layers, self.asking, self.masks = [], [], {}
 
     def __enter__(self) -> "Surrogate":
-        self.hooks = forward_hooks({**{module: self.hook for module in self.relus + self.pools}})
+        self.hooks = forward_hooks({module: self.hook for module in self.relus + self.pools})
         self.hooks.__enter__()
         return self
 
@@ -775,22 +775,25 @@ class Surrogate:
     def use(self, layers: list, asking: list) -> None:
         """From now on, the rows of the forward pass have these layers, and these ask for the surrogate."""
         if (layers, asking) != (self.layers, self.asking):
-            self.layers, self.asking, self.masks = layers, asking, {}
+            self.layers, self.asking = layers, asking
+            self.masks = {} if len(self.masks) > 1024 else self.masks  # kept across groups and stages
             for module, inplace in zip(self.relus, self.inplace):
                 module.inplace = inplace and not any(asking)
 
-    def mask(self, module: nn.Module, device: torch.device):
-        """Which rows at `module` take the surrogate: an Nx1x1x1 0/1 tensor, True for all or None; cached."""
-        key = (module, tuple(self.alive))
+    def mask(self, module: nn.Module, device: torch.device, dimensions: int):
+        """Which rows at `module` take the surrogate: an Nx1... 0/1 tensor, True for all or None; cached."""
+        key = (module, dimensions, tuple(self.alive), *map(id, self.layers), *self.asking)
         if key not in self.masks:
             taking = [self.asking[row] and self.layers[row] is not module for row in self.alive]
             self.masks[key] = None if not any(taking) else True if all(taking) else \
-                torch.tensor(taking, device=device).view(-1, 1, 1, 1)
+                torch.tensor(taking, device=device).view(-1, *[1] * (dimensions - 1))
         return self.masks[key]
 
     def hook(self, module: nn.Module, inputs: tuple, output):
-        mask = self.mask(module, output.device) if torch.is_grad_enabled() and self.asking else None
-        if mask is None or isinstance(output, tuple):  # return_indices: left as it is
+        if isinstance(output, tuple) or not (torch.is_grad_enabled() and any(self.asking)):
+            return None  # a tuple: return_indices, left as it is
+        mask = self.mask(module, output.device, output.dim())
+        if mask is None:
             return None
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             return LeakyBackward.apply(inputs[0], output, mask, 6.0 if isinstance(module, nn.ReLU6) else None)
@@ -837,11 +840,15 @@ class PaperPriors(torch.autograd.Function):
     def forward(ctx, pixels: torch.Tensor, alpha: float, alpha_weight: float = 1.0, tv_weight: float = 1.0):
         squares = pixels.square().sum(dim=1, keepdim=True).clamp_min(1e-12)
         powered = squares.pow(alpha / 2 - 1)
-        edged = nn.functional.pad(pixels, (1, 1, 1, 1), mode="replicate")  # a border adds no difference
-        laplacian = nn.functional.conv2d(edged, laplacian_kernel(pixels.device), groups=pixels.shape[1])
+        # the Laplacian ignores a constant, and without each channel's mean <x, Lx> cancels far less
+        centred = pixels - pixels.mean(dim=(-2, -1), keepdim=True)
+        edged = nn.functional.pad(centred, (1, 1, 1, 1), mode="replicate")  # a border adds no difference
+        # 4x less its four neighbours: by slices, since a CPU's 3x3 convolution of one channel is slower
+        laplacian = 4 * centred - (edged[..., :-2, 1:-1] + edged[..., 2:, 1:-1] + edged[..., 1:-1, :-2]
+                                   + edged[..., 1:-1, 2:])
         ctx.save_for_backward(pixels, powered, laplacian)
         ctx.scales = alpha * alpha_weight, 2 * tv_weight
-        return per_row(powered * squares) * alpha_weight, per_row(pixels * laplacian) * tv_weight
+        return per_row(powered * squares) * alpha_weight, per_row(centred * laplacian) * tv_weight
 
     @staticmethod
     def backward(ctx, alpha_grad: torch.Tensor, tv_grad: torch.Tensor):
@@ -850,13 +857,6 @@ class PaperPriors(torch.autograd.Function):
         alpha_scale, tv_scale = ctx.scales
         return torch.addcmul(laplacian * (tv_scale * tv_grad).view(-1, 1, 1, 1), pixels * powered,
                              (alpha_scale * alpha_grad).view(-1, 1, 1, 1)), None, None, None
-
-
-@functools.lru_cache(maxsize=None)
-def laplacian_kernel(device: torch.device) -> torch.Tensor:
-    """The grid's Laplacian, 4x less its four neighbours, as a depthwise 3x1x3x3 kernel on `device`."""
-    kernel = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], device=device)
-    return kernel.expand(3, 1, 3, 3).contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -895,7 +895,8 @@ def prior_terms(settings: Settings, images, pixels=None) -> dict:
 
 def box_factor(pixels: torch.Tensor) -> torch.Tensor:
     """Per pixel of images in the paper's 0-255 units, the factor that shrinks an RGB norm above 2B to 2B."""
-    return (2 * PAPER_B / torch.linalg.vector_norm(pixels, dim=1, keepdim=True)).clamp(max=1.0)
+    # not linalg.vector_norm: over the channels of an NCHW tensor, a CPU takes 200 times longer
+    return torch.rsqrt((pixels.square().sum(dim=1, keepdim=True) / (2 * PAPER_B) ** 2).clamp_min(1.0))
 
 
 def box_constraint(image: torch.Tensor) -> torch.Tensor:
@@ -964,8 +965,7 @@ class FourierImage:
         frequency = (frequency_y.square() + frequency_x.square()).sqrt()
         self.scale = 1 / frequency.clamp_min(1 / max(self.canvas))
         colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
-        # to the paper's 0-255 units, as a 1x1 convolution's kernel: one op for any batch
-        self.paper_colour = (255 * colour / colour.norm(dim=0).max())[:, :, None, None]
+        self.paper_colour = (255 * colour / colour.norm(dim=0).max())[:, :, None, None]  # to 0-255 units
 
     def initial(self, generator: torch.Generator) -> torch.Tensor:
         """A new variable: a faint random spectrum, real and imaginary parts in the last dimension."""
@@ -977,7 +977,9 @@ class FourierImage:
         spectrum = torch.view_as_complex(variables) * self.scale
         canvas = torch.fft.irfftn(spectrum, s=self.canvas, dim=(-2, -1), norm="ortho")
         decorrelated = canvas if self.canvas == self.size else canvas[..., :self.size[0], :self.size[1]]
-        pixels = nn.functional.conv2d(decorrelated, self.paper_colour)  # colour, in the paper's units
+        # colour, in the paper's units: a broadcast product and a sum (a 1x1 convolution is one op, but
+        # ten times slower each way on a CPU; an einsum dispatches about eight)
+        pixels = (self.paper_colour * decorrelated[:, None]).sum(2)
         if self.boxed:  # the box as part of the image's definition: cheaper than a projection, two FFTs
             pixels = pixels * box_factor(pixels)
         return pixels / paper_scale(pixels.device), pixels
@@ -1016,7 +1018,7 @@ class Descent:
         self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
         self.variable, self.steps = variable, 0
         self.average, self.squares = torch.zeros_like(variable), torch.zeros_like(variable)
-        self.rates, self.key = None, None  # each row's rate as a tensor, made from the list `key`
+        self.rates, self.key = None, None  # each row's rate, a number or a tensor, made from the list `key`
 
     def set_rates(self, rates: list) -> None:
         """Each row's rate from now on: a number while all are the same, else a tensor, made on change."""
@@ -1152,7 +1154,8 @@ class Targets:
     def use(self, rows: Sequence[int]) -> None:
         """From now on, compute the feature terms of `rows` alone, in this order."""
         self.rows = list(rows)
-        if tuple(self.rows) not in self.views:
+        if tuple(self.rows) not in self.views:  # rows only ever stop: a set that holds these is done with
+            self.views = {rows: view for rows, view in self.views.items() if not set(rows) > set(self.rows)}
             position = {row: index for index, row in enumerate(self.rows)}
             in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, weights)
             for layer, (layer_rows, target, weights) in self.by_layer.items():
@@ -1224,7 +1227,7 @@ class Canvases:
             self.optimizer.param_groups[0]["lr"] = rates[0]
 
     def step(self, loss: torch.Tensor) -> None:
-        """One update of the rows in use, each by its own loss's gradient (one backward over all)."""
+        """One update of the rows in use, each by its own loss's gradient (one backward for the group)."""
         self.variable.grad = None
         loss.backward()
         if isinstance(self.optimizer, Descent):
@@ -1287,7 +1290,7 @@ class Schedule:
         self.last = [settings.epochs] * count
         self.why = ["epochs"] * count  # why each row stops at its last iteration
         self.lowest = torch.full((count,), math.inf, device=device)  # Adam's loss oscillates
-        self.before = None  # the lowest losses PLATEAU_WINDOW iterations ago
+        self.before = [None] * count  # each row's lowest loss PLATEAU_WINDOW iterations ago
         self.reached = dict.fromkeys(range(count), 0)  # each row's last iteration run so far
 
     def rates(self, step: int, rows: list) -> list:
@@ -1307,12 +1310,12 @@ class Schedule:
             return
         now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
         for row in (rows[index] for index in watched):
-            if self.before is not None and step < self.first_stage_end[row] and \
+            if self.before[row] is not None and step < self.first_stage_end[row] and \
                     self.before[row] - now[row] < self.chosen[row]["plateau"] * abs(self.before[row]):
                 self.first_stage_end[row] = step
                 self.last[row] = min(self.last[row], step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
                 self.why[row] = "plateau" if self.last[row] < self.settings.epochs else "epochs"
-        self.before = now
+            self.before[row] = now[row]
 
     def diverge(self, rows: list, step: int) -> None:
         """Stop `rows`, whose loss was not finite at iteration `step`."""
@@ -1355,8 +1358,9 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
            callback: Optional[Callable] = None, **overrides) -> Inversion:
     """Optimise one image per row of `references` until its activations at its layer match the row's.
 
-    `layers` is one module, or one per row: all rows are optimised together in one batch, each only
-    by its own loss, and each gives what a call with that row alone gives. With samples=N, each row
+    `layers` is one module, or one per row: rows that share a canvas size (all, unless --jitter auto
+    meets layers of different strides; with L-BFGS, none) are optimised together in one batch, each
+    only by its own loss, and each gives what a call with that row alone gives. With samples=N, each row
     gives N rows of the result in a row, each from its own starting noise (the first is what
     samples=1 gives). `settings` (or keywords named as its fields) choose the method; what is left
     None takes its objective's default. `callback(step, losses, images)` sees each iteration's
@@ -1430,10 +1434,10 @@ def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: 
     due = step == 1 or step % check_every == 0 or any(step == schedule.last[row] for row in rows)
     broken = canvases.check(losses, total) if due else []
     canvases.step(total)
+    schedule.reached.update(dict.fromkeys(rows, step))
     canvases.copy(broken, canvases.kept, canvases.variable)
-    schedule.diverge(broken, step)
     schedule.record(step, rows, losses)
-    schedule.reached.update(dict.fromkeys(canvases.members, step))
+    schedule.diverge(broken, step)  # after the plateau rule, which must not make it a plateau
     return rows, terms
 
 
@@ -1831,7 +1835,7 @@ def row_bytes(model: nn.Module, layer: nn.Module, size: int, stride: int, settin
     canvas = 3 * (size + layer_settings(settings, stride)["jitter"]) ** 2
     state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
     # float32: each activation thrice (values, gradients, a copy), the reference and target, the canvas
-    # about 16 times (variable, gradient, optimizer state, guard, render and priors), and the GIF's frames
+    # about 16 times (variable, gradient, optimizer state, finite copy, render, priors), the GIF's frames
     return (12 * activations * (size / probe) ** 2 + 24 * size * size + 4 * (16 + state) * canvas
             + frames * canvas)
 

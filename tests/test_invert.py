@@ -138,13 +138,16 @@ def test_priors_match_their_definitions():
 
 def test_the_papers_priors_have_autograds_gradient():
     pixels = (60 * torch.randn(2, 3, 9, 7)).requires_grad_()
-    alpha, tv = invert.PaperPriors.apply(pixels, 6.0)
+    alpha, tv = invert.PaperPriors.apply(pixels, 6.0, 0.5, 4.0)  # with weights, as the tool calls it
     (2 * alpha + 3 * tv).sum().backward()
     written, pixels.grad = pixels.grad, None
-    expected_alpha, expected_tv = invert.pixel_norm_prior(pixels, 6.0), invert.tv_prior(pixels, 2.0)
+    expected_alpha, expected_tv = invert.pixel_norm_prior(pixels, 6.0) * 0.5, invert.tv_prior(pixels, 2.0) * 4
     (2 * expected_alpha + 3 * expected_tv).sum().backward()
     assert torch.allclose(alpha, expected_alpha, rtol=1e-5) and torch.allclose(tv, expected_tv, rtol=1e-5)
     assert torch.allclose(written, pixels.grad, rtol=1e-4, atol=1e-3 * pixels.grad.abs().max().item())
+    smooth = 100 + 0.01 * torch.randn(1, 3, 40, 40).cumsum(-1).cumsum(-2)  # <x, Lx> cancels most here
+    assert invert.PaperPriors.apply(smooth, 6.0)[1].item() == pytest.approx(invert.tv_prior(smooth, 2.0).item(),
+                                                                          rel=1e-3)
 
 
 def test_fourier_images_use_fast_fft_lengths():
@@ -265,17 +268,18 @@ def test_divergence_blames_the_learning_rate_only_when_it_is_the_cause(tiny):
 
 
 class Bomb(nn.Module):
-    """Passes its input on, except that from the sixth optimisation step its second row is infinite."""
+    """Passes its input on, except that from optimisation step `after` + 1 its second row is infinite."""
 
-    def __init__(self):
+    def __init__(self, after: int = 5):
         super().__init__()
-        self.steps = 0
+        self.steps, self.after = 0, after
 
     def forward(self, x):
         if not torch.is_grad_enabled():
             return x
         self.steps += 1
-        return x * torch.tensor([1.0] + [math.inf if self.steps > 5 else 1.0] * (len(x) - 1)).view(-1, 1, 1, 1)
+        return x * torch.tensor([1.0] + [math.inf if self.steps > self.after else 1.0] * (len(x) - 1)).view(
+            -1, 1, 1, 1)
 
 
 def test_a_row_that_diverges_leaves_its_batch_mates_as_they_would_be_alone(tiny):
@@ -287,6 +291,13 @@ def test_a_row_that_diverges_leaves_its_batch_mates_as_they_would_be_alone(tiny)
     lonely = nn.Sequential(tiny, Bomb()).eval()
     alone = invert.invert(lonely, lonely[1], references[:1], epochs=12)
     assert torch.allclose(together.images[0], alone.images[0], atol=1e-5)
+
+
+def test_a_row_that_diverges_where_it_also_stalls_is_diverged(tiny):
+    # the plateau rule looks at iteration 20 too, where the second row's loss is first infinite
+    model = nn.Sequential(tiny, Bomb(after=19)).eval()
+    result = invert.invert(model, model[1], torch.randn(2, 3, 16, 16), epochs=40, plateau=0.99, lr=1e-9)
+    assert result.stopped[1] == "diverged" and result.iterations[1] == 20
 
 
 def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo, tmp_path, cli):
@@ -330,15 +341,17 @@ def pooled_network() -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("name", ["pooled", "alexnet", "vgg11_bn", "resnet18", "no pooling"])
+@pytest.mark.parametrize("name", ["pooled", "alexnet", "vgg11_bn", "resnet18", "no pooling", "dense"])
 def test_surrogate_gradients_keep_every_forward_value_and_change_only_the_backward(name, tiny):
     torch.manual_seed(0)
-    model = {"pooled": pooled_network(), "no pooling": tiny}.get(name) or \
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    model = {"pooled": pooled_network(), "no pooling": tiny, "dense": dense.eval()}.get(name) or \
         invert.random_model(name).eval().requires_grad_(False)
     layers = {"pooled": lambda: [model[7], model[4]], "alexnet": lambda: [model.features[9], model.features[4]],
               "vgg11_bn": lambda: [model.features[17], model.features[6]],  # rows leave the chain at their layer
               "resnet18": lambda: [model.layer3[1].relu, model.layer2[0].relu],  # a ReLU used twice a block
-              "no pooling": lambda: [model[3], model[3]]}[name]()
+              "no pooling": lambda: [model[3], model[3]],
+              "dense": lambda: [model[4], model[4]]}[name]()  # 2-D outputs: a row's mask must not broadcast
     images = torch.randn(2, 3, 64, 64, requires_grad=True)
 
     def forward_and_gradient(surrogate=None, asking=None):
@@ -356,7 +369,8 @@ def test_surrogate_gradients_keep_every_forward_value_and_change_only_the_backwa
             for row, asked in enumerate(asking):
                 assert torch.equal(gradient[row], true[row]) == (not asked), (row, asked)
     assert not any(module._forward_hooks for module in model.modules())  # nothing left on the model
-    assert all(module.inplace for module in model.modules() if isinstance(module, nn.ReLU) and name != "no pooling")
+    assert all(module.inplace for module in model.modules()
+               if isinstance(module, nn.ReLU) and name not in ("no pooling", "dense"))
 
 
 def test_surrogate_gradients_are_the_leaky_relus_and_the_average_pools():

@@ -1044,8 +1044,8 @@ class Descent:
         """SGD's or Adam's update of `variable` in place, with its state."""
         if not self.adam:
             average.mul_(self.momentum).add_(gradient)
-            if isinstance(rates, float):  # one rate for all: one op
-                variable.add_(average, alpha=-rates)
+            if isinstance(rates, float):  # one rate for all: one op (a rate past float32's range diverges)
+                variable.add_(average, alpha=-min(rates, torch.finfo(variable.dtype).max))
             else:
                 variable.sub_(rates * average)
             return
@@ -1056,7 +1056,7 @@ class Descent:
         rates = rates * corrected / (1 - self.momentum ** self.steps)
         denominator = squares.sqrt().add_(ADAM_EPSILON * corrected)
         if isinstance(rates, float):
-            variable.addcdiv_(average, denominator, value=-rates)
+            variable.addcdiv_(average, denominator, value=-min(rates, torch.finfo(variable.dtype).max))
         else:
             variable.sub_(rates * average / denominator)
 

@@ -760,7 +760,7 @@ class Surrogate:
                       or isinstance(module, nn.MaxPool2d) and as_pair(module.dilation) == (1, 1)]
         self.inplace = [module.inplace for module in self.relus]
         self.alive = []  # the positions of the rows in the batch as it reaches each module (layer_batches')
-        self.layers, self.asking, self.masks = [], [], {}
+        self.layers, self.asking, self.key, self.masks = [], [], None, {}
 
     def __enter__(self) -> "Surrogate":
         self.hooks = forward_hooks({module: self.hook for module in self.relus + self.pools})
@@ -774,15 +774,15 @@ class Surrogate:
 
     def use(self, layers: list, asking: list) -> None:
         """From now on, the rows of the forward pass have these layers, and these ask for the surrogate."""
-        if (layers, asking) != (self.layers, self.asking):
-            self.layers, self.asking = layers, asking
-            self.masks = {} if len(self.masks) > 1024 else self.masks  # kept across groups and stages
+        key = (*map(id, layers), *asking)  # few over a call: rows only ever stop, and stages only end
+        if key != self.key:
+            self.layers, self.asking, self.key = layers, asking, key
             for module, inplace in zip(self.relus, self.inplace):
                 module.inplace = inplace and not any(asking)
 
     def mask(self, module: nn.Module, device: torch.device, dimensions: int):
         """Which rows at `module` take the surrogate: an Nx1... 0/1 tensor, True for all or None; cached."""
-        key = (module, dimensions, tuple(self.alive), *map(id, self.layers), *self.asking)
+        key = (module, dimensions, tuple(self.alive), self.key)
         if key not in self.masks:
             taking = [self.asking[row] and self.layers[row] is not module for row in self.alive]
             self.masks[key] = None if not any(taking) else True if all(taking) else \
@@ -790,7 +790,7 @@ class Surrogate:
         return self.masks[key]
 
     def hook(self, module: nn.Module, inputs: tuple, output):
-        if isinstance(output, tuple) or not (torch.is_grad_enabled() and any(self.asking)):
+        if isinstance(output, tuple) or not (torch.is_grad_enabled() and True in self.asking):
             return None  # a tuple: return_indices, left as it is
         mask = self.mask(module, output.device, output.dim())
         if mask is None:
@@ -1019,15 +1019,14 @@ class Descent:
         self.variable, self.steps = variable, 0
         self.average, self.squares = torch.zeros_like(variable), torch.zeros_like(variable)
         self.rates, self.key = None, None  # each row's rate, a number or a tensor, made from the list `key`
+        self.largest = torch.finfo(variable.dtype).max  # a rate beyond it makes the step diverge, not raise
 
     def set_rates(self, rates: list) -> None:
         """Each row's rate from now on: a number while all are the same, else a tensor, made on change."""
         if rates != self.key:
-            self.key = rates
-            shape = (-1, *[1] * (self.variable.dim() - 1))
+            self.key, shape = rates, (-1, *[1] * (self.variable.dim() - 1))
             self.rates = float(rates[0]) if len(set(rates)) == 1 else \
-                torch.tensor(rates, device=self.variable.device)
-            self.rates = self.rates if isinstance(self.rates, float) else self.rates.view(shape)
+                torch.tensor(rates, device=self.variable.device).view(shape)
 
     @torch.no_grad()
     def step(self, rows: Optional[torch.Tensor] = None) -> None:
@@ -1044,8 +1043,8 @@ class Descent:
         """SGD's or Adam's update of `variable` in place, with its state."""
         if not self.adam:
             average.mul_(self.momentum).add_(gradient)
-            if isinstance(rates, float):  # one rate for all: one op (a rate past float32's range diverges)
-                variable.add_(average, alpha=-min(rates, torch.finfo(variable.dtype).max))
+            if isinstance(rates, float):  # one rate for all: one op
+                variable.add_(average, alpha=-min(rates, self.largest))
             else:
                 variable.sub_(rates * average)
             return
@@ -1056,7 +1055,7 @@ class Descent:
         rates = rates * corrected / (1 - self.momentum ** self.steps)
         denominator = squares.sqrt().add_(ADAM_EPSILON * corrected)
         if isinstance(rates, float):
-            variable.addcdiv_(average, denominator, value=-min(rates, torch.finfo(variable.dtype).max))
+            variable.addcdiv_(average, denominator, value=-min(rates, self.largest))
         else:
             variable.sub_(rates * average / denominator)
 
@@ -1201,9 +1200,11 @@ class Canvases:
 
     def use(self, rows: list) -> None:
         """From now on, render and step `rows` alone (a sublist of the members)."""
-        self.rows = rows
-        self.index = None if rows == self.members else torch.tensor(
-            [self.members.index(row) for row in rows], device=self.variable.device)
+        self.rows, self.index = rows, None if rows == self.members else self.positions(rows)
+
+    def positions(self, rows: list) -> torch.Tensor:
+        """Where `rows` are in the variable, as an index tensor."""
+        return torch.tensor([self.members.index(row) for row in rows], device=self.variable.device)
 
     def render(self, jittering: list) -> tuple:
         """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
@@ -1265,7 +1266,7 @@ class Canvases:
         if rows == self.members:
             target.copy_(source)
         elif rows:
-            index = torch.tensor([self.members.index(row) for row in rows], device=source.device)
+            index = self.positions(rows)
             target[index] = source[index]
 
 

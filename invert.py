@@ -656,19 +656,30 @@ def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
     return None
 
 
+def checked_forward(model: nn.Module, layers: list, images: torch.Tensor, precision: str) -> list:
+    """layer_batches without gradients, in `precision`; UsageError if the model cannot take this size."""
+    try:
+        with torch.no_grad(), autocast(precision, images.device):
+            return layer_batches(model, layers, images)
+    except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
+        shape = "x".join(map(str, images.shape[1:]))
+        raise UsageError(f"the model cannot compute this layer for a {shape} input: change --input_size "
+                         f"({one_line(error)})") from None
+
+
+def not_finite(what: str, precision: str) -> str:
+    """The message for activations that are not finite before any optimisation."""
+    return (f"the layer's activations for {what} are not finite (NaN or inf) in {precision}: the weights "
+            "are unsound or the precision overflows; --lr is not the cause")
+
+
 def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> dict:
     """Each layer's stride at this size; UsageError before the work if it cannot run or is not finite."""
-    try:
-        with torch.no_grad(), autocast(precision, device):
-            outputs = layer_outputs(model, layers, torch.zeros(len(layers), 3, size, size, device=device))
-    except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
-        raise UsageError(f"the model cannot compute this layer for a 3x{size}x{size} input: change "
-                         f"--input_size ({one_line(error)})") from None
-    if not all(torch.isfinite(output).all() for output in outputs):
-        raise UsageError(f"the layer's activations for a blank image are not finite (NaN or inf) in "
-                         f"{precision}: the weights are unsound or the precision overflows; --lr is not the "
-                         "cause")
-    return {layer: layer_stride((size, size), output) for layer, output in zip(layers, outputs)}
+    blank = torch.zeros(len(layers), 3, size, size, device=device)
+    batches = checked_forward(model, layers, blank, precision)
+    if not all(torch.isfinite(output).all() for _, _, output in batches):
+        raise UsageError(not_finite("a blank image", precision))
+    return {layer: layer_stride((size, size), output) for layer, _, output in batches}
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -1077,20 +1088,12 @@ def autocast(precision: str, device: torch.device):
 
 def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str) -> list:
     """Per layer, (the layer, its rows, their fp32 activations); RowError where nothing is sound."""
-    try:
-        with torch.no_grad(), autocast(precision, references.device):
-            batches = layer_batches(model, layers, references)
-    except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
-        shape = "x".join(map(str, references.shape[1:]))
-        raise UsageError(f"the model cannot compute this layer for a {shape} "
-                         f"input: change --input_size ({one_line(error)})") from None
-    targets = [(layer, rows, batch.float()) for layer, rows, batch in batches]
+    targets = [(layer, rows, batch.float())
+               for layer, rows, batch in checked_forward(model, layers, references, precision)]
     reasons = {}
     for _, rows, target in targets:
         finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
-        reasons.update({row: f"the layer's activations for this photo are not finite (NaN or inf) in "
-                        f"{precision}, before any optimisation: the weights are unsound or the precision "
-                        "overflows; --lr is not the cause" for row, ok in zip(rows, finite) if not ok})
+        reasons.update({row: not_finite("this photo", precision) for row, ok in zip(rows, finite) if not ok})
         reasons.update({row: "the layer's activations for this photo are all zero: there is nothing to invert"
                         for row, ok, any_ in zip(rows, finite, nonzero) if ok and not any_})
     if reasons:

@@ -1634,6 +1634,11 @@ class Row(NamedTuple):
         return self.png if index == 0 else self.file(f"_sample{index + 1}.png")
 
 
+def existing_parent(folder: Path) -> Path:
+    """`folder` if it exists, else its nearest parent that does: where a write would create it."""
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+
+
 def plan(args: argparse.Namespace) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
     paths = photo_paths(args.image_path)
@@ -1645,7 +1650,7 @@ def plan(args: argparse.Namespace) -> list:
     if args.output:
         return [Row(paths[0], layers[0], Path(args.output), None)]
     folder = Path(args.output_dir)
-    existing = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    existing = existing_parent(folder.absolute())
     try:
         longest = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
@@ -1673,9 +1678,9 @@ def real(path) -> Path:
 def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: list) -> None:
     """UsageError before the work if an output is unwritable or would replace a photo or record."""
     files = {real(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
+    endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
+               *(["_mean.png", "_spread.png", "_sample*.png"] if args.samples > 1 else [])]
     for row in rows:  # each file the rows write (True: a folder); samples past the first as one pattern
-        endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
-                   *(["_mean.png", "_spread.png", "_sample*.png"] if args.samples > 1 else [])]
         paths = [row.file(ending) for ending in endings] + ([row.montage] if row.montage else [])
         files.update({real(path): path.name.endswith("_frames") for path in paths})
         other = (previous[row] or {}).get("image_path")
@@ -1692,7 +1697,7 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: 
         if any(written(path) is not None for path in (real(photo), Path(os.path.realpath(photo)))):
             raise UsageError(f"the outputs would overwrite the input photo {photo}: use another --output_dir")
     for folder in dict.fromkeys(path.parent for path in files):
-        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+        existing = existing_parent(folder)
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UsageError(f"cannot write in {folder}: {existing} is not a writable directory")
         for entry in os.scandir(folder) if existing == folder else ():

@@ -422,10 +422,7 @@ def deprocess(tensor: torch.Tensor) -> Image.Image:
 
 
 def mean_and_spread(samples: torch.Tensor) -> tuple:
-    """For a row's samples (Nx3xHxW, normalised): their per-pixel mean as a picture; their spread,
-    the per-pixel standard deviation across them in 0-255 grey levels (averaged over the colour
-    channels), as a grey picture, black at 0 and white at SPREAD_WHITE or more; and the spread's
-    mean over the image."""
+    """A row's samples' mean picture, spread picture (per-pixel std in grey levels) and mean spread."""
     pictures = displayed(samples)
     spread = 255 * pictures.std(0, correction=0).mean(0)
     shade = (255 * spread / SPREAD_WHITE).clamp(0, 255).round().byte()  # rounded: its scale is read off
@@ -506,9 +503,7 @@ def looks_like_path(weights: str) -> bool:
 
 
 def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
-    """Build `name` with torchvision's pretrained weights through its weights API, which downloads them
-    once into TORCH_HOME's cache. The file is read first with weights_only=True, so that one that would
-    run code is refused before torchvision reads it again (twice the time, the safety of both)."""
+    """`name` with torchvision's weights, downloaded once to TORCH_HOME; read safely before torchvision does."""
     chosen = pretrained_weights(name, weights)
     file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / file
@@ -588,14 +583,8 @@ def forward_hooks(hooks: dict):
 
 def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
                   alive: Optional[list] = None) -> list:
-    """Run `model` on `images` until each row has reached its layer in `layers`; return, per layer,
-    (the layer, the rows that chose it, their outputs as one tensor), in the order the layers ran.
-
-    The forward pass stops as soon as the deepest layer has run, so later layers are never computed.
-    Where the layers are children of one plain nn.Sequential, each row also leaves the batch at its
-    own layer: the rest of the chain runs only for the rows that need it. `alive`, if given, is kept
-    equal to the rows in the batch as it reaches each module.
-    """
+    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive` tracks the batch's rows."""
+    # the forward stops after the deepest layer; in a plain nn.Sequential, rows also leave at their own
     wanted = list(dict.fromkeys(layers))
     chain = chain_of(model, wanted) if len(wanted) > 1 else None
     batches = []
@@ -613,13 +602,9 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
         last = len(batches) + 1 == len(wanted)
         # where the whole batch runs on, a copy: an in-place ReLU could change this output
         source = output if chain is not None or last else output.clone()
-        if len(here) == len(source):  # a slice would cost a full-size copy in the backward pass
-            rows_output = source
-        elif here == list(range(here[0], here[-1] + 1)):
-            rows_output = source[here[0]:here[-1] + 1]
-        else:
-            rows_output = source[here]
-        batches.append((module, [alive[index] for index in here], rows_output))
+        if len(here) < len(source):  # all rows: no slice, which costs a full-size copy in the backward pass
+            source = source[here[0]:here[-1] + 1] if here == list(range(here[0], here[-1] + 1)) else source[here]
+        batches.append((module, [alive[index] for index in here], source))
         if last:
             raise _LayerReached
         if chain is not None:
@@ -636,14 +621,6 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
         raise UsageError("a chosen layer is not used in the model's forward pass")
     return batches
 
-
-def layer_outputs(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor) -> list:
-    """Each row's output at its layer in `layers`, as a 1xCxHxW slice (see layer_batches)."""
-    outputs = [None] * len(layers)
-    for _, rows, batch in layer_batches(model, layers, images):
-        for index, row in enumerate(rows):
-            outputs[row] = batch[index:index + 1]
-    return outputs
 
 
 def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
@@ -688,7 +665,8 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
     shapes = {}
 
     def record(module, inputs, output):  # returns None, so the output passes on unchanged
-        shapes.setdefault(module, describe(output))
+        shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
+                          else type(output).__name__)
 
     unused = "not run in eval mode"
     try:
@@ -698,13 +676,6 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
         unused = f"not reached: the model fails at --input_size {size}"
     return [(seed_form(name), name, type(module).__name__, shapes.get(module, unused))
             for name, module in named]
-
-
-def describe(output) -> str:
-    """A short description of a module's output: CxHxW for an image tensor."""
-    if isinstance(output, torch.Tensor):
-        return "x".join(str(dim) for dim in output.shape[1:])
-    return type(output).__name__
 
 
 # ---------------------------------------------------------------- surrogate gradients
@@ -755,15 +726,8 @@ def as_pair(value) -> tuple:
 
 
 class Surrogate:
-    """Surrogate gradients through a model's ReLU and max-pool modules, for the rows that ask (one
-    boolean each); forward values stay the network's own.
-
-    A row that asks gets its gradient through each ReLU below its layer as a leaky ReLU's of slope
-    SURROGATE_LEAK would, and through each max-pool below its layer as an average pool's over the same
-    windows would; its own layer always gives it its true gradient. In-place ReLUs run out of place
-    meanwhile, since the leak needs their inputs; everything is restored on exit. Functional ReLUs and
-    pools (F.relu inside a forward) are not modules and keep their true gradients.
-    """
+    """For the rows that ask, leaky-ReLU and average-pool gradients below their layers; forward values kept."""
+    # ReLUs run out of place meanwhile, since the leak needs their inputs; F.relu in a forward is not a module
 
     def __init__(self, model: nn.Module):
         self.relus = [module for module in model.modules() if isinstance(module, (nn.ReLU, nn.ReLU6))]
@@ -910,10 +874,6 @@ def box_factor(pixels: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt((pixels.square().sum(dim=1, keepdim=True) / (2 * PAPER_B) ** 2).clamp_min(1.0))
 
 
-def box_constraint(image: torch.Tensor) -> torch.Tensor:
-    """The image with every pixel whose RGB norm in the paper's 0-255 units exceeds 2B shrunk to 2B."""
-    return image * box_factor(to_paper_units(image))
-
 
 # ---------------------------------------------------------------- image parameterisations
 
@@ -959,14 +919,12 @@ class PixelImage:
     def after_step(self, variable: torch.Tensor) -> None:
         """Project the pixels back into the paper's box."""
         if self.boxed:
-            variable.copy_(box_constraint(variable))
+            variable.mul_(box_factor(to_paper_units(variable)))
 
 
 class FourierImage:
-    """lucent's parameterisation: a decorrelated-colour spectrum scaled by 1/frequency, so that the
-    optimiser moves low frequencies first and the images stay smooth. The spectrum covers a canvas
-    whose sides have no prime factor above 7 (227 becomes 240), since an FFT of a prime length
-    costs several times more; the image is its top-left corner."""
+    """lucent's decorrelated-colour spectrum scaled by 1/frequency, on a canvas of FFT-fast sides (227: 240)."""
+
 
     def __init__(self, size: tuple, device: torch.device, objective: str):
         self.size, self.device, self.boxed = size, device, objective == "paper"
@@ -1837,7 +1795,7 @@ def row_bytes(model: nn.Module, layer: nn.Module, size: int, stride: int, settin
 
     try:
         with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
-            output = layer_outputs(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0]
+            output = layer_batches(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0][2]
         activations = sum(elements) + output.numel()
     except FORWARD_ERRORS:  # a model that refuses the probe size
         activations = 0

@@ -310,15 +310,12 @@ def resolve_precision(spec: str, device: torch.device) -> str:
 def native_bf16(device: torch.device) -> bool:
     """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
     if device.type == "cuda":
-        try:
+        with contextlib.suppress(TypeError):  # torch before 2.3 lacks including_emulation, counts only native
             return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch before 2.3 has no including_emulation, and counts only native bf16
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # private helpers, absent from older torch: then assume no
-        checks = [getattr(torch.cpu, name, None)
-                  for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-        return any(check() for check in checks if check is not None)
-    return False
+        return torch.cuda.is_bf16_supported()
+    # private helpers, absent from older torch: then assume no
+    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("amx_tile", "avx512_bf16")]
+    return device.type == "cpu" and any(check() for check in checks if check is not None)
 
 
 # ---------------------------------------------------------------- images
@@ -328,14 +325,11 @@ def read_bytes(path, flag: str = "--image_path") -> bytes:
     """A file's bytes; UsageError naming `flag` if they cannot be read."""
     try:
         return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{flag} {path} is a directory, not a file") from None
-    except PermissionError:
-        raise UsageError(f"{flag} {path}: permission denied") from None
     except (OSError, MemoryError) as error:
-        raise UsageError(f"{flag} {path} cannot be read ({one_line(error)})") from None
+        why = {FileNotFoundError: ": no such file", IsADirectoryError: " is a directory, not a file",
+               PermissionError: ": permission denied"}.get(type(error), 
+                                                           f" cannot be read ({one_line(error)})")
+        raise UsageError(f"{flag} {path}{why}") from None
 
 
 def load_image(path, data: Optional[bytes] = None) -> Image.Image:
@@ -343,7 +337,12 @@ def load_image(path, data: Optional[bytes] = None) -> Image.Image:
     data = read_bytes(path) if data is None else data
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            return to_rgb(ImageOps.exif_transpose(opened))  # a loaded copy, upright
+            image = ImageOps.exif_transpose(opened)  # a loaded copy, upright
+            if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey, rescaled; transparency laid on white
+                image = image.convert("I").point(lambda value: value / 256).convert("L")
+            if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            return image.convert("RGB")
     except Image.DecompressionBombError as error:
         raise UsageError(f"--image_path {path} is too large to decode safely ({error})") from None
     except MemoryError:
@@ -356,9 +355,8 @@ def load_photo(path, size: int, data: Optional[bytes] = None) -> torch.Tensor:
     """Open a photo and preprocess it, refusing first a resize that would not fit in memory."""
     image = load_image(path, data)
     # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
-    resized = 3 * size * size * max(image.size) / min(image.size)
-    check_memory(resized, torch.device("cpu"), f"resizing {path} to --input_size {size}",
-                 "use a smaller --input_size")
+    check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
+                 f"resizing {path} to --input_size {size}", "use a smaller --input_size")
     return preprocess(image, size)
 
 
@@ -388,31 +386,15 @@ def ours(path) -> bool:
     return False
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; 16-bit grey is rescaled, transparency is laid on white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        image = image.convert("I").point(lambda value: value / 256).convert("L")
-    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    return image.convert("RGB")
-
-
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """Resize, centre-crop and normalise a photo into a 1x3xSxS tensor, as the seed does."""
-    transform = transforms.Compose([
-        transforms.Resize(size),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    return transform(image).unsqueeze(0)
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image).unsqueeze(0)
 
 
 def displayed(tensor: torch.Tensor) -> torch.Tensor:
     """Normalised Nx3xHxW images as they are shown: the ImageNet normalisation undone, clamped to [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(values).view(3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
     return (tensor.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
@@ -467,26 +449,22 @@ def pretrained_weights(name: str, weights: str):
 def weights_identity(name: str, weights: str) -> tuple:
     """(The weights' identity in records: a file's sha256, torchvision's URL or 'none'; a file's bytes)."""
     chosen = pretrained_weights(name, weights)
-    if chosen is not None:
-        return chosen.url, None
-    if weights.lower() == "none":
-        return "none", None
+    if chosen is not None or weights.lower() == "none":
+        return "none" if chosen is None else chosen.url, None
     data = read_bytes(weights, "--weights")
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
+
 def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
     """Torchvision model `name`, frozen, with DEFAULT, enum, state-dict-file (or `data`) or no weights."""
-    pretrained_weights(name, weights)
+    chosen = pretrained_weights(name, weights)
+    model = load_pretrained(name, chosen, progress) if chosen is not None else random_model(name)
     if weights.lower() == "none":
         print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
               "show what a trained network sees", file=sys.stderr)
-        model = random_model(name)
-    elif looks_like_path(weights):
-        model = random_model(name)
+    elif chosen is None:
         load_state_dict_file(model, name, Path(weights), data)
-    else:
-        model = load_pretrained(name, weights, progress)
     return model.eval().requires_grad_(False)
 
 
@@ -502,9 +480,8 @@ def looks_like_path(weights: str) -> bool:
     return os.sep in weights or "/" in weights or Path(weights).suffix != "" or Path(weights).exists()
 
 
-def load_pretrained(name: str, weights: str, progress: bool) -> nn.Module:
-    """`name` with torchvision's weights, downloaded once to TORCH_HOME; read safely before torchvision does."""
-    chosen = pretrained_weights(name, weights)
+def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
+    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME; read safely first."""
     file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
     checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / file
     damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
@@ -540,16 +517,10 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional
         raise UsageError(f"--weights {path} is not a PyTorch state-dict file ({one_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UsageError(f"--weights {path} is not a state dict (a mapping of names to tensors)")
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    mismatched = [key for key in expected.keys() & state.keys() if expected[key].shape != state[key].shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{len(keys)} {what} (e.g. {keys[0]})"
-                    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                       ("shape mismatches", sorted(mismatched))) if keys]
-        raise UsageError(f"--weights {path} does not fit {name}: {', '.join(problems)}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # missing, unexpected or misshapen keys, all named
+        raise UsageError(f"--weights {path} does not fit {name}: {one_line(error)}") from None
 
 
 def seed_form(name: str) -> str:
@@ -583,7 +554,7 @@ def forward_hooks(hooks: dict):
 
 def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
                   alive: Optional[list] = None) -> list:
-    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive` tracks the batch's rows."""
+    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive` tracks the rows."""
     # the forward stops after the deepest layer; in a plain nn.Sequential, rows also leave at their own
     wanted = list(dict.fromkeys(layers))
     chain = chain_of(model, wanted) if len(wanted) > 1 else None
@@ -603,7 +574,8 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
         # where the whole batch runs on, a copy: an in-place ReLU could change this output
         source = output if chain is not None or last else output.clone()
         if len(here) < len(source):  # all rows: no slice, which costs a full-size copy in the backward pass
-            source = source[here[0]:here[-1] + 1] if here == list(range(here[0], here[-1] + 1)) else source[here]
+            together = here == list(range(here[0], here[-1] + 1))
+            source = source[here[0]:here[-1] + 1] if together else source[here]
         batches.append((module, [alive[index] for index in here], source))
         if last:
             raise _LayerReached
@@ -726,7 +698,7 @@ def as_pair(value) -> tuple:
 
 
 class Surrogate:
-    """For the rows that ask, leaky-ReLU and average-pool gradients below their layers; forward values kept."""
+    """For the rows that ask, leaky-ReLU and average-pool gradients below their layer; forward values kept."""
     # ReLUs run out of place meanwhile, since the leak needs their inputs; F.relu in a forward is not a module
 
     def __init__(self, model: nn.Module):
@@ -923,7 +895,7 @@ class PixelImage:
 
 
 class FourierImage:
-    """lucent's decorrelated-colour spectrum scaled by 1/frequency, on a canvas of FFT-fast sides (227: 240)."""
+    """lucent's decorrelated-colour spectrum scaled by 1/frequency, on a canvas of FFT-fast sides."""
 
 
     def __init__(self, size: tuple, device: torch.device, objective: str):
@@ -974,11 +946,6 @@ class Inversion(NamedTuple):
     layer_settings: list  # per row: the jitter, C, plateau, surrogate, decays and rate its layer decided
 
 
-def too_large_lr(iteration: int, lr: float) -> str:
-    """The message for a loss that became non-finite during the optimisation."""
-    return (f"the loss became non-finite at iteration {iteration}: --lr {lr:g} is too large for this "
-            "layer; try a smaller --lr")
-
 
 class Descent:
     """SGD with momentum, or Adam (beta1 --momentum), with a rate per row: torch's take only one."""
@@ -1000,41 +967,25 @@ class Descent:
     @torch.no_grad()
     def step(self, rows: Optional[torch.Tensor] = None) -> None:
         """One update of each row in use (`rows`, or all) by its gradient; the others keep their state."""
-        self.steps += 1
-        if rows is None:
-            self.update(self.variable, self.variable.grad, self.average, self.squares, self.rates)
-            return
-        state = [self.variable[rows], self.average[rows], self.squares[rows]]
-        self.update(state[0], self.variable.grad[rows], state[1], state[2], self.rates)
-        self.variable[rows], self.average[rows], self.squares[rows] = state
-
-    def update(self, variable, gradient, average, squares, rates) -> None:
-        """SGD's or Adam's update of `variable` in place, with its state."""
-        if not self.adam:
-            average.mul_(self.momentum).add_(gradient)
-            if isinstance(rates, float):  # one rate for all: one op
-                variable.add_(average, alpha=-min(rates, self.largest))
-            else:
-                variable.sub_(rates * average)
-            return
-        # torch's Adam, its two bias corrections folded into the rate and epsilon
-        average.lerp_(gradient, 1 - self.momentum)
-        squares.mul_(ADAM_BETA2).addcmul_(gradient, gradient, value=1 - ADAM_BETA2)
-        corrected = math.sqrt(1 - ADAM_BETA2 ** self.steps)
-        rates = rates * corrected / (1 - self.momentum ** self.steps)
-        denominator = squares.sqrt().add_(ADAM_EPSILON * corrected)
-        if isinstance(rates, float):
-            variable.addcdiv_(average, denominator, value=-min(rates, self.largest))
+        self.steps, rates, denominator = self.steps + 1, self.rates, None
+        state = [self.variable, self.variable.grad, self.average, self.squares]
+        variable, gradient, average, squares = state if rows is None else [part[rows] for part in state]
+        if self.adam:  # torch's Adam, its two bias corrections folded into the rate and epsilon
+            average.lerp_(gradient, 1 - self.momentum)
+            squares.mul_(ADAM_BETA2).addcmul_(gradient, gradient, value=1 - ADAM_BETA2)
+            corrected = math.sqrt(1 - ADAM_BETA2 ** self.steps)
+            rates = rates * corrected / (1 - self.momentum ** self.steps)
+            denominator = squares.sqrt().add_(ADAM_EPSILON * corrected)
         else:
-            variable.sub_(rates * average / denominator)
-
-
-def make_optimizer(settings: Settings, variable: torch.Tensor):
-    """Descent over a variable of rows, or L-BFGS (one step per iteration) over one row's."""
-    if settings.optimizer != "lbfgs":
-        return Descent(settings, variable)
-    # max_iter=1: one evaluation per step, so the loop's own loss serves as L-BFGS's closure
-    return torch.optim.LBFGS([variable], max_iter=1, history_size=LBFGS_HISTORY)
+            average.mul_(self.momentum).add_(gradient)
+        if not isinstance(rates, float):
+            variable.sub_(rates * (average if denominator is None else average / denominator))
+        elif denominator is None:  # one rate for all: one op
+            variable.add_(average, alpha=-min(rates, self.largest))
+        else:
+            variable.addcdiv_(average, denominator, value=-min(rates, self.largest))
+        if rows is not None:
+            self.variable[rows], self.average[rows], self.squares[rows] = variable, average, squares
 
 
 def autocast(precision: str, device: torch.device):
@@ -1140,13 +1091,8 @@ class Targets:
 
 
 class Canvases:
-    """The images of rows that share a canvas size: one variable of all their parameters, its optimizer,
-    and its last copy whose losses were checked finite.
-
-    Each row draws from its own generator, so that it gets what a call of its own would. With jitter, a
-    row's canvas is `jitter` pixels larger than the input, and the network sees a crop of it at offsets
-    the row draws each iteration of its first stage. Rows that have stopped leave by one index.
-    """
+    """Rows of one canvas size (input + jitter): one variable, its optimizer, its last finite copy."""
+    # each row draws from its own generator, so that it gets what a call of its own would
 
     def __init__(self, settings: Settings, size: Sequence[int], jitter: int, rows: list, generators: list,
                  device: torch.device):
@@ -1155,7 +1101,9 @@ class Canvases:
                                                        settings.objective)
         starts = [self.image.initial(generators[row]).detach() for row in rows]
         self.variable = torch.cat(starts).requires_grad_()
-        self.optimizer = make_optimizer(settings, self.variable)
+        # L-BFGS over one row, max_iter=1: one evaluation per step, so the loop's loss serves as its closure
+        self.optimizer = Descent(settings, self.variable) if settings.optimizer != "lbfgs" else \
+            torch.optim.LBFGS([self.variable], max_iter=1, history_size=LBFGS_HISTORY)
         self.kept, self.checked = self.variable.detach().clone(), set()  # checked: rows ever found finite
         self.use(rows)
 
@@ -1238,13 +1186,8 @@ def learning_rate(base: float, step: int, first_stage_end: int, settings: Settin
 
 
 class Schedule:
-    """Each row's stages: its first stage (with jitter and surrogate gradients) ends after iteration
-    first_stage_end[row], and it stops after iteration last[row].
+    """Each row's first stage (jitter, surrogate) ends after first_stage_end[row]; it stops after last."""
 
-    With a plateau tolerance, a row's first stage ends as soon as its lowest loss has not fallen by
-    that fraction over PLATEAU_WINDOW iterations, and the row stops after a last stage as long,
-    relative to the first, as the paper's. A row whose loss is not finite stops there, as diverged.
-    """
 
     def __init__(self, settings: Settings, chosen: list, device: torch.device):
         self.settings, self.chosen, count = settings, chosen, len(chosen)  # chosen: each row's layer_settings
@@ -1318,18 +1261,13 @@ def check_references(model: nn.Module, references) -> None:
 
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
            callback: Optional[Callable] = None, **overrides) -> Inversion:
-    """Optimise one image per row of `references` until its activations at its layer match the row's.
+    """Optimise one image per row of `references` (N per row with samples=N) to match it at its layer.
 
-    `layers` is one module, or one per row: rows that share a canvas size (all, unless --jitter auto
-    meets layers of different strides; with L-BFGS, none) are optimised together in one batch, each
-    only by its own loss, and each gives what a call with that row alone gives. With samples=N, each row
-    gives N rows of the result in a row, each from its own starting noise (the first is what
-    samples=1 gives). `settings` (or keywords named as its fields) choose the method; what is left
-    None takes its objective's default. `callback(step, losses, images)` sees each iteration's
-    losses, a dict of one tensor per term with one value per row (a row that has stopped keeps its
-    last), and a function that returns the current images. Ctrl-C stops early and returns the
-    images so far. A RowError names the rows that cannot be inverted at all.
+    `layers`: one module, or one per row; each row gives what it gives alone. `settings` or its fields as
+    keywords; None takes the objective's default. `callback(step, losses, images)`: every iteration's
+    terms per row (a stopped row keeps its last) and a function giving the images. Ctrl-C returns early.
     """
+
     check_references(model, references)
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
     layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
@@ -2003,9 +1941,10 @@ class Job:
         broken, first = [at for at in mine if result.stopped[at] == "diverged"], mine.start
         if broken:
             save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
-            lr = result.layer_settings[broken[0]]["lr"]
-            self.fail(row, f"{too_large_lr(result.iterations[broken[0]], lr)}; the last finite image "
-                      f"is {row.file('.diverged.png').name}", "diverged")
+            self.fail(row, f"the loss became non-finite at iteration {result.iterations[broken[0]]}: --lr "
+                      f"{result.layer_settings[broken[0]]['lr']:g} is too large for this layer; try a "
+                      f"smaller --lr; the last finite image is {row.file('.diverged.png').name}", "diverged")
+
             return
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):

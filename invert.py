@@ -653,43 +653,32 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
 # ---------------------------------------------------------------- surrogate gradients
 
 
-class LeakyBackward(torch.autograd.Function):
-    """A ReLU's output, its gradient a leaky ReLU's (SURROGATE_LEAK) where `mask` (or True) is 1."""
+class SurrogateBackward(torch.autograd.Function):
+    """A ReLU's or max-pool's output, where `mask` (or True) is 1, a leaky ReLU's/average pool's gradient."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, upper: Optional[float]):
-        ctx.save_for_backward(output, *([mask] if isinstance(mask, torch.Tensor) else []))
-        ctx.upper = upper  # ReLU6 passes the gradient only below 6
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, relu: bool, shape: Optional[tuple]):
+        # shape: a ReLU6's upper bound (a ReLU's None); a max-pool's kernel, stride, padding, ceil_mode
+        ctx.save_for_backward(output if relu else inputs, *([mask] if isinstance(mask, torch.Tensor) else []))
+        ctx.relu, ctx.shape = relu, shape
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        output, *mask = ctx.saved_tensors
-        if ctx.upper is None and not mask:  # one fused pass instead of three
-            return torch.ops.aten.leaky_relu_backward(grad, output, SURROGATE_LEAK, True), None, None, None
-        passing = output > 0 if ctx.upper is None else (output > 0) & (output < ctx.upper)
-        slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
-        return torch.where(passing, grad, grad * slope), None, None, None
-
-
-class AveragedBackward(torch.autograd.Function):
-    """A max-pool's output, its gradient an average pool's where `mask` (or True) is 1."""
-
-    @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, pool: Optional[tuple]):
-        ctx.save_for_backward(inputs, *([mask] if isinstance(mask, torch.Tensor) else []))
-        ctx.pool = pool  # kernel, stride, padding, ceil_mode; None if adaptive
-        return output
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        inputs, *mask = ctx.saved_tensors
+        saved, *mask = ctx.saved_tensors
+        if ctx.relu and ctx.shape is None and not mask:  # one fused pass instead of three
+            leaky = torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True)
+            return leaky, None, None, None, None
+        if ctx.relu:  # ReLU6 passes the gradient only below 6
+            passing = saved > 0 if ctx.shape is None else (saved > 0) & (saved < ctx.shape)
+            slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
+            return torch.where(passing, grad, grad * slope), None, None, None, None
         smooth = grad * mask[0].to(grad.dtype) if mask else grad
-        if ctx.pool is None:
-            averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, inputs)
+        if ctx.shape is None:  # adaptive
+            averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, saved)
         else:  # max-pool padding is never the maximum, so the average leaves it out too
-            averaged = torch.ops.aten.avg_pool2d_backward(smooth, inputs, *ctx.pool, False, None)
-        return averaged, grad - smooth if mask else None, None, None
+            averaged = torch.ops.aten.avg_pool2d_backward(smooth, saved, *ctx.shape, False, None)
+        return averaged, grad - smooth if mask else None, None, None, None
 
 
 def as_pair(value) -> tuple:
@@ -743,11 +732,12 @@ class Surrogate:
         if mask is None:
             return None
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
-            return LeakyBackward.apply(inputs[0], output, mask, 6.0 if isinstance(module, nn.ReLU6) else None)
+            return SurrogateBackward.apply(inputs[0], output, mask, True,
+                                           6.0 if isinstance(module, nn.ReLU6) else None)
         pool = None if isinstance(module, nn.AdaptiveMaxPool2d) else (
             as_pair(module.kernel_size), as_pair(module.stride or module.kernel_size),
             as_pair(module.padding), module.ceil_mode)
-        return AveragedBackward.apply(inputs[0], output, mask, pool)
+        return SurrogateBackward.apply(inputs[0], output, mask, False, pool)
 
 
 # ---------------------------------------------------------------- losses
@@ -1034,18 +1024,12 @@ def layer_settings(settings: Settings, stride: int) -> dict:
             else settings.lr}
 
 
-def row_order(groups: Sequence[Sequence[int]], device: torch.device) -> Optional[torch.Tensor]:
-    """The permutation that puts positions listed group by group back in order (None: they are)."""
-    order = [position for positions in groups for position in positions]
-    if order == sorted(order):
-        return None
-    return torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=device)
-
-
-def in_order(parts: list, permutation: Optional[torch.Tensor]) -> torch.Tensor:
-    """Join tensors of positions listed group by group, in order."""
-    joined = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return joined if permutation is None else joined[permutation]
+def in_order(parts: list, rows: list) -> torch.Tensor:
+    """Join tensors of rows listed part by part (`rows`: each part's rows), in the rows' order."""
+    joined, listed = torch.cat(parts) if len(parts) > 1 else parts[0], [row for part in rows for row in part]
+    if listed == sorted(listed):
+        return joined
+    return joined[torch.tensor(sorted(range(len(listed)), key=listed.__getitem__), device=joined.device)]
 
 
 class Targets:
@@ -1059,7 +1043,7 @@ class Targets:
             self.by_layer[layer] = (rows, target, chosen["C"] / per_row(target.square()))  # C / ||target||^2
             for row in rows:
                 self.row_settings[row] = chosen
-        self.views = {}  # each list of rows used so far -> its in_use and order, made once
+        self.views = {}  # each list of rows used so far -> {layer: (its rows' positions, targets, weights)}
         self.use(range(len(layers)))
 
     def use(self, rows: Sequence[int]) -> None:
@@ -1067,17 +1051,15 @@ class Targets:
         self.rows = list(rows)
         if tuple(self.rows) not in self.views:  # rows only ever stop: a set that holds these is done with
             self.views = {rows: view for rows, view in self.views.items() if not set(rows) > set(self.rows)}
-            position = {row: index for index, row in enumerate(self.rows)}
-            in_use = {}  # layer -> (the positions of its rows in self.rows, their targets, weights)
+            position, in_use = {row: index for index, row in enumerate(self.rows)}, {}
             for layer, (layer_rows, target, weights) in self.by_layer.items():
                 kept = [index for index, row in enumerate(layer_rows) if row in position]
-                if len(kept) < len(layer_rows):
-                    target, weights = target[kept], weights[kept]
                 if kept:
-                    in_use[layer] = ([position[layer_rows[index]] for index in kept], target, weights)
-            order = row_order([positions for positions, _, _ in in_use.values()], self.device)
-            self.views[tuple(self.rows)] = in_use, order
-        self.in_use, self.order = self.views[tuple(self.rows)]
+                    in_use[layer] = ([position[layer_rows[index]] for index in kept],
+                                     *((target, weights) if len(kept) == len(layer_rows) else
+                                       (target[kept], weights[kept])))
+            self.views[tuple(self.rows)] = in_use
+        self.in_use = self.views[tuple(self.rows)]
 
     def layers_in_use(self) -> list:
         """The layer of each row in use."""
@@ -1085,9 +1067,9 @@ class Targets:
 
     def feature_terms(self, outputs: list) -> torch.Tensor:
         """Each row's weighted feature error, from layer_batches' outputs, in the order of self.rows."""
-        errors = {layer: data_term(output.float(), target, weights) for layer, _, output in outputs
-                  for _, target, weights in [self.in_use[layer]]}
-        return in_order([errors[layer] for layer in self.in_use], self.order)
+        views = [self.in_use[layer] for layer, _, _ in outputs]
+        return in_order([data_term(output.float(), target, weights) for (_, _, output), (_, target, weights)
+                         in zip(outputs, views)], [positions for positions, _, _ in views])
 
 
 class Canvases:
@@ -1296,7 +1278,7 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
         groups.setdefault(key, []).append(row)
     canvases = [Canvases(settings, references.shape[-2:], chosen[rows[0]]["jitter"], rows, generators, device)
                 for rows in groups.values()]
-    order = row_order([group.members for group in canvases], device)
+    members = [group.members for group in canvases]
     schedule, latest = Schedule(settings, chosen, device), {}
     with Surrogate(model) as surrogate, contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
@@ -1310,8 +1292,8 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
                 terms = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts])
                                                           for name in parts[0]}
                 callback(step, record_latest(latest, terms, rows, count),
-                         lambda: in_order([group.current() for group in canvases], order))
-    return final_result(model, settings, targets, canvases, order, schedule)
+                         lambda: in_order([group.current() for group in canvases], members))
+    return final_result(model, settings, targets, canvases, schedule)
 
 
 def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
@@ -1364,8 +1346,8 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
 
 
 @torch.no_grad()
-def final_result(model, settings: Settings, targets: Targets, canvases: list, order: Optional[torch.Tensor],
-                 schedule: Schedule) -> Inversion:
+def final_result(model, settings: Settings, targets: Targets, canvases: list, schedule: Schedule
+                 ) -> Inversion:
     """Every row's image at its canvas's middle, its losses and outcome; a last broken step undone."""
     images, terms = [], []
     for group in canvases:
@@ -1381,12 +1363,13 @@ def final_result(model, settings: Settings, targets: Targets, canvases: list, or
                 break
         images.append(seen)
         terms.append(values)
-    final = {name: in_order([values[name] for values in terms], order).tolist() for name in terms[0]}
+    members = [group.members for group in canvases]
+    final = {name: in_order([values[name] for values in terms], members).tolist() for name in terms[0]}
     losses = [{**{name: values[row] for name, values in final.items()},
                "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]}
               for row in range(len(targets.row_settings))]
     outcomes = [schedule.outcome(row) for row in range(len(targets.row_settings))]
-    return Inversion(in_order(images, order).detach().clone(), losses, [done for done, _ in outcomes],
+    return Inversion(in_order(images, members).detach().clone(), losses, [done for done, _ in outcomes],
                      [why for _, why in outcomes], settings, targets.row_settings)
 
 

@@ -586,7 +586,7 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
 
     with forward_hooks({layer: hook for layer in wanted}):
         try:
-            model(images)
+            model(images.clone())  # a copy: a network may change its input in place (a first in-place ReLU)
         except _LayerReached:
             pass
     if len(batches) < len(wanted):

@@ -16,6 +16,9 @@
 (0) ops: torch ops dispatched per iteration (on a GPU, each at least one kernel launch), ours against
     the bare step, counted by a TorchDispatchMode over 5 and over 25 iterations (the difference over
     20), fp32 (targets: ours <= bare + 60 at batch 1, <= bare + 70 at batch 8)
+(7) fusing: ours eager against ours with the render, priors and feature term through torch.compile,
+    and the bare step eager against the same step captured once in a CUDA graph and replayed (a GPU
+    only): whether fusing the launches pays here; the tool adopts either only where it measures faster
 (6) a job: --photos photos at vgg16_bn features_22 through the command line, in a process of its own:
     the batch size auto chose, the process's peak memory, and the time per image per iteration
     against the bare batched step at that batch size (target: <= 1.15); on a GPU also one torchrun
@@ -26,6 +29,7 @@ torch process on the same cores slows both. A device that is not there is an err
 fallback to the CPU.
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,6 +94,63 @@ def bare_ms(model, index: int, batch: int, size: int, steps: int, device, precis
         step()
     synchronize(device)
     return 1000 * (time.perf_counter() - started) / steps
+
+
+def graph_ms(model, index: int, batch: int, size: int, steps: int, device) -> float:
+    """The bare step captured once in a CUDA graph and replayed: the floor without launch costs."""
+    truncated = model.features[:index + 1]
+    images = torch.randn(batch, 3, size, size, device=device, requires_grad=True)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph asks
+        for _ in range(3):
+            images.grad = None
+            truncated(images).float().sum().backward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph, images.grad = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):  # the gradient is assigned, not accumulated, at every replay
+        truncated(images).float().sum().backward()
+    graph.replay()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+@contextlib.contextmanager
+def compiled_parts():
+    """invert's render, priors and feature term through torch.compile meanwhile."""
+    originals = invert.FourierImage.render, invert.prior_terms, invert.data_term
+    warnings.filterwarnings("ignore", module="torch._dynamo")  # e.g. about the cached 1x3x1x1 scale
+    try:
+        invert.FourierImage.render, invert.prior_terms, invert.data_term = map(torch.compile, originals)
+        yield
+    finally:
+        invert.FourierImage.render, invert.prior_terms, invert.data_term = originals
+        torch._dynamo.reset()
+
+
+def fusing_table(models: dict, references: dict, layers: list, steps: int, device) -> None:
+    """Section (7): ours eager against compiled, the bare step eager against a CUDA graph (a GPU only)."""
+    print("\n(7) fusing: default settings, fp32, ms per iteration")
+    print("| layer | ours | ours compiled | ours / compiled | bare | bare in a CUDA graph | bare / graph |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, index, size in layers:
+        model, photos = models[name], references[size]
+        ours = invert_ms(model, model.features[index], photos, steps, precision="fp32")
+        try:
+            with compiled_parts():
+                invert_ms(model, model.features[index], photos, 2, precision="fp32")  # compiles, untimed
+                fused = f"{invert_ms(model, model.features[index], photos, steps, precision='fp32'):.2f}"
+                ratio = f"{ours / float(fused):.2f}"
+        except Exception as error:  # no compiler, or a graph torch.compile cannot take
+            fused, ratio = f"failed: {invert.one_line(error)[:60]}", "-"
+        bare = bare_ms(model, index, 1, size, steps, device)
+        graph = graph_ms(model, index, 1, size, steps, device) if device.type == "cuda" else None
+        print(f"| {name} features_{index} | {ours:.2f} | {fused} | {ratio} | {bare:.2f} | "
+              + (f"{graph:.2f} | {bare / graph:.2f} |" if graph else "a GPU only | - |"), flush=True)
 
 
 class OpCounter(TorchDispatchMode):
@@ -222,7 +284,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="iterations timed per figure")
     parser.add_argument("--total", type=int, default=200, help="iterations of each whole run in (5)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes for (1)")
-    parser.add_argument("--sections", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6], help="which tables")
+    parser.add_argument("--sections", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7], help="which tables")
     parser.add_argument("--photos", type=int, default=None, help="photos of the job in (6) (default: 64, quick: 8)")
     parser.add_argument("--job_epochs", type=int, default=20, help="iterations of each image of the job in (6)")
     options = parser.parse_args()
@@ -318,6 +380,9 @@ def main() -> None:
         print(f"    vgg16_bn features_32: {vgg_seconds:.2f} s (GPU target < 3 s)")
         print(f"    vgg16_bn features_22, {short} iterations, a batch of {batches[-1]} / one image: "
               f"{many:.2f} / {one:.2f} s = {many / one:.2f} (GPU target < 3)")
+
+    if 7 in options.sections:
+        fusing_table(models, references, LAYERS[:3] if options.quick else LAYERS, steps, device)
 
     if 6 in options.sections:
         job_table(device, vgg, options.photos or (8 if options.quick else 64), options.job_epochs)

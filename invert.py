@@ -54,8 +54,7 @@ except ImportError:
 
 # ---------------------------------------------------------------- constants
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
 OBJECTIVES = ("seed", "paper")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
@@ -63,15 +62,12 @@ PARAMS = ("pixel", "fft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-# The paper's pixel scales in its mean-subtracted 0-255 units (Mahendran & Vedaldi, IJCV 2016):
-# B, a typical pixel's RGB norm (the box constraint is 2B), and V, a typical difference between
-# neighbouring pixels.
-PAPER_B = 80.0
-PAPER_V = PAPER_B / 6.5
+# The paper's pixel scales in its mean-subtracted 0-255 units (IJCV 2016): B, a typical pixel's RGB
+# norm (the box constraint is 2B), and V, a typical difference between neighbouring pixels.
+PAPER_B, PAPER_V = 80.0, 80.0 / 6.5
 # --C auto: the paper's weight of the feature term, kept up to this layer stride, then falling
 # with the stride's square (measured on the trained stand-in: tests/README.md)
-PAPER_C = 100.0
-FULL_C_STRIDE = 4
+PAPER_C, FULL_C_STRIDE = 100.0, 4
 # The plateau rule ends runs early only at layers of this stride or less: deeper layers' losses stall
 # at the first stage's rate while their pictures still gain from the last stage (tests/README.md).
 PLATEAU_STRIDE = 2
@@ -95,22 +91,18 @@ DEFAULT_LRS = {
     ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): "auto", ("paper", "lbfgs", "fft"): 1.0,
 }
 # --lr auto: this rate, and half of it at layers of stride AUTO_LR_STRIDE or more (tests/README.md)
-AUTO_LR = 0.01
-AUTO_LR_STRIDE = 4
+AUTO_LR, AUTO_LR_STRIDE = 0.01, 4
 # lucent's square root of ImageNet's colour correlation, for --param fft
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
 GPU_CHECK_EVERY = 25
-# --batch_size auto: rows per batch at most (on a CPU, on a GPU), beyond which a batch no longer
-# gains per image (the CPU's measured, the GPU's not yet: tests/README.md), and the share of the
-# free memory a batch may take by the estimate
-BATCH_CAP = (2, 32)
-MEMORY_SHARE = 0.5
+# --batch_size auto: rows per batch at most (on a CPU, a GPU), beyond which a batch no longer gains per
+# image (tests/README.md), and the share of the free memory a batch may take by the estimate
+BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
 # --samples: the spread picture is white where the samples' standard deviation is this many grey levels
 SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
-INDEX = "index.csv"
-INDEX_EVERY = 60.0
+INDEX, INDEX_EVERY = "index.csv", 60.0
 INDEX_COLUMNS = ("image_path", "model", "layer_name", "status", "png", "feature_error", "rec_loss",
                  "alpha_loss", "tv_loss", "iterations", "stopped", "seconds", "precision", "device",
                  "mean_png", "spread_png", "spread", "error")
@@ -119,8 +111,7 @@ MARK = "invert.py"
 # the plateau rule compares each image's loss with its loss this many iterations before
 PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
-MAX_WEIGHT = 1e30
-MAX_EXPONENT = 12.0
+MAX_WEIGHT, MAX_EXPONENT = 1e30, 12.0
 # --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
 SURROGATE_LEAK = 0.1
 SURROGATES = ("on", "off")
@@ -163,27 +154,22 @@ class _LayerReached(Exception):
 
 
 class Checked:
-    """An argparse type: `kind`, finite, for which `test` holds; holds() checks values from the API."""
+    """An argparse type: `kind`, finite, for which `test` holds (or 'auto'); holds() checks API values."""
 
     def __init__(self, kind: type, test: Callable, requirement: str, auto: bool = False):
         self.kind, self.test, self.requirement, self.auto = kind, test, requirement, auto
         self.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
 
     def __call__(self, text: str):
-        if self.auto and text == "auto":
-            return text
-        value = self.kind(text)
+        value = text if self.auto and text == "auto" else self.kind(text)
         if not self.holds(value):
             raise argparse.ArgumentTypeError(f"must be {self.requirement}, got {text}")
         return value
 
     def holds(self, value) -> bool:
         """Whether `value` is acceptable."""
-        if self.auto and value == "auto":
-            return True
-        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
-            return False
-        return math.isfinite(value) and self.test(value)
+        number = isinstance(value, int if self.kind is int else (int, float)) and not isinstance(value, bool)
+        return self.auto and value == "auto" or number and math.isfinite(value) and self.test(value)
 
     def or_auto(self) -> "Checked":
         """The same type, also taking 'auto' (a value chosen from the layer's stride)."""
@@ -287,9 +273,8 @@ def decay_iterations(settings: Settings) -> int:
 def default_help(name: str) -> str:
     """How a setting whose default is None gets its value, in words for --help."""
     def words(value):
-        if isinstance(value, Fraction):
-            return f"{value} of --epochs"
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return f"{value} of --epochs" if isinstance(value, Fraction) else f"{value:g}" if isinstance(
+            value, float) else str(value)
 
     if name == "lr":
         return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
@@ -301,10 +286,8 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     """Turn --precision into fp32, bf16 or fp16 for this device."""
     if spec == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if spec != "auto":
-        return spec
     # natively, bf16 is faster and within 0.01 SSIM of fp32 at every benchmark layer (tests/README.md)
-    return "bf16" if native_bf16(device) else "fp32"
+    return spec if spec != "auto" else "bf16" if native_bf16(device) else "fp32"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -1927,7 +1910,6 @@ class Job:
             self.fail(row, f"the loss became non-finite at iteration {result.iterations[broken[0]]}: --lr "
                       f"{result.layer_settings[broken[0]]['lr']:g} is too large for this layer; try a "
                       f"smaller --lr; the last finite image is {row.file('.diverged.png').name}", "diverged")
-
             return
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):

@@ -273,8 +273,9 @@ def decay_iterations(settings: Settings) -> int:
 def default_help(name: str) -> str:
     """How a setting whose default is None gets its value, in words for --help."""
     def words(value):
-        return f"{value} of --epochs" if isinstance(value, Fraction) else f"{value:g}" if isinstance(
-            value, float) else str(value)
+        if isinstance(value, Fraction):
+            return f"{value} of --epochs"
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
     if name == "lr":
         return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
@@ -310,7 +311,7 @@ def read_bytes(path, flag: str = "--image_path") -> bytes:
         return Path(path).read_bytes()
     except (OSError, MemoryError) as error:
         why = {FileNotFoundError: ": no such file", IsADirectoryError: " is a directory, not a file",
-               PermissionError: ": permission denied"}.get(type(error), 
+               PermissionError: ": permission denied"}.get(type(error),
                                                            f" cannot be read ({one_line(error)})")
         raise UsageError(f"{flag} {path}{why}") from None
 
@@ -438,7 +439,6 @@ def weights_identity(name: str, weights: str) -> tuple:
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
-
 def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
     """Torchvision model `name`, frozen, with DEFAULT, enum, state-dict-file (or `data`) or no weights."""
     chosen = pretrained_weights(name, weights)
@@ -498,12 +498,18 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional
                          "only plain state dicts are loaded (a pickle could run code)") from None
     except Exception as error:  # torch.load raises many types for files that are not checkpoints
         raise UsageError(f"--weights {path} is not a PyTorch state-dict file ({one_line(error)})") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                              for key, value in state.items()):
         raise UsageError(f"--weights {path} is not a state dict (a mapping of names to tensors)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:  # missing, unexpected or misshapen keys, all named
-        raise UsageError(f"--weights {path} does not fit {name}: {one_line(error)}") from None
+    expected = model.state_dict()
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
+        ("missing keys", sorted(expected.keys() - state.keys())),
+        ("unexpected keys", sorted(state.keys() - expected.keys())),
+        ("shape mismatches", sorted(key for key in expected.keys() & state.keys()
+                                    if expected[key].shape != state[key].shape))) if keys]
+    if problems:  # a DataParallel checkpoint's "module." prefix shows in the first two
+        raise UsageError(f"--weights {path} does not fit {name}: {', '.join(problems)}")
+    model.load_state_dict(state)
 
 
 def seed_form(name: str) -> str:
@@ -537,7 +543,8 @@ def forward_hooks(hooks: dict):
 
 def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
                   alive: Optional[list] = None) -> list:
-    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive` tracks the rows."""
+    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive`: the batch's rows."""
+    # `alive`, if given, is kept equal to the rows in the batch as it reaches each module (for Surrogate)
     # the forward stops after the deepest layer; in a plain nn.Sequential, rows also leave at their own
     wanted = list(dict.fromkeys(layers))
     chain = chain_of(model, wanted) if len(wanted) > 1 else None
@@ -575,7 +582,6 @@ def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.T
     if len(batches) < len(wanted):
         raise UsageError("a chosen layer is not used in the model's forward pass")
     return batches
-
 
 
 def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
@@ -637,30 +643,31 @@ def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
 
 
 class SurrogateBackward(torch.autograd.Function):
-    """A ReLU's or max-pool's output, where `mask` (or True) is 1, a leaky ReLU's/average pool's gradient."""
+    """A ReLU's or max-pool's own output, with a leaky ReLU's or average pool's gradient where `mask` is 1."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, relu: bool, shape: Optional[tuple]):
-        # shape: a ReLU6's upper bound (a ReLU's None); a max-pool's kernel, stride, padding, ceil_mode
+    def forward(ctx, inputs: torch.Tensor, output: torch.Tensor, mask, relu: bool, extra):
+        # mask: Nx1... or True (every row); extra: a ReLU6's upper bound (a ReLU's None), or a max-pool's
+        # kernel, stride, padding and ceil_mode (an adaptive one's None)
         ctx.save_for_backward(output if relu else inputs, *([mask] if isinstance(mask, torch.Tensor) else []))
-        ctx.relu, ctx.shape = relu, shape
+        ctx.relu, ctx.extra = relu, extra
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved, *mask = ctx.saved_tensors
-        if ctx.relu and ctx.shape is None and not mask:  # one fused pass instead of three
+        if ctx.relu and ctx.extra is None and not mask:  # one fused pass instead of three
             leaky = torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True)
             return leaky, None, None, None, None
         if ctx.relu:  # ReLU6 passes the gradient only below 6
-            passing = saved > 0 if ctx.shape is None else (saved > 0) & (saved < ctx.shape)
+            passing = saved > 0 if ctx.extra is None else (saved > 0) & (saved < ctx.extra)
             slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
             return torch.where(passing, grad, grad * slope), None, None, None, None
         smooth = grad * mask[0].to(grad.dtype) if mask else grad
-        if ctx.shape is None:  # adaptive
+        if ctx.extra is None:  # adaptive
             averaged = torch.ops.aten._adaptive_avg_pool2d_backward(smooth, saved)
         else:  # max-pool padding is never the maximum, so the average leaves it out too
-            averaged = torch.ops.aten.avg_pool2d_backward(smooth, saved, *ctx.shape, False, None)
+            averaged = torch.ops.aten.avg_pool2d_backward(smooth, saved, *ctx.extra, False, None)
         return averaged, grad - smooth if mask else None, None, None, None
 
 
@@ -819,7 +826,6 @@ def box_factor(pixels: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt((pixels.square().sum(dim=1, keepdim=True) / (2 * PAPER_B) ** 2).clamp_min(1.0))
 
 
-
 # ---------------------------------------------------------------- image parameterisations
 
 
@@ -869,7 +875,7 @@ class PixelImage:
 
 class FourierImage:
     """lucent's decorrelated-colour spectrum scaled by 1/frequency, on a canvas of FFT-fast sides."""
-
+    # sides with no prime factor above 7 (227 becomes 240), the image its top-left corner
 
     def __init__(self, size: tuple, device: torch.device, objective: str):
         self.size, self.device, self.boxed = size, device, objective == "paper"
@@ -919,7 +925,6 @@ class Inversion(NamedTuple):
     layer_settings: list  # per row: the jitter, C, plateau, surrogate, decays and rate its layer decided
 
 
-
 class Descent:
     """SGD with momentum, or Adam (beta1 --momentum), with a rate per row: torch's take only one."""
 
@@ -952,7 +957,7 @@ class Descent:
         else:
             average.mul_(self.momentum).add_(gradient)
         if not isinstance(rates, float):
-            variable.sub_(rates * (average if denominator is None else average / denominator))
+            variable.sub_(rates * average if denominator is None else rates * average / denominator)
         elif denominator is None:  # one rate for all: one op
             variable.add_(average, alpha=-min(rates, self.largest))
         else:
@@ -1009,10 +1014,15 @@ def layer_settings(settings: Settings, stride: int) -> dict:
 
 def in_order(parts: list, rows: list) -> torch.Tensor:
     """Join tensors of rows listed part by part (`rows`: each part's rows), in the rows' order."""
-    joined, listed = torch.cat(parts) if len(parts) > 1 else parts[0], [row for part in rows for row in part]
-    if listed == sorted(listed):
-        return joined
-    return joined[torch.tensor(sorted(range(len(listed)), key=listed.__getitem__), device=joined.device)]
+    joined = torch.cat(parts) if len(parts) > 1 else parts[0]
+    listed = tuple(row for part in rows for row in part)
+    return joined if listed == tuple(sorted(listed)) else joined[permutation(listed, joined.device)]
+
+
+@functools.lru_cache(maxsize=None)
+def permutation(listed: tuple, device: torch.device) -> torch.Tensor:
+    """The index that sorts `listed`, on `device`: made once, since a copy to a GPU waits for it."""
+    return torch.tensor(sorted(range(len(listed)), key=listed.__getitem__), device=device)
 
 
 class Targets:
@@ -1152,7 +1162,8 @@ def learning_rate(base: float, step: int, first_stage_end: int, settings: Settin
 
 class Schedule:
     """Each row's first stage (jitter, surrogate) ends after first_stage_end[row]; it stops after last."""
-
+    # with --plateau, the first stage ends once the lowest loss has not fallen by that fraction over
+    # PLATEAU_WINDOW iterations, and a last stage as long, relative to it, as the paper's follows
 
     def __init__(self, settings: Settings, chosen: list, device: torch.device):
         self.settings, self.chosen, count = settings, chosen, len(chosen)  # chosen: each row's layer_settings
@@ -1230,7 +1241,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
 
     `layers`: one module, or one per row; each row gives what it gives alone. `settings` or its fields as
     keywords; None takes the objective's default. `callback(step, losses, images)`: every iteration's
-    terms per row (a stopped row keeps its last) and a function giving the images. Ctrl-C returns early.
+    terms per row (a stopped row keeps its last) and a function giving the images. Ctrl-C returns early;
+    a RowError names the rows that cannot be inverted at all.
     """
 
     check_references(model, references)

@@ -123,10 +123,11 @@ def graph_ms(model, index: int, batch: int, size: int, steps: int, device) -> fl
 def compiled_parts():
     """invert's render, priors and feature term through torch.compile meanwhile."""
     originals = invert.FourierImage.render, invert.prior_terms, invert.data_term
-    warnings.filterwarnings("ignore", module="torch._dynamo")  # e.g. about the cached 1x3x1x1 scale
     try:
         invert.FourierImage.render, invert.prior_terms, invert.data_term = map(torch.compile, originals)
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="torch._dynamo")  # e.g. about the cached 1x3x1x1 scale
+            yield
     finally:
         invert.FourierImage.render, invert.prior_terms, invert.data_term = originals
         torch._dynamo.reset()
@@ -143,14 +144,14 @@ def fusing_table(models: dict, references: dict, layers: list, steps: int, devic
         try:
             with compiled_parts():
                 invert_ms(model, model.features[index], photos, 2, precision="fp32")  # compiles, untimed
-                fused = f"{invert_ms(model, model.features[index], photos, steps, precision='fp32'):.2f}"
-                ratio = f"{ours / float(fused):.2f}"
+                fused_ms = invert_ms(model, model.features[index], photos, steps, precision="fp32")
+                fused, ratio = f"{fused_ms:.2f}", f"{ours / fused_ms:.2f}"
         except Exception as error:  # no compiler, or a graph torch.compile cannot take
             fused, ratio = f"failed: {invert.one_line(error)[:60]}", "-"
         bare = bare_ms(model, index, 1, size, steps, device)
         graph = graph_ms(model, index, 1, size, steps, device) if device.type == "cuda" else None
         print(f"| {name} features_{index} | {ours:.2f} | {fused} | {ratio} | {bare:.2f} | "
-              + (f"{graph:.2f} | {bare / graph:.2f} |" if graph else "a GPU only | - |"), flush=True)
+              + (f"{graph:.2f} | {bare / graph:.2f} |" if graph is not None else "a GPU only | - |"), flush=True)
 
 
 class OpCounter(TorchDispatchMode):

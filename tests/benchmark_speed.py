@@ -155,39 +155,43 @@ def fusing_table(models: dict, references: dict, layers: list, steps: int, devic
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the torch ops dispatched while it is active."""
+    """Counts the torch ops dispatched while it is active, and of them the views (a GPU launches no kernel)."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.views = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        alias = func._schema.returns[0].alias_info if func._schema.returns else None
+        self.views += alias is not None and not alias.is_write  # slice, view, expand, detach...
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_step(run) -> float:
-    """The ops one more iteration of run(iterations) dispatches: the count at 25 less the count at 5, over 20."""
+def ops_per_step(run) -> tuple:
+    """(Ops, views) one more iteration of run(iterations) dispatches: the counts at 25 less at 5, over 20."""
     counts = []
     for iterations in (5, 25):
         with OpCounter() as counter:
             run(iterations)
-        counts.append(counter.count)
-    return (counts[1] - counts[0]) / 20
+        counts.append((counter.count, counter.views))
+    return tuple((late - early) / 20 for late, early in zip(counts[1], counts[0]))
 
 
 def ops_table(models: dict, references: dict) -> None:
     """Section (0): ops per iteration, ours against the bare step, fp32."""
     print("\n(0) ops per iteration, fp32, default settings (--plateau 0) against a bare truncated forward "
           "and backward (targets: ours <= bare + 60 at batch 1, + 70 at batch 8)")
-    print("| model, layer, batch | ours | bare | ours - bare |\n|---|---|---|---|")
+    print("| model, layer, batch | ours | bare | ours - bare | of which views (no GPU kernel), ours / bare |\n"
+          "|---|---|---|---|---|")
     for name, index, size, batch in [("alexnet", 1, 227, 1), ("alexnet", 12, 227, 1), ("alexnet", 12, 227, 8),
                                      ("vgg16_bn", 22, 224, 1), ("vgg16_bn", 22, 224, 4), ("vgg16_bn", 22, 224, 8)]:
         model, photos = models[name], references[size].expand(batch, -1, -1, -1).contiguous()
         ours = ops_per_step(lambda steps: invert.invert(model, model.features[index], photos, epochs=steps,
                                                         plateau=0.0, precision="fp32"))
         bare = ops_per_step(lambda steps: bare_ms(model, index, batch, size, steps, photos.device, warm=False))
-        print(f"| {name} features_{index}, {batch} | {ours:.0f} | {bare:.0f} | {ours - bare:+.0f} |", flush=True)
+        print(f"| {name} features_{index}, {batch} | {ours[0]:.0f} | {bare[0]:.0f} | {ours[0] - bare[0]:+.0f} "
+              f"| {ours[1]:.0f} / {bare[1]:.0f} |", flush=True)
 
 
 def against_bare(model, index: int, references, steps: int) -> tuple:

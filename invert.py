@@ -57,6 +57,8 @@ except ImportError:
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
 OBJECTIVES = ("seed", "paper")
+TASKS = ("invert", "caricature", "maximize")
+UNIT_SCOPES = ("neuron", "channel")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 PARAMS = ("pixel", "fft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -168,6 +170,8 @@ class Checked:
 
     def holds(self, value) -> bool:
         """Whether `value` is acceptable."""
+        if self.kind is str:
+            return isinstance(value, str) and bool(self.test(value))
         number = isinstance(value, int if self.kind is int else (int, float)) and not isinstance(value, bool)
         return self.auto and value == "auto" or number and math.isfinite(value) and self.test(value)
 
@@ -188,6 +192,8 @@ positive_weight = Checked(float, lambda value: 0 < value <= MAX_WEIGHT, f"> 0 an
 exponent = Checked(float, lambda value: 1 <= value <= MAX_EXPONENT, f"from 1 to {MAX_EXPONENT:g}")
 below_one = Checked(float, lambda value: 0 <= value < 1, ">= 0 and < 1")
 decay = Checked(float, lambda value: 0 < value <= 1, "> 0 and at most 1")
+channel_group = Checked(str, lambda text: text == "all" or re.fullmatch(r"\d+:\d+", text) and int(
+    text.split(":")[0]) < int(text.split(":")[1]), "all or A:B, A < B")
 
 
 def setting(default, help: str, **argparse_options):
@@ -199,6 +205,16 @@ def setting(default, help: str, **argparse_options):
 class Settings:
     """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
+    task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
+                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
+                        "maximize: drive one unit of the layer (--units) as high as the priors allow, "
+                        "-phi_unit(x) / rms(phi0), phi0 the photo's", choices=TASKS)
+    window: int = setting(0, "invert and caricature: only the central KxK positions of the layer's grid (of "
+                          "tokens, for a ViT) count in the data term; 0: all", type=non_negative_int)
+    channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term",
+                            type=channel_group)
+    unit_scope: str = setting("neuron", "maximize: a unit is its channel's neuron at the centre of the grid, "
+                              "or its whole channel (the mean)", choices=UNIT_SCOPES)
     objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas "
                              "1e-5); paper: the IJCV 2016 normalised loss with box constraint and two "
                              "stages (see the README)", choices=OBJECTIVES)
@@ -262,6 +278,8 @@ def resolve(settings: Settings, device: torch.device) -> Settings:
     if isinstance(chosen["decay_epochs"], Fraction):  # a share of --epochs: decided where it is used
         chosen["decay_epochs"] = None
     chosen["precision"] = resolve_precision(chosen["precision"], device)
+    if chosen["task"] == "maximize" and (chosen["window"] or chosen["channels"] != "all"):
+        raise UsageError("--window and --channels are for --task invert and caricature, not maximize")
     return Settings(**chosen)
 
 
@@ -680,7 +698,8 @@ class Surrogate:
     """For the rows that ask, leaky-ReLU and average-pool gradients below their layer; forward values kept."""
     # ReLUs run out of place meanwhile, since the leak needs their inputs; F.relu in a forward is not a module
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, own: bool = False):
+        self.own = own  # the layer's own ReLU too: a unit to maximise must not start dead
         self.relus = [module for module in model.modules() if isinstance(module, (nn.ReLU, nn.ReLU6))]
         self.pools = [module for module in model.modules() if isinstance(module, nn.AdaptiveMaxPool2d)
                       or isinstance(module, nn.MaxPool2d) and as_pair(module.dilation) == (1, 1)]
@@ -710,7 +729,7 @@ class Surrogate:
         """Which rows at `module` take the surrogate: an Nx1... 0/1 tensor, True for all or None; cached."""
         key = (module, dimensions, tuple(self.alive), self.key)
         if key not in self.masks:
-            taking = [self.asking[row] and self.layers[row] is not module for row in self.alive]
+            taking = [self.asking[row] and (self.own or self.layers[row] is not module) for row in self.alive]
             self.masks[key] = None if not any(taking) else True if all(taking) else \
                 torch.tensor(taking, device=device).view(-1, *[1] * (dimensions - 1))
         return self.masks[key]
@@ -797,8 +816,11 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     return image * paper_scale(image.device)
 
 
-def data_term(features, targets, weights) -> torch.Tensor:
-    """Each row's C * ||features - target||^2 / ||target||^2, with `weights` its C / ||target||^2."""
+def data_term(features, targets, weights, mask=None, project: bool = False) -> torch.Tensor:
+    """Each row's weighted ||features - target||^2 or, projecting, -<features, target>, over `mask`."""
+    features = features if mask is None else features * mask
+    if project:  # caricature and maximize: the target is a direction
+        return -per_row(features * targets) * weights
     squares = nn.functional.mse_loss(features, targets, reduction="none")  # one kernel, both ways
     return per_row(squares) * weights
 
@@ -858,8 +880,10 @@ class PixelImage:
     def __init__(self, size: tuple, device: torch.device, objective: str):
         self.size, self.device, self.objective, self.boxed = size, device, objective, objective == "paper"
 
-    def initial(self, generator: torch.Generator) -> torch.Tensor:
-        """A new 1x3xHxW variable: the objective's starting noise."""
+    def initial(self, generator: torch.Generator, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A new 1x3xHxW variable: the objective's starting noise, or the normalised image `start`."""
+        if start is not None:
+            return start.detach().clone().requires_grad_()
         return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device).requires_grad_()
 
     def render(self, variables: torch.Tensor) -> tuple:
@@ -887,10 +911,18 @@ class FourierImage:
         colour = torch.tensor(COLOUR_CORRELATION_SQRT, device=device)
         self.paper_colour = (255 * colour / colour.norm(dim=0).max())[:, :, None, None]  # to 0-255 units
 
-    def initial(self, generator: torch.Generator) -> torch.Tensor:
-        """A new variable: a faint random spectrum, real and imaginary parts in the last dimension."""
-        spectrum = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
-        return spectrum.to(self.device).requires_grad_()
+    def initial(self, generator: torch.Generator, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A new variable: a faint random spectrum, or the one that renders `start`; real, imaginary last."""
+        if start is None:
+            spectrum = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
+            return spectrum.to(self.device).requires_grad_()
+        colour = self.paper_colour[:, :, 0, 0]  # render's steps undone: colour, crop, spectrum and scale
+        decorrelated = torch.linalg.solve(colour, to_paper_units(start.float()).flatten(2))
+        (height, width), (canvas_height, canvas_width) = self.size, self.canvas
+        canvas = nn.functional.pad(decorrelated.unflatten(2, self.size), (0, canvas_width - width, 0,
+                                                                          canvas_height - height))
+        spectrum = torch.fft.rfftn(canvas, dim=(-2, -1), norm="ortho") / self.scale
+        return torch.view_as_real(spectrum).contiguous().requires_grad_()
 
     def render(self, variables: torch.Tensor) -> tuple:
         """The normalised images of a batch of variables, and their pixels in the paper's units."""
@@ -973,10 +1005,18 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str) -> list:
-    """Per layer, (the layer, its rows, their fp32 activations); RowError where nothing is sound."""
+def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str,
+                       activations: Optional[torch.Tensor] = None) -> list:
+    """Per layer, (the layer, its rows, their fp32 activations or `activations`); RowError where unsound."""
     targets = [(layer, rows, batch.float())
                for layer, rows, batch in checked_forward(model, layers, references, precision)]
+    if activations is not None:  # activations from elsewhere, in place of the references'
+        for layer, rows, target in targets:
+            if activations.shape[1:] != target.shape[1:]:
+                shapes = ["x".join(map(str, tensor.shape[1:])) for tensor in (activations, target)]
+                raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives {shapes[1]} at "
+                                 "this input size")
+        targets = [(layer, rows, activations[rows].to(target)) for layer, rows, target in targets]
     reasons = {}
     for _, rows, target in targets:
         finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
@@ -993,13 +1033,50 @@ def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
     map's (N, C, H, W, or channels last as Swin's) or a token sequence's (a ViT's (N, tokens, width),
     less a class token where the rest make a square); the whole input for a layer without a grid,
     and 1 for a layer larger than its input."""
-    side = 1
-    if output.dim() == 4:  # the maps are square: the second-last side is theirs in either layout
-        side = output.shape[-2]
-    elif output.dim() == 3:
-        tokens = output.shape[1]
-        side = math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
-    return max(1, input_shape[-2] // side)
+    side = output.shape[-2] if output.dim() == 4 else grid_side(output.shape[1]) if output.dim() == 3 else 1
+    return max(1, input_shape[-2] // side)  # the maps are square: the second-last side is theirs either way
+
+
+def grid_side(tokens: int) -> int:
+    """The side of a token sequence's grid: less a class token where the rest make a square."""
+    return math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
+
+
+def as_grid(tensor: torch.Tensor) -> torch.Tensor:
+    """A layer's output as N x C x H x W, a view: maps as they are, tokens (N, T, D) on their grid."""
+    if tensor.dim() == 3:
+        side = grid_side(tensor.shape[1])
+        return tensor[:, tensor.shape[1] - side * side:].unflatten(1, (side, side)).permute(0, 3, 1, 2)
+    return tensor if tensor.dim() == 4 else tensor.flatten(1)[:, :, None, None]
+
+
+def part_mask(output: torch.Tensor, window: int, channels: str) -> Optional[torch.Tensor]:
+    """1 where the layer's output counts in the data term (--window, --channels), 0 elsewhere; None: all."""
+    if not window and channels == "all":
+        return None
+    mask, grid = torch.zeros_like(output[:1]), as_grid(output[:1])
+    count, (height, width) = grid.shape[1], grid.shape[-2:]
+    low, high = (0, count) if channels == "all" else map(int, channels.split(":"))
+    if high > count:
+        raise UsageError(f"--channels {channels}: the layer has {count} channels")
+    if window > min(height, width):
+        raise UsageError(f"--window {window}: the layer's grid is {height}x{width}")
+    top, left = (height - window) // 2, (width - window) // 2
+    inside = (slice(top, top + window), slice(left, left + window)) if window else (slice(None), slice(None))
+    as_grid(mask)[(slice(None), slice(low, high), *inside)] = 1
+    return mask
+
+
+def unit_directions(output: torch.Tensor, units: list, scope: str) -> torch.Tensor:
+    """Per row, 1 at its unit (a channel's centre neuron, or the whole channel) of the layer, 0 elsewhere."""
+    directions, count = torch.zeros_like(output), as_grid(output).shape[1]
+    for row, unit in enumerate(units):
+        if not 0 <= unit < count:
+            raise UsageError(f"--units {unit}: the layer has {count} units (channels), 0 to {count - 1}")
+        grid = as_grid(directions[row:row + 1])[:, unit]
+        middle = (grid.shape[-2] // 2, grid.shape[-1] // 2)
+        grid[(slice(None), *middle) if scope == "neuron" else slice(None)] = 1
+    return directions
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
@@ -1026,17 +1103,29 @@ def permutation(listed: tuple, device: torch.device) -> torch.Tensor:
 
 
 class Targets:
-    """Each layer's rows, target activations and weights; the feature terms of the rows in use."""
+    """Each layer's rows, targets (or directions), weights and mask; the data terms of the rows in use."""
 
-    def __init__(self, model: nn.Module, layers: list, references: torch.Tensor, settings: Settings):
-        self.layers, self.device = layers, references.device
-        self.by_layer, self.row_settings = {}, [None] * len(layers)
-        for layer, rows, target in reference_features(model, layers, references, settings.precision):
+    def __init__(self, model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
+                 units: Optional[list] = None, activations: Optional[torch.Tensor] = None):
+        self.layers, self.project = layers, settings.task != "invert"
+        self.by_layer, self.row_settings, self.photo = {}, [None] * len(layers), [{} for _ in layers]
+        for layer, rows, target in reference_features(model, layers, references, settings.precision,
+                                                      activations):
             chosen = layer_settings(settings, layer_stride(references.shape, target))
-            self.by_layer[layer] = (rows, target, chosen["C"] / per_row(target.square()))  # C / ||target||^2
+            mask = part_mask(target, settings.window, settings.channels)
+            data = target if mask is None else target * mask
+            weights = chosen["C"] / per_row(data.square())  # C / ||target||^2
+            if settings.task == "maximize":  # the unit, weighed by the photo's typical activation
+                data = unit_directions(target, [units[row] for row in rows], settings.unit_scope)
+                typical = (per_row(target.square()) / target[0].numel()).sqrt()
+                weights = chosen["C"] / (per_row(data) * typical)
+                for row, value, scale in zip(rows, (per_row(target * data) / per_row(data)).tolist(),
+                                             typical.tolist()):
+                    self.photo[row].update(photo_activation=value, typical=scale)
+            self.by_layer[layer] = (rows, data, weights, mask)
             for row in rows:
                 self.row_settings[row] = chosen
-        self.views = {}  # each list of rows used so far -> {layer: (its rows' positions, targets, weights)}
+        self.views = {}  # each list of rows used -> {layer: (its rows' positions, data, weights, mask)}
         self.use(range(len(layers)))
 
     def use(self, rows: Sequence[int]) -> None:
@@ -1045,12 +1134,12 @@ class Targets:
         if tuple(self.rows) not in self.views:  # rows only ever stop: a set that holds these is done with
             self.views = {rows: view for rows, view in self.views.items() if not set(rows) > set(self.rows)}
             position, in_use = {row: index for index, row in enumerate(self.rows)}, {}
-            for layer, (layer_rows, target, weights) in self.by_layer.items():
+            for layer, (layer_rows, data, weights, mask) in self.by_layer.items():
                 kept = [index for index, row in enumerate(layer_rows) if row in position]
                 if kept:
                     in_use[layer] = ([position[layer_rows[index]] for index in kept],
-                                     *((target, weights) if len(kept) == len(layer_rows) else
-                                       (target[kept], weights[kept])))
+                                     *((data, weights) if len(kept) == len(layer_rows) else
+                                       (data[kept], weights[kept])), mask)
             self.views[tuple(self.rows)] = in_use
         self.in_use = self.views[tuple(self.rows)]
 
@@ -1059,10 +1148,18 @@ class Targets:
         return [self.layers[row] for row in self.rows]
 
     def feature_terms(self, outputs: list) -> torch.Tensor:
-        """Each row's weighted feature error, from layer_batches' outputs, in the order of self.rows."""
+        """Each row's weighted data term, from layer_batches' outputs, in the order of self.rows."""
         views = [self.in_use[layer] for layer, _, _ in outputs]
-        return in_order([data_term(output.float(), target, weights) for (_, _, output), (_, target, weights)
-                         in zip(outputs, views)], [positions for positions, _, _ in views])
+        return in_order([data_term(output.float(), data, weights, mask, self.project)
+                         for (_, _, output), (_, data, weights, mask) in zip(outputs, views)],
+                        [positions for positions, _, _, _ in views])
+
+    def cosines(self, outputs: list) -> torch.Tensor:
+        """Each row's cosine between its activations (in its mask) and its target, as feature_terms'."""
+        views = [self.in_use[layer] for layer, _, _ in outputs]
+        return in_order([nn.functional.cosine_similarity(
+            (output.float() if mask is None else output.float() * mask).flatten(1), data.flatten(1))
+            for (_, _, output), (_, data, _, mask) in zip(outputs, views)], [view[0] for view in views])
 
 
 class Canvases:
@@ -1070,11 +1167,16 @@ class Canvases:
     # each row draws from its own generator, so that it gets what a call of its own would
 
     def __init__(self, settings: Settings, size: Sequence[int], jitter: int, rows: list, generators: list,
-                 device: torch.device):
+                 device: torch.device, photos: Optional[torch.Tensor] = None):
         self.size, self.jitter, self.members, self.generators = tuple(size), jitter, rows, generators
         self.image = PARAMETERISATIONS[settings.param]((size[0] + jitter, size[1] + jitter), device,
                                                        settings.objective)
-        starts = [self.image.initial(generators[row]).detach() for row in rows]
+        middle = jitter // 2  # a caricature starts from its photo, at the canvas's middle
+        framed = photos if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2,
+                                                                 "replicate")
+        starts = [self.image.initial(generators[row], framed if framed is None else framed[row:row + 1])
+                  for row in rows]
+        starts = [start.detach() for start in starts]
         self.variable = torch.cat(starts).requires_grad_()
         # L-BFGS over one row, max_iter=1: one evaluation per step, so the loop's loss serves as its closure
         self.optimizer = Descent(settings, self.variable) if settings.optimizer != "lbfgs" else \
@@ -1236,33 +1338,41 @@ def check_references(model: nn.Module, references) -> None:
 
 
 def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
-           callback: Optional[Callable] = None, **overrides) -> Inversion:
+           callback: Optional[Callable] = None, units=None, activations: Optional[torch.Tensor] = None,
+           **overrides) -> Inversion:
     """Optimise one image per row of `references` (N per row with samples=N) to match it at its layer.
 
     `layers`: one module, or one per row; each row gives what it gives alone. `settings` or its fields as
     keywords; None takes the objective's default. `callback(step, losses, images)`: every iteration's
     terms per row (a stopped row keeps its last) and a function giving the images. Ctrl-C returns early;
-    a RowError names the rows that cannot be inverted at all.
+    a RowError names the rows that cannot be inverted at all. task="maximize" takes `units`, a channel
+    (or one per row); `activations` (N x the layer's output) replace the references' as the targets.
     """
-
     check_references(model, references)
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
-    layers = [layers] * len(references) if isinstance(layers, nn.Module) else list(layers)
-    if len(layers) != len(references):
-        raise UsageError(f"invert() needs one layer for every row of the references, or one for all: "
-                         f"got {len(layers)} layers for {len(references)} rows")
+    count, samples = len(references), settings.samples
+    repeat = lambda values: None if values is None else [value for value in values for _ in range(samples)]
+    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
+    units = [units] * count if isinstance(units, int) else units
+    for name, values in (("layer", layers), ("unit", units), ("activation", activations)):
+        if values is not None and len(values) != count:
+            raise UsageError(f"invert() needs one {name} for every row of the references, or one for all: "
+                             f"got {len(values)} for {count} rows")
+    if (units is None) == (settings.task == "maximize"):
+        raise UsageError("task='maximize' needs units (--units), and only it takes them")
     try:
-        return optimise_images(model, [layer for layer in layers for _ in range(settings.samples)],
-                               references.repeat_interleave(settings.samples, 0), settings, callback)
+        return optimise_images(model, repeat(layers), references.repeat_interleave(samples, 0), settings,
+                               callback, repeat(units),
+                               None if activations is None else activations.repeat_interleave(samples, 0))
     except RowError as error:  # told by row of `references`, not by sample
         raise RowError({row // settings.samples: reason for row, reason in error.reasons.items()}) from None
 
 
 def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
-                    callback: Optional[Callable]) -> Inversion:
+                    callback: Optional[Callable], units: Optional[list], activations) -> Inversion:
     """invert()'s loop; rows sharing a canvas size are a group (with L-BFGS, each row one)."""
     device, count = references.device, len(references)
-    targets = Targets(model, layers, references, settings)
+    targets = Targets(model, layers, references, settings, units, activations)
     chosen = targets.row_settings
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
@@ -1271,11 +1381,12 @@ def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, se
     for row, key in enumerate(range(count) if settings.optimizer == "lbfgs" else
                               [row["jitter"] for row in chosen]):
         groups.setdefault(key, []).append(row)
-    canvases = [Canvases(settings, references.shape[-2:], chosen[rows[0]]["jitter"], rows, generators, device)
-                for rows in groups.values()]
+    photos = references if settings.task == "caricature" else None  # a caricature starts from its photo
+    canvases = [Canvases(settings, references.shape[-2:], chosen[rows[0]]["jitter"], rows, generators, device,
+                         photos) for rows in groups.values()]
     members = [group.members for group in canvases]
     schedule, latest = Schedule(settings, chosen, device), {}
-    with Surrogate(model) as surrogate, contextlib.suppress(KeyboardInterrupt):
+    with Surrogate(model, settings.task == "maximize") as surrogate, contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
             ran = [iteration(model, settings, targets, group, schedule, surrogate, step)
                    for group in canvases]
@@ -1340,6 +1451,16 @@ def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
     return dict(latest)
 
 
+def task_measures(task: str, rec_loss: float, C: float, photo: dict) -> dict:
+    """What a row's task reports from its data term: the feature error, projection, or unit's activation."""
+    if task == "invert":  # over the window and channels that count
+        return {"feature_error": rec_loss / C}
+    if task == "caricature":  # <phi(x), phi0> / ||phi0||^2
+        return {"projection": -rec_loss / C}
+    return {"unit_activation": -rec_loss * photo["typical"] / C, "layer_rms": photo["typical"],
+            "photo_activation": photo["photo_activation"]}
+
+
 @torch.no_grad()
 def final_result(model, settings: Settings, targets: Targets, canvases: list, schedule: Schedule
                  ) -> Inversion:
@@ -1356,13 +1477,16 @@ def final_result(model, settings: Settings, targets: Targets, canvases: list, sc
                 schedule.diverge([row], schedule.reached[row])
             if not broken:
                 break
+        if settings.task == "caricature":
+            values["cosine"] = targets.cosines(checked_forward(model, targets.layers_in_use(), seen,
+                                                               settings.precision))
         images.append(seen)
         terms.append(values)
     members = [group.members for group in canvases]
     final = {name: in_order([values[name] for values in terms], members).tolist() for name in terms[0]}
     losses = [{**{name: values[row] for name, values in final.items()},
-               "feature_error": final["rec_loss"][row] / targets.row_settings[row]["C"]}
-              for row in range(len(targets.row_settings))]
+               **task_measures(settings.task, final["rec_loss"][row], targets.row_settings[row]["C"],
+                               targets.photo[row])} for row in range(len(targets.row_settings))]
     outcomes = [schedule.outcome(row) for row in range(len(targets.row_settings))]
     return Inversion(in_order(images, members).detach().clone(), losses, [done for done, _ in outcomes],
                      [why for _, why in outcomes], settings, targets.row_settings)

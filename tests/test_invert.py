@@ -909,3 +909,94 @@ def test_a_model_that_changes_its_input_in_place_sees_a_copy():
         assert torch.equal(reference, kept)  # the caller's photos too
     for (images, priors), (plain_images, plain_priors) in zip(pictures[:2], pictures[2:]):
         assert torch.equal(images, plain_images) and priors == plain_priors
+
+
+# ---------------------------------------------------------------- the other pre-images
+
+
+def test_each_tasks_data_term_is_its_formula_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(2, 3, 10, 10)
+    target = model(reference)  # 2 x 6 x 8 x 8
+    fast = dict(param="pixel", C=3.0, epochs=3, lambda_alpha=0.0, lambda_tv=0.0, precision="fp32")  # fp32: exact
+    inside = torch.zeros_like(target)
+    inside[:, 2:5, 3:5, 3:5] = 1  # --window 2 --channels 2:5: the central 2x2 of the 8x8 grid
+    result = invert.invert(model, model[1], reference, window=2, channels="2:5", **fast)
+    features = model(result.images)
+    error = ((features - target) * inside).square().flatten(1).sum(1) / (target * inside).square().flatten(1).sum(1)
+    assert [losses["feature_error"] for losses in result.losses] == pytest.approx(error.tolist(), rel=1e-4)
+    assert [losses["rec_loss"] for losses in result.losses] == pytest.approx((3 * error).tolist(), rel=1e-4)
+
+    result = invert.invert(model, model[1], reference, task="caricature", **fast)
+    features = model(result.images)
+    dot = (features * target).flatten(1).sum(1)
+    assert [losses["projection"] for losses in result.losses] == pytest.approx(
+        (dot / target.square().flatten(1).sum(1)).tolist(), rel=1e-4)
+    assert [losses["rec_loss"] for losses in result.losses] == pytest.approx(
+        (-3 * dot / target.square().flatten(1).sum(1)).tolist(), rel=1e-4)
+    assert all(losses["projection"] > 1 for losses in result.losses)  # from the photo's 1, pushed further
+    assert [losses["cosine"] for losses in result.losses] == pytest.approx(
+        nn.functional.cosine_similarity(features.flatten(1), target.flatten(1)).tolist(), rel=1e-4)
+
+    for scope in invert.UNIT_SCOPES:
+        result = invert.invert(model, model[1], reference, task="maximize", units=[4, 1], unit_scope=scope, **fast)
+        features, rms = model(result.images), target.square().flatten(1).mean(1).sqrt()
+        for row, unit in enumerate([4, 1]):
+            reached, photo = (maps[row, unit, 4, 4] if scope == "neuron" else maps[row, unit].mean()
+                              for maps in (features, target))
+            losses = result.losses[row]
+            assert (losses["unit_activation"], losses["photo_activation"]) == (
+                pytest.approx(reached.item(), rel=1e-4), pytest.approx(photo.item(), rel=1e-4)), (scope, row)
+            assert losses["rec_loss"] == pytest.approx(-3 * reached.item() / rms[row].item(), rel=1e-4)
+            assert reached > 0  # driven up from noise
+
+
+def test_a_window_over_tokens_counts_the_central_tokens_of_their_grid():
+    torch.manual_seed(0)
+    tokens = nn.Sequential(Tokens()).eval().requires_grad_(False)
+    reference = torch.randn(1, 3, 32, 32)
+    result = invert.invert(tokens, tokens[0], reference, window=2, param="pixel", epochs=2, precision="fp32")
+    features, target = tokens(result.images), tokens(reference)
+    central = [1 + row * 4 + column for row in (1, 2) for column in (1, 2)]  # the class token first
+    error = (features - target)[:, central].square().sum() / target[:, central].square().sum()
+    assert result.losses[0]["feature_error"] == pytest.approx(error.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("param", invert.PARAMS)
+def test_a_caricature_starts_from_its_photo(param):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = 0.3 * torch.randn(1, 3, 12, 12)  # inside the paper's box, which would shrink it
+    images = []
+    result = invert.invert(model, model[1], reference, task="caricature", param=param, epochs=1, lr=1e-9,
+                           jitter=2, precision="fp32", callback=lambda step, losses, current: images.append(current()))
+    assert torch.allclose(images[0], reference, atol=1e-4) and torch.allclose(result.images, reference, atol=1e-4)
+    noise = invert.invert(model, model[1], reference, param=param, epochs=1, lr=1e-9, precision="fp32")
+    assert not torch.allclose(noise.images, reference, atol=0.1)
+
+
+def test_activations_from_elsewhere_are_inverted_as_the_photos_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(2, 3, 10, 10)
+    fast = dict(epochs=3, precision="fp32")
+    direct = invert.invert(model, model[1], reference, **fast)
+    saved = invert.invert(model, model[1], torch.zeros_like(reference), activations=model(reference), **fast)
+    assert torch.equal(direct.images, saved.images)
+    with pytest.raises(invert.UsageError, match="the saved activations are 4x7x7, but the layer gives 4x8x8"):
+        invert.invert(model, model[1], reference, activations=torch.zeros(2, 4, 7, 7))
+
+
+def test_the_tasks_refuse_what_they_cannot_take():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(1, 3, 10, 10)
+    for keywords, message in [(dict(task="maximize"), "needs units"), (dict(units=[1]), "needs units"),
+                              (dict(task="maximize", units=[4]), "has 4 units"),
+                              (dict(task="maximize", units=[1], window=2), "--window and --channels are for"),
+                              (dict(window=9), "--window 9: the layer's grid is 8x8"),
+                              (dict(channels="2:9"), "--channels 2:9: the layer has 4 channels"),
+                              (dict(channels="3:2"), "--channels must be all or A:B"),
+                              (dict(task="draw"), "--task 'draw' is not one of")]:
+        with pytest.raises(invert.UsageError, match=message):
+            invert.invert(model, model[1], reference, epochs=1, **keywords)

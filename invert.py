@@ -105,9 +105,13 @@ BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
 SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX, INDEX_EVERY = "index.csv", 60.0
-INDEX_COLUMNS = ("image_path", "model", "layer_name", "status", "png", "feature_error", "rec_loss",
-                 "alpha_loss", "tv_loss", "iterations", "stopped", "seconds", "precision", "device",
-                 "mean_png", "spread_png", "spread", "error")
+INDEX_COLUMNS = ("image_path", "model", "layer_name", "task", "unit", "status", "png", "feature_error",
+                 "projection", "cosine", "unit_activation", "photo_activation", "rec_loss", "alpha_loss",
+                 "tv_loss", "iterations", "stopped", "seconds", "precision", "device", "mean_png",
+                 "spread_png", "spread", "photo_top1", "preimage_top1", "top1_agree", "photo_probability",
+                 "field_box", "error")
+# --units all: the first this many units (channels) of the layer
+ALL_UNITS = 25
 # every picture this tool writes carries this PNG text (a GIF comment), so that folder listings leave it out
 MARK = "invert.py"
 # the plateau rule compares each image's loss with its loss this many iterations before
@@ -381,6 +385,31 @@ def read_photo(path: str, size: int) -> Photo:
     return Photo(hashlib.sha256(data).hexdigest(), None, kept)
 
 
+def load_features(data: bytes, path: str) -> torch.Tensor:
+    """Saved activations: a float tensor that torch.save wrote; UsageError if the file holds anything else."""
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle beyond tensors, or not a torch file at all
+        raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
+            from None
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        kind = f"{tensor.dtype} values" if isinstance(tensor, torch.Tensor) else f"a {type(tensor).__name__}"
+        raise UsageError(f"--features {path} holds {kind}, not a float tensor")
+    return tensor.float()
+
+
+def read_features(path: str, size: int) -> Photo:
+    """Read saved activations once, hash them, and check that they are a tensor."""
+    try:
+        data = read_bytes(path, "--features")
+        load_features(data, path)
+    except UsageError as error:
+        return Photo(None, str(error), None)
+    return Photo(hashlib.sha256(data).hexdigest(), None, data)
+
+
 def ours(path) -> bool:
     """Whether an image file is a picture this tool wrote: a PNG or GIF with its mark."""
     with contextlib.suppress(Exception), Image.open(path) as opened:
@@ -414,10 +443,10 @@ def mean_and_spread(samples: torch.Tensor) -> tuple:
             spread.mean().item())
 
 
-def montage(original: Image.Image, tiles: list) -> Image.Image:
-    """A grid of labelled tiles: the original first, then each (label, picture) in order."""
-    tiles = [("original", original), *tiles]
-    side, label_height = original.width, 16
+def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
+    """A grid of labelled tiles: the original first (if any), then each (label, picture) in order."""
+    tiles = [("original", original), *tiles] if original else tiles
+    side, label_height = tiles[0][1].width, 16
     columns = math.ceil(math.sqrt(len(tiles)))
     rows = math.ceil(len(tiles) / columns)
     grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
@@ -630,12 +659,12 @@ def not_finite(what: str, precision: str) -> str:
 
 
 def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> dict:
-    """Each layer's stride at this size; UsageError before the work if it cannot run or is not finite."""
+    """Each layer's output for a blank image; UsageError before the work if it cannot run or is not finite."""
     blank = torch.zeros(len(layers), 3, size, size, device=device)
     batches = checked_forward(model, layers, blank, precision)
     if not all(torch.isfinite(output).all() for _, _, output in batches):
         raise UsageError(not_finite("a blank image", precision))
-    return {layer: layer_stride((size, size), output) for layer, _, output in batches}
+    return {layer: output[:1] for layer, _, output in batches}
 
 
 def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
@@ -1077,6 +1106,22 @@ def unit_directions(output: torch.Tensor, units: list, scope: str) -> torch.Tens
         middle = (grid.shape[-2] // 2, grid.shape[-1] // 2)
         grid[(slice(None), *middle) if scope == "neuron" else slice(None)] = 1
     return directions
+
+
+def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Settings,
+                    device: torch.device) -> list:
+    """[left, top, right, bottom) of the input pixels that the window's activations depend on, from their
+    gradient, with leaky ReLUs and average pools so that every path that can carry one does."""
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with Surrogate(model, own=True) as surrogate, torch.enable_grad():
+        images.requires_grad_()
+        surrogate.use([layer] * 2, [True] * 2)
+        (_, _, output), = layer_batches(model, [layer] * 2, images, surrogate.alive)
+        mask = part_mask(output, settings.window, settings.channels)
+        gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
+    reached = gradient.abs().sum((0, 1)) > 0
+    rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
+    return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
 
 
 def layer_settings(settings: Settings, stride: int) -> dict:
@@ -1620,10 +1665,11 @@ def photo_names(paths: Sequence[str], room: int = 255) -> dict:
 class Row(NamedTuple):
     """One (photo, layer) pair of a job: one image, whose files are its PNG's name with other endings."""
 
-    image_path: str
+    image_path: str  # or, with --features, the saved activations' file
     layer_name: str
     png: Path
-    montage: Optional[Path]  # the photo's montage of its layers, in a job with several rows
+    montage: Optional[Path]  # the photo's montage of its layers, or (maximize) the layer's mosaic of units
+    unit: Optional[int] = None  # maximize's
 
     def file(self, ending: str) -> Path:
         return Path(str(self.png)[:-len(".png")] + ending)
@@ -1639,14 +1685,23 @@ def existing_parent(folder: Path) -> Path:
 
 def plan(args: argparse.Namespace) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
-    paths = photo_paths(args.image_path)
+    paths = [os.path.abspath(args.features)] if args.features else photo_paths(args.image_path)
     layers = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
-    several = len(paths) * len(layers) > 1
+    if args.units and "all" in args.units and len(args.units) > 1:
+        raise UsageError("--units takes unit indices or all, not both")
+    units = [None] if args.units is None else list(range(ALL_UNITS)) if args.units == ["all"] else \
+        list(dict.fromkeys(int(unit) for unit in args.units))
+    if (args.units is None) == (args.task == "maximize"):
+        raise UsageError("--task maximize needs --units, and only it takes them")
+    if args.features and (len(layers) > 1 or args.image_path != [str(DEFAULT_IMAGE)]):
+        raise UsageError("--features are one layer's activations, in place of a photo: give one --layer_name "
+                         "and no --image_path")
+    several = len(paths) * len(layers) * len(units) > 1
     if args.output and (several or Path(args.output).suffix.lower() != ".png"):
         raise UsageError("--output names one file: with several layers or images, use --output_dir" if several
                          else f"--output {args.output} must end in .png")
     if args.output:
-        return [Row(paths[0], layers[0], Path(args.output), None)]
+        return [Row(paths[0], layers[0], Path(args.output), None, units[0])]
     folder = Path(args.output_dir)
     existing = existing_parent(folder.absolute())
     try:
@@ -1654,12 +1709,18 @@ def plan(args: argparse.Namespace) -> list:
     except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
         longest = 255
     # room for the photo's name beside the longest endings: a sample's, or the diverged image's
+    tail = "" if units == [None] else f"_unit{max(units)}"
     room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png")) - len(
-        os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}"))
+        os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}{tail}"))
     names = photo_names(paths, room)
-    return [Row(path, layer, folder / f"{names[path]}_{args.model}_{layer}.png",  # a montage of its layers
-                folder / f"{names[path]}_{args.model}_montage.png" if len(layers) > 1 else None)
-            for path in paths for layer in layers]
+
+    def row(path: str, layer: str, unit: Optional[int]) -> Row:
+        stem = f"{names[path]}_{args.model}_{layer}"
+        mosaic = folder / (f"{stem}_units.png" if unit is not None else
+                           f"{names[path]}_{args.model}_montage.png")
+        return Row(path, layer, folder / (stem + ("" if unit is None else f"_unit{unit}") + ".png"),
+                   mosaic if len(units if unit is not None else layers) > 1 else None, unit)
+    return [row(path, layer, unit) for path in paths for layer in layers for unit in units]
 
 
 def in_shard(rows: list, part: int, parts: int) -> list:
@@ -1677,6 +1738,7 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: 
     """UsageError before the work if an output is unwritable or would replace a photo or record."""
     files = {real(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
     endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
+               *(["_field.png"] if args.window else []),
                *(["_mean.png", "_spread.png", "_sample*.png"] if args.samples > 1 else [])]
     for row in rows:  # each file the rows write (True: a folder); samples past the first as one pattern
         paths = [row.file(ending) for ending in endings] + ([row.montage] if row.montage else [])
@@ -1721,8 +1783,8 @@ def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Opt
              weights: str) -> dict:
     """What --resume compares: photo path and content, model, weights' content, size, layer and settings."""
     return {"image_path": row.image_path, "image_sha256": sha256, "model": args.model, "weights_id": weights,
-            "input_size": args.input_size, "layer_name": row.layer_name,
-            "settings": dataclasses.asdict(settings)}
+            "input_size": args.input_size, "layer_name": row.layer_name, "task": settings.task,
+            "unit": row.unit, "features": bool(args.features), "settings": dataclasses.asdict(settings)}
 
 
 def natural(text: str) -> list:
@@ -1773,7 +1835,7 @@ def write_index(folder: Path, cache: dict) -> None:
                         cache[entry.name] = key, index_line(read_record(Path(entry.path)) or {}, entry.name)
             present = [line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)]
             lines = sorted(present, key=lambda line: (line["image_path"], line["model"],
-                                                      natural(line["layer_name"])))
+                                                      natural(line["layer_name"]), natural(line["unit"])))
 
             def write(file):
                 text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
@@ -1915,6 +1977,7 @@ class Job:
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device, self.failed, self.index_cache = args, device, {}, {}  # failed: row -> why
+        self.fields, self.saved = {}, {}  # each layer's receptive field of --window; --features' activations
         # the cheap checks come first, so that a typo fails before a model loads or downloads
         self.settings = settings = resolve(settings_from_args(args), device)
         job = plan(args)
@@ -1925,7 +1988,7 @@ class Job:
         for row in rows:
             self.by_photo.setdefault(row.image_path, []).append(row)
         weights, weights_data = weights_identity(args.model, args.weights)
-        self.photos = {path: read_photo(path, args.input_size)
+        self.photos = {path: (read_features if args.features else read_photo)(path, args.input_size)
                        for path in dict.fromkeys(row.image_path for row in rows)}
         self.previous = previous = {row: read_record(row.file(".json")) for row in rows}
         check_outputs(args, rows, previous, everyone)
@@ -1938,9 +2001,13 @@ class Job:
         if runnable:
             self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
             self.layers = {row.layer_name: resolve_layer(self.model, row.layer_name)[1] for row in runnable}
-            strides = check_model(self.model, list(self.layers.values()), args.input_size, device,
+            outputs = check_model(self.model, list(self.layers.values()), args.input_size, device,
                                   settings.precision)
+            self.check_parts(runnable, outputs)
+            strides = {layer: layer_stride((args.input_size,) * 2, out) for layer, out in outputs.items()}
             self.runs = plan_batches(args, runnable, self.model, self.layers, strides, settings, device)
+            self.fields = {name: receptive_field(self.model, layer, args.input_size, settings, device)
+                           for name, layer in self.layers.items()} if settings.window else {}
         self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True,
                         disable=args.quiet)
 
@@ -1963,11 +2030,28 @@ class Job:
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
     def photo(self, path: str) -> torch.Tensor:
-        """A photo preprocessed, read again unless planning kept it; its rows record what was read."""
+        """A photo preprocessed, read again unless planning kept it; its rows record what was read. Saved
+        activations (--features) are kept as read at planning, and their photo is blank."""
         data = self.photos[path].data or read_bytes(path)
         for row in self.by_photo[path]:
             self.wanted[row]["image_sha256"] = hashlib.sha256(data).hexdigest()
+        if self.args.features:
+            return torch.zeros(1, 3, self.args.input_size, self.args.input_size)
         return load_photo(path, self.args.input_size, data)
+
+    def check_parts(self, rows: list, outputs: dict) -> None:
+        """UsageError before the work where saved activations or a unit do not fit their layer."""
+        self.saved = {}  # --features: the activations, batched as the layer's output
+        for row in rows:
+            output = outputs[self.layers[row.layer_name]]
+            if self.args.features:
+                features = load_features(self.photos[row.image_path].data, row.image_path)
+                features = features[None] if features.shape == output.shape[1:] else features
+                blank = torch.zeros(1, 3, self.args.input_size, self.args.input_size, device=self.device)
+                self.saved[row.image_path] = reference_features(
+                    self.model, [self.layers[row.layer_name]], blank, "fp32", features.to(self.device))[0][2]
+            if row.unit is not None:
+                unit_directions(output, [row.unit], self.settings.unit_scope)
 
     def callback(self, rows: list, frames: list) -> tuple:
         """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
@@ -2004,9 +2088,10 @@ class Job:
             frames, count, started = [[] for _ in rows], self.settings.samples, time.perf_counter()
             report, bar = self.callback(rows, frames)
             short = None  # what ran out of memory, if it did
+            references = torch.cat([photos[row.image_path] for row in rows]).to(self.device)
             try:
-                result = invert(self.model, [self.layers[row.layer_name] for row in rows], torch.cat(
-                    [photos[row.image_path] for row in rows]).to(self.device), self.settings, callback=report)
+                result = invert(self.model, [self.layers[row.layer_name] for row in rows], references,
+                                self.settings, callback=report, **self.targets(rows))
             except RowError as error:  # those rows fail; the others run again without them
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
@@ -2022,12 +2107,40 @@ class Job:
             seconds = time.perf_counter() - started
             timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
                           ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
+            classes = self.top1(references, result.images[::count])
             for index, row in enumerate(rows):
                 self.save(row, result, range(index * count, (index + 1) * count), frames[index],
-                          self.record(row, **timing, torch_version=torch.__version__,
+                          self.record(row, **timing, **classes[index], torch_version=torch.__version__,
                                       torchvision_version=torchvision.__version__))
             return "interrupted" in result.stopped
         return False
+
+    def targets(self, rows: list) -> dict:
+        """invert()'s keywords for what the rows aim at, besides their photos: units, saved activations."""
+        if self.settings.task == "maximize":
+            return {"units": [row.unit for row in rows]}
+        return {"activations": torch.cat([self.saved[row.image_path] for row in rows])} if self.saved else {}
+
+    @torch.no_grad()
+    def top1(self, photos: torch.Tensor, images: torch.Tensor) -> list:
+        """Per row, the classifier's top-1 class of its photo and pre-image, and the photo's class's
+        probability for the pre-image (a pre-image that still means the photo); nothing for other models."""
+        try:
+            with autocast(self.settings.precision, self.device):
+                scores = [self.model(batch.to(self.device)) for batch in (photos, images)]
+            scores = [score.float() for score in scores if isinstance(score, torch.Tensor)]
+        except FORWARD_ERRORS:  # a model whose whole forward this input does not suit
+            return [{}] * len(images)
+        if len(scores) < 2 or not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
+            return [{}] * len(images)
+        (photo, preimage), task = (score.softmax(1) for score in scores), self.settings.task
+        wanted, got = photo.argmax(1), preimage.argmax(1)
+        probability = preimage.gather(1, wanted[:, None])[:, 0]
+        if task == "maximize" or self.args.features:  # no photo to agree with
+            return [{"preimage_top1": label} for label in got.tolist()]
+        return [{"photo_top1": photo_label, "preimage_top1": label, "top1_agree": photo_label == label,
+                 "photo_probability": round(chance, 6)}
+                for photo_label, label, chance in zip(wanted.tolist(), got.tolist(), probability.tolist())]
 
     def alone(self, rows: list, short: str) -> bool:
         """After running out of memory, each row alone (failed if one is too many); whether Ctrl-C stopped."""
@@ -2050,6 +2163,11 @@ class Job:
         pictures = [deprocess(result.images[at][None]) for at in mine]
         for sample, picture in enumerate(pictures):
             save_png(row.sample(sample), picture)
+        if row.layer_name in self.fields:  # the window's receptive field, drawn on a copy
+            field, box = pictures[0].copy(), self.fields[row.layer_name]
+            ImageDraw.Draw(field).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline="red")
+            record["field_box"] = box
+            save_png(row.file("_field.png"), field)
         record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
                       layer_settings=result.layer_settings[first], **result.losses[first],
                       iterations=result.iterations[first], stopped=result.stopped[first])
@@ -2071,21 +2189,27 @@ class Job:
             self.done.add(row)
         self.bar.update()
         if not self.args.quiet:
-            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: feature_error "
-                                 f"{record['feature_error']:.4f}"
+            measure = {"invert": "feature_error", "caricature": "projection"}.get(self.settings.task,
+                                                                                  "unit_activation")
+            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: {measure} "
+                                 f"{record[measure]:.4f}"
                                  + (f", spread {spread:.1f} grey levels" if len(mine) > 1 else "")))
 
     def montages(self, rows: list) -> None:
-        """Write the montage of each photo among `rows` whose rows are all done, from their pictures."""
-        for path in dict.fromkeys(row.image_path for row in rows if row.montage):
-            mine = self.by_photo[path]
-            shown_files = [(row.layer_name, row.png) for row in mine] if self.settings.samples == 1 else [
-                (f"{row.layer_name} {kind}", row.file(f"_{kind}.png")) for row in mine
+        """Write each montage among `rows` whose rows are all done, from their pictures: a photo's layers
+        after the photo, or (maximize) a layer's mosaic of units."""
+        units = self.settings.task == "maximize"
+        for path in dict.fromkeys(row.montage for row in rows if row.montage):
+            mine = [row for row in self.rows if row.montage == path]
+            names = [f"unit {row.unit}" if units else row.layer_name for row in mine]
+            shown_files = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
+                (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)
                 for kind in ("mean", "spread")]
             with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
                 if all(row in self.done for row in mine):
                     tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
-                    save_png(mine[0].montage, montage(deprocess(self.photo(path)), tiles))
+                    photo = None if units or self.args.features else deprocess(self.photo(mine[0].image_path))
+                    save_png(path, montage(photo, tiles))
 
     def run(self) -> int:
         """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code."""
@@ -2178,6 +2302,13 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
+def unit_spec(text: str) -> str:
+    """An argparse type for --units: a channel index or 'all'."""
+    if text != "all" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a unit (channel) index >= 0 or all, got {text}")
+    return text
+
+
 def given(text: str) -> str:
     """An argparse type for names and paths: any text but the empty one ('' would mean the current folder)."""
     if not text:
@@ -2208,6 +2339,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     inputs.add_argument("--layer_name", nargs="+", type=given, default=["avgpool"],
                         help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
                              "(PyTorch's); each (photo, layer) pair is one image")
+    inputs.add_argument("--units", nargs="+", type=unit_spec, default=None,
+                        help=f"--task maximize: the units (channels) to maximise, one image each, or 'all': "
+                             f"the first {ALL_UNITS}; a layer's are also one mosaic, "
+                             "<stem>_<model>_<layer>_units.png")
+    inputs.add_argument("--features", type=given, default=None, metavar="FILE.pt",
+                        help="invert a saved activation tensor (torch.save, CxHxW or 1xCxHxW) of "
+                             "--layer_name at --input_size, in place of a photo's")
     inputs.add_argument("--list_layers", action="store_true",
                         help="print every layer with its output shape, then exit")
     method = parser.add_argument_group("how to invert (the keywords of invert())")

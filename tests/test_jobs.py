@@ -217,7 +217,7 @@ def compare_jobs(whole: Path, sharded: Path, rel: float = 0.0) -> None:
                        for text in (one[name], many[name])]
             losses = ("feature_error", "rec_loss", "alpha_loss", "tv_loss")
             for key in losses:
-                assert records[0].pop(key) == pytest.approx(records[1].pop(key), rel=rel), (name, key)
+                assert records[0].pop(key, None) == pytest.approx(records[1].pop(key, None), rel=rel), (name, key)
             assert records[0] == records[1], name
     lines = [[{key: value for key, value in line.items() if key not in timing + ("feature_error", "rec_loss",
                                                                               "alpha_loss", "tv_loss")}
@@ -609,3 +609,83 @@ def test_a_photo_that_cannot_be_read_on_resume_keeps_its_finished_record(photos,
     code, _, err = cli(*args)
     assert code == 2 and "no such file" in err
     assert json.loads((tmp_path / "a_squeezenet1_1_features_3.json").read_text())["status"] == "done"
+
+
+# ---------------------------------------------------------------- the other pre-images as jobs
+
+
+@pytest.mark.parametrize("task", ["caricature", "maximize"])
+def test_a_task_with_samples_resumes_and_shards_as_inversions_do(task, photos, tmp_path, cli):
+    units = ["--units", "0", "5"] if task == "maximize" else []
+    args = [*FAST, "--task", task, *units, "--samples", "2", "--epochs", "3", "--batch_size", "1",
+            "--image_path", photos]
+    assert cli(*args, "--output_dir", tmp_path / "whole")[0] == 0
+    assert cli(*args, "--shard", "0/2", "--output_dir", tmp_path / "sharded")[0] == 0
+    assert cli(*args, "--shard", "1/2", "--output_dir", tmp_path / "sharded")[0] == 0
+    compare_jobs(tmp_path / "whole", tmp_path / "sharded")
+    lines = index_of(tmp_path / "whole")
+    assert len(lines) == 4 * (2 if units else 1) and {line["task"] for line in lines} == {task}
+    measure = "unit_activation" if units else "projection"
+    assert all(float(line[measure]) and line["mean_png"] and line["spread_png"] for line in lines)
+    if units:  # a mosaic of each layer's units, and the unit's activation on the photo beside it
+        assert [line["unit"] for line in lines[:2]] == ["0", "5"] and all(line["photo_activation"] for line in lines)
+        assert len(list((tmp_path / "whole").glob("*_units.png"))) == 4
+    else:
+        assert all(-1 <= float(line["cosine"]) <= 1 for line in lines)
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "whole").glob("*.json")}
+    code, _, err = cli(*args, "--resume", "--output_dir", tmp_path / "whole")
+    assert code == 0 and {path: path.stat().st_mtime_ns for path in before} == before, err
+    if not units:  # the same files, another task: redone
+        assert cli(*args, "--resume", "--task", "invert", "--output_dir", tmp_path / "whole")[0] == 0
+        assert all(path.stat().st_mtime_ns != before[path] for path in before)
+
+
+def test_a_window_records_its_receptive_field_and_draws_it(photo, tmp_path, cli):
+    code, _, err = cli("--image_path", photo, *FAST, "--window", "2", "--precision", "fp32",
+                       "--output_dir", tmp_path)
+    assert code == 0, err
+    record = json.loads((tmp_path / "photo_squeezenet1_1_features_3.json").read_text())
+    left, top, right, bottom = record["field_box"]
+    assert 0 < left < right < 64 and 0 < top < bottom < 64 and record["settings"]["window"] == 2
+    drawn = np.asarray(Image.open(tmp_path / "photo_squeezenet1_1_features_3_field.png")).astype(int)
+    plain = np.asarray(Image.open(tmp_path / "photo_squeezenet1_1_features_3.png")).astype(int)
+    changed = np.argwhere((drawn != plain).any(2))
+    assert (changed.min(0).tolist(), changed.max(0).tolist()) == ([top, left], [bottom - 1, right - 1])
+    assert record["top1_agree"] == (record["photo_top1"] == record["preimage_top1"])
+    invert.torch.manual_seed(2023)  # the command line's --seed, before it builds the random network
+    model = invert.load_model("squeezenet1_1", "none", progress=False)
+    assert record["photo_top1"] == model(invert.load_photo(photo, 64)).argmax().item()
+
+
+def test_the_receptive_field_of_a_window_is_the_networks_by_construction():
+    torch = invert.torch
+    torch.manual_seed(0)
+    # 20 -> 18 -> 16 -> pooled 8: the central 2x2 (3 and 4) sees pool inputs 6 to 9, conv inputs 6 to 11,
+    # and pixels 6 to 13
+    model = invert.nn.Sequential(invert.nn.Conv2d(3, 4, 3), invert.nn.ReLU(), invert.nn.Conv2d(4, 4, 3),
+                                 invert.nn.MaxPool2d(2)).eval().requires_grad_(False)
+    settings = invert.Settings(window=2)
+    assert invert.receptive_field(model, model[3], 20, settings, torch.device("cpu")) == [6, 6, 14, 14]
+    wide = invert.receptive_field(model, model[3], 20, invert.Settings(window=8), torch.device("cpu"))
+    assert wide == [0, 0, 20, 20]
+
+
+def test_saved_activations_are_inverted_and_a_misfit_is_refused_in_one_line(photo, tmp_path, cli):
+    torch = invert.torch
+    torch.manual_seed(2023)  # the command line's --seed, before it builds the random network
+    model = invert.load_model("squeezenet1_1", "none", progress=False)
+    (_, _, activations), = invert.layer_batches(model, [model.features[3]], invert.load_photo(photo, 64))
+    torch.save(activations[0].clone(), tmp_path / "saved.pt")
+    torch.save(activations[:, :, :5].clone(), tmp_path / "misfit.pt")
+    code, _, err = cli(*FAST, "--features", tmp_path / "saved.pt", "--precision", "fp32", "--output_dir",
+                       tmp_path / "out")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "saved_squeezenet1_1_features_3.json").read_text())
+    assert record["features"] and record["feature_error"] < 0.5 and "photo_top1" not in record
+    code, _, err = cli(*FAST, "--features", tmp_path / "misfit.pt", "--output_dir", tmp_path / "bad")
+    assert code == 2 and len(err.splitlines()) == 2  # the random-weights warning and the error
+    assert "the saved activations are 128x5x15, but the layer gives 128x15x15" in err
+    assert not (tmp_path / "bad").exists()
+    code, _, err = cli(*FAST, "--features", tmp_path / "saved.pt", "--image_path", photo, "--output_dir",
+                       tmp_path / "bad")
+    assert code == 2 and "in place of a photo" in err

@@ -106,10 +106,10 @@ SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX, INDEX_EVERY = "index.csv", 60.0
 INDEX_COLUMNS = ("image_path", "model", "layer_name", "task", "unit", "status", "png", "feature_error",
-                 "projection", "cosine", "unit_activation", "photo_activation", "rec_loss", "alpha_loss",
-                 "tv_loss", "iterations", "stopped", "seconds", "precision", "device", "mean_png",
-                 "spread_png", "spread", "photo_top1", "preimage_top1", "top1_agree", "photo_probability",
-                 "field_box", "error")
+                 "projection", "cosine", "unit_activation", "photo_activation", "photo_max", "rec_loss",
+                 "alpha_loss", "tv_loss", "iterations", "stopped", "seconds", "precision", "device",
+                 "mean_png", "spread_png", "spread", "photo_top1", "preimage_top1", "top1_agree",
+                 "photo_probability", "field_box", "error")
 # --units all: the first this many units (channels) of the layer
 ALL_UNITS = 25
 # every picture this tool writes carries this PNG text (a GIF comment), so that folder listings leave it out
@@ -1164,9 +1164,10 @@ class Targets:
                 data = unit_directions(target, [units[row] for row in rows], settings.unit_scope)
                 typical = (per_row(target.square()) / target[0].numel()).sqrt()
                 weights = chosen["C"] / (per_row(data) * typical)
-                for row, value, scale in zip(rows, (per_row(target * data) / per_row(data)).tolist(),
-                                             typical.tolist()):
-                    self.photo[row].update(photo_activation=value, typical=scale)
+                best = [as_grid(target)[index, units[row]].max().item() for index, row in enumerate(rows)]
+                for row, value, scale, most in zip(rows, (per_row(target * data) / per_row(data)).tolist(),
+                                                   typical.tolist(), best):  # the photo's, where the unit is
+                    self.photo[row].update(photo_activation=value, typical=scale, photo_max=most)
             self.by_layer[layer] = (rows, data, weights, mask)
             for row in rows:
                 self.row_settings[row] = chosen
@@ -1503,7 +1504,7 @@ def task_measures(task: str, rec_loss: float, C: float, photo: dict) -> dict:
     if task == "caricature":  # <phi(x), phi0> / ||phi0||^2
         return {"projection": -rec_loss / C}
     return {"unit_activation": -rec_loss * photo["typical"] / C, "layer_rms": photo["typical"],
-            "photo_activation": photo["photo_activation"]}
+            "photo_activation": photo["photo_activation"], "photo_max": photo["photo_max"]}
 
 
 @torch.no_grad()

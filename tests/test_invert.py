@@ -949,6 +949,7 @@ def test_each_tasks_data_term_is_its_formula_by_hand():
             assert (losses["unit_activation"], losses["photo_activation"]) == (
                 pytest.approx(reached.item(), rel=1e-4), pytest.approx(photo.item(), rel=1e-4)), (scope, row)
             assert losses["rec_loss"] == pytest.approx(-3 * reached.item() / rms[row].item(), rel=1e-4)
+            assert losses["photo_max"] == pytest.approx(target[row, unit].max().item(), rel=1e-4)
             assert reached > 0  # driven up from noise
 
 

@@ -70,6 +70,9 @@ PAPER_B, PAPER_V = 80.0, 80.0 / 6.5
 # --C auto: the paper's weight of the feature term, kept up to this layer stride, then falling
 # with the stride's square (measured on the trained stand-in: tests/README.md)
 PAPER_C, FULL_C_STRIDE = 100.0, 4
+# --C auto with --task maximize: the unit's activation at 1 is within 3 % of the stride rule's, with
+# a cleaner background (tests/README.md)
+MAXIMIZE_C = 1.0
 # The plateau rule ends runs early only at layers of this stride or less: deeper layers' losses stall
 # at the first stage's rate while their pictures still gain from the last stage (tests/README.md).
 PLATEAU_STRIDE = 2
@@ -212,10 +215,13 @@ class Settings:
     task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
                         "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
                         "maximize: drive one unit of the layer (--units) as high as the priors allow, "
-                        "-phi_unit(x) / rms(phi0), phi0 the photo's", choices=TASKS)
+                        "-phi_unit(x) / rms(phi0), phi0 the photo's (with --surrogate on, the layer's own "
+                        "ReLUs leak too in the first stage, so that a unit that starts off can rise)",
+                        choices=TASKS)
     window: int = setting(0, "invert and caricature: only the central KxK positions of the layer's grid (of "
                           "tokens, for a ViT) count in the data term; 0: all", type=non_negative_int)
-    channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term",
+    channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term "
+                            "(of a ViT's grid tokens: a part never holds its class token)",
                             type=channel_group)
     unit_scope: str = setting("neuron", "maximize: a unit is its channel's neuron at the centre of the grid, "
                               "or its whole channel (the mean)", choices=UNIT_SCOPES)
@@ -233,8 +239,8 @@ class Settings:
     C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); "
                                          f"'auto': {PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, "
                                          f"then {PAPER_C:g} * ({FULL_C_STRIDE} / stride)^2, so that the "
-                                         "priors weigh more where the layer keeps less",
-                                         type=positive_weight.or_auto())
+                                         f"priors weigh more where the layer keeps less ({MAXIMIZE_C:g} for "
+                                         "--task maximize)", type=positive_weight.or_auto())
     jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on "
                                       "each axis, until the first learning-rate decay; 'auto' is the "
                                       "authors' choice, a quarter of the layer's stride less one",
@@ -911,8 +917,8 @@ class PixelImage:
 
     def initial(self, generator: torch.Generator, start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A new 1x3xHxW variable: the objective's starting noise, or the normalised image `start`."""
-        if start is not None:
-            return start.detach().clone().requires_grad_()
+        if start is not None:  # and the seed's faint noise, so that samples differ
+            return (start.detach() + initial_noise("seed", start.shape, generator).to(start)).requires_grad_()
         return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device).requires_grad_()
 
     def render(self, variables: torch.Tensor) -> tuple:
@@ -941,17 +947,17 @@ class FourierImage:
         self.paper_colour = (255 * colour / colour.norm(dim=0).max())[:, :, None, None]  # to 0-255 units
 
     def initial(self, generator: torch.Generator, start: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A new variable: a faint random spectrum, or the one that renders `start`; real, imaginary last."""
+        """A faint random spectrum, plus the one that renders `start`; real, imaginary last."""
+        faint = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator).to(self.device)
         if start is None:
-            spectrum = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator)
-            return spectrum.to(self.device).requires_grad_()
+            return faint.requires_grad_()
         colour = self.paper_colour[:, :, 0, 0]  # render's steps undone: colour, crop, spectrum and scale
         decorrelated = torch.linalg.solve(colour, to_paper_units(start.float()).flatten(2))
         (height, width), (canvas_height, canvas_width) = self.size, self.canvas
         canvas = nn.functional.pad(decorrelated.unflatten(2, self.size), (0, canvas_width - width, 0,
                                                                           canvas_height - height))
         spectrum = torch.fft.rfftn(canvas, dim=(-2, -1), norm="ortho") / self.scale
-        return torch.view_as_real(spectrum).contiguous().requires_grad_()
+        return (torch.view_as_real(spectrum) + faint / 10).requires_grad_()  # a tenth: about 2 % of a photo
 
     def render(self, variables: torch.Tensor) -> tuple:
         """The normalised images of a batch of variables, and their pixels in the paper's units."""
@@ -1072,10 +1078,13 @@ def grid_side(tokens: int) -> int:
 
 
 def as_grid(tensor: torch.Tensor) -> torch.Tensor:
-    """A layer's output as N x C x H x W, a view: maps as they are, tokens (N, T, D) on their grid."""
+    """A layer's output as N x C x H x W, a view: maps (channels last too, as Swin's), tokens (N, T, D) on
+    their grid (less a class token), and a vector as a 1x1 grid."""
     if tensor.dim() == 3:
         side = grid_side(tensor.shape[1])
         return tensor[:, tensor.shape[1] - side * side:].unflatten(1, (side, side)).permute(0, 3, 1, 2)
+    if tensor.dim() == 4 and tensor.shape[1] == tensor.shape[2] != tensor.shape[3]:  # square maps, C last
+        return tensor.permute(0, 3, 1, 2)
     return tensor if tensor.dim() == 4 else tensor.flatten(1)[:, :, None, None]
 
 
@@ -1127,7 +1136,8 @@ def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Set
 def layer_settings(settings: Settings, stride: int) -> dict:
     """A row's jitter, C, plateau, surrogate, decays and rate where its layer's stride decides them."""
     return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
-            "C": PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2 if settings.C == "auto" else settings.C,
+            "C": settings.C if settings.C != "auto" else MAXIMIZE_C if settings.task == "maximize" else
+            PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
             "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
             "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
@@ -1159,7 +1169,12 @@ class Targets:
             chosen = layer_settings(settings, layer_stride(references.shape, target))
             mask = part_mask(target, settings.window, settings.channels)
             data = target if mask is None else target * mask
-            weights = chosen["C"] / per_row(data.square())  # C / ||target||^2
+            squares = per_row(data.square())
+            if not squares.all():  # a window or channel group where this photo has nothing
+                raise RowError({row: "the activations in --window/--channels are all zero for this photo: "
+                                "there is nothing to invert there" for row, ok in zip(rows, squares.tolist())
+                                if not ok})
+            weights = chosen["C"] / squares  # C / ||target||^2
             if settings.task == "maximize":  # the unit, weighed by the photo's typical activation
                 data = unit_directions(target, [units[row] for row in rows], settings.unit_scope)
                 typical = (per_row(target.square()) / target[0].numel()).sqrt()
@@ -1402,8 +1417,8 @@ def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optiona
     units = [units] * count if isinstance(units, int) else units
     for name, values in (("layer", layers), ("unit", units), ("activation", activations)):
         if values is not None and len(values) != count:
-            raise UsageError(f"invert() needs one {name} for every row of the references, or one for all: "
-                             f"got {len(values)} for {count} rows")
+            raise UsageError(f"invert() needs one {name} for every row of the references (a layer or unit "
+                             f"may be one for all): got {len(values)} for {count} rows")
     if (units is None) == (settings.task == "maximize"):
         raise UsageError("task='maximize' needs units (--units), and only it takes them")
     try:
@@ -1694,12 +1709,16 @@ def plan(args: argparse.Namespace) -> list:
         list(dict.fromkeys(int(unit) for unit in args.units))
     if (args.units is None) == (args.task == "maximize"):
         raise UsageError("--task maximize needs --units, and only it takes them")
+    if args.features and args.task != "invert":
+        raise UsageError("--features works with --task invert: a caricature starts from a photo, and a "
+                         "unit's weight comes from one")
     if args.features and (len(layers) > 1 or args.image_path != [str(DEFAULT_IMAGE)]):
         raise UsageError("--features are one layer's activations, in place of a photo: give one --layer_name "
                          "and no --image_path")
     several = len(paths) * len(layers) * len(units) > 1
     if args.output and (several or Path(args.output).suffix.lower() != ".png"):
-        raise UsageError("--output names one file: with several layers or images, use --output_dir" if several
+        raise UsageError("--output names one file: with several layers, images or units, use --output_dir"
+                         if several
                          else f"--output {args.output} must end in .png")
     if args.output:
         return [Row(paths[0], layers[0], Path(args.output), None, units[0])]
@@ -1725,9 +1744,11 @@ def plan(args: argparse.Namespace) -> list:
 
 
 def in_shard(rows: list, part: int, parts: int) -> list:
-    """The rows of photos part, part + parts, part + 2 parts, ...: a photo's rows stay together."""
-    mine = set(list(dict.fromkeys(row.image_path for row in rows))[part::parts])
-    return [row for row in rows if row.image_path in mine]
+    """The rows of groups part, part + parts, ...: the rows of one montage (a photo's layers, or a layer's
+    units), else of one photo, stay together."""
+    groups = [row.montage or row.image_path for row in rows]
+    mine = set(list(dict.fromkeys(groups))[part::parts])
+    return [row for row, group in zip(rows, groups) if group in mine]
 
 
 def real(path) -> Path:
@@ -1798,7 +1819,8 @@ def finished(record: Optional[dict], wanted: dict, row: Row, samples: int, gif: 
     return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
             and all(record.get(key) == value for key, value in wanted.items())
             and all(row.sample(index).is_file() for index in range(samples))
-            and (row.file(".gif").is_file() or not gif))
+            and (row.file(".gif").is_file() or not gif)
+            and (row.file("_field.png").is_file() or not wanted["settings"]["window"]))
 
 
 def index_line(record: dict, name: str) -> Optional[dict]:
@@ -1813,7 +1835,7 @@ def index_line(record: dict, name: str) -> Optional[dict]:
     if not all(isinstance(line[key], str) and line[key] for key in ("image_path", "layer_name", "status",
                                                                    "model")):
         return None
-    return {column: encodable(str(value)) for column, value in line.items()}
+    return {column: "" if value is None else encodable(str(value)) for column, value in line.items()}
 
 
 def encodable(text: str) -> str:
@@ -2045,9 +2067,13 @@ class Job:
         self.saved = {}  # --features: the activations, batched as the layer's output
         for row in rows:
             output = outputs[self.layers[row.layer_name]]
+            part_mask(output, self.settings.window, self.settings.channels)  # refuses a misfit part now
             if self.args.features:
                 features = load_features(self.photos[row.image_path].data, row.image_path)
-                features = features[None] if features.shape == output.shape[1:] else features
+                features = features[None] if features.dim() == output.dim() - 1 else features
+                if len(features) != 1:
+                    raise UsageError(f"--features {row.image_path} holds {len(features)} rows of "
+                                     "activations: save one image's")
                 blank = torch.zeros(1, 3, self.args.input_size, self.args.input_size, device=self.device)
                 self.saved[row.image_path] = reference_features(
                     self.model, [self.layers[row.layer_name]], blank, "fp32", features.to(self.device))[0][2]
@@ -2130,7 +2156,9 @@ class Job:
             with autocast(self.settings.precision, self.device):
                 scores = [self.model(batch.to(self.device)) for batch in (photos, images)]
             scores = [score.float() for score in scores if isinstance(score, torch.Tensor)]
-        except FORWARD_ERRORS:  # a model whose whole forward this input does not suit
+        except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
             return [{}] * len(images)
         if len(scores) < 2 or not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
             return [{}] * len(images)

@@ -66,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--figure", type=Path, default=None, help="where section 5 writes its figure")
-    parser.add_argument("--maximize_C", default="1", help="--C of the figure's units")
+    parser.add_argument("--maximize_C", default="auto", help="--C of the figure's units (auto: the tool's)")
     options = parser.parse_args()
     model = invert.load_model("vgg16_bn", str(stand_in.build()), progress=False)
     device = torch.device("cpu")

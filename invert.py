@@ -373,21 +373,21 @@ def load_photo(path, size: int, data: Optional[bytes] = None) -> torch.Tensor:
 
 
 class Photo(NamedTuple):
-    """A photo as planned: its hash, or why it cannot be used; its bytes where it is a pipe (read once)."""
+    """A photo as planned: its hash, or why it cannot be used; its bytes if a pipe or saved activations."""
 
     sha256: Optional[str]
     error: Optional[str]
     data: Optional[bytes]
 
 
-def read_photo(path: str, size: int) -> Photo:
-    """Read a photo once, hash it, and check that it decodes and fits in memory."""
+def read_photo(path: str, size: int, features: bool = False) -> Photo:
+    """Read a photo (or saved activations) once, hash it, and check that it decodes and fits in memory."""
     try:
-        data = read_bytes(path)
-        load_photo(path, size, data)
+        data = read_bytes(path, "--features" if features else "--image_path")
+        load_features(data, path) if features else load_photo(path, size, data)
     except UsageError as error:
         return Photo(None, str(error), None)
-    kept = None if stat.S_ISREG(os.stat(path).st_mode) else data
+    kept = data if features or not stat.S_ISREG(os.stat(path).st_mode) else None
     return Photo(hashlib.sha256(data).hexdigest(), None, kept)
 
 
@@ -404,16 +404,6 @@ def load_features(data: bytes, path: str) -> torch.Tensor:
         kind = f"{tensor.dtype} values" if isinstance(tensor, torch.Tensor) else f"a {type(tensor).__name__}"
         raise UsageError(f"--features {path} holds {kind}, not a float tensor")
     return tensor.float()
-
-
-def read_features(path: str, size: int) -> Photo:
-    """Read saved activations once, hash them, and check that they are a tensor."""
-    try:
-        data = read_bytes(path, "--features")
-        load_features(data, path)
-    except UsageError as error:
-        return Photo(None, str(error), None)
-    return Photo(hashlib.sha256(data).hexdigest(), None, data)
 
 
 def ours(path) -> bool:
@@ -2011,7 +2001,7 @@ class Job:
         for row in rows:
             self.by_photo.setdefault(row.image_path, []).append(row)
         weights, weights_data = weights_identity(args.model, args.weights)
-        self.photos = {path: (read_features if args.features else read_photo)(path, args.input_size)
+        self.photos = {path: read_photo(path, args.input_size, bool(args.features))
                        for path in dict.fromkeys(row.image_path for row in rows)}
         self.previous = previous = {row: read_record(row.file(".json")) for row in rows}
         check_outputs(args, rows, previous, everyone)

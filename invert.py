@@ -213,7 +213,8 @@ class Settings:
     """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
     task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
-                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
+                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2 "
+                        "(its files end in _caricature); "
                         "maximize: drive one unit of the layer (--units) as high as the priors allow, "
                         "-phi_unit(x) / rms(phi0), phi0 the photo's (with --surrogate on, the layer's own "
                         "ReLUs leak too in the first stage, so that a unit that starts off can rise)",
@@ -1119,6 +1120,8 @@ def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Set
         mask = part_mask(output, settings.window, settings.channels)
         gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
     reached = gradient.abs().sum((0, 1)) > 0
+    if not reached.any():
+        raise UsageError("the window's activations do not depend on the input: no receptive field to draw")
     rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
     return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
 
@@ -1719,15 +1722,17 @@ def plan(args: argparse.Namespace) -> list:
     except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
         longest = 255
     # room for the photo's name beside the longest endings: a sample's, or the diverged image's
-    tail = "" if units == [None] else f"_unit{max(units)}"
+    tail = "_caricature" if args.task == "caricature" else f"_unit{max(units)}" if units != [None] else ""
     room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png")) - len(
         os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}{tail}"))
     names = photo_names(paths, room)
 
+    task = "_caricature" if args.task == "caricature" else ""  # a unit's name has its _unitN
+
     def row(path: str, layer: str, unit: Optional[int]) -> Row:
-        stem = f"{names[path]}_{args.model}_{layer}"
+        stem = f"{names[path]}_{args.model}_{layer}{task}"
         mosaic = folder / (f"{stem}_units.png" if unit is not None else
-                           f"{names[path]}_{args.model}_montage.png")
+                           f"{names[path]}_{args.model}{task}_montage.png")
         return Row(path, layer, folder / (stem + ("" if unit is None else f"_unit{unit}") + ".png"),
                    mosaic if len(units if unit is not None else layers) > 1 else None, unit)
     return [row(path, layer, unit) for path in paths for layer in layers for unit in units]
@@ -1809,6 +1814,7 @@ def finished(record: Optional[dict], wanted: dict, row: Row, samples: int, gif: 
     return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
             and all(record.get(key) == value for key, value in wanted.items())
             and all(row.sample(index).is_file() for index in range(samples))
+            and all(row.file(ending).is_file() for ending in ("_mean.png", "_spread.png") if samples > 1)
             and (row.file(".gif").is_file() or not gif)
             and (row.file("_field.png").is_file() or not wanted["settings"]["window"]))
 
@@ -2060,6 +2066,11 @@ class Job:
             part_mask(output, self.settings.window, self.settings.channels)  # refuses a misfit part now
             if self.args.features:
                 features = load_features(self.photos[row.image_path].data, row.image_path)
+                if features.dim() not in (output.dim() - 1, output.dim()):
+                    shapes = ["x".join(map(str, shape)) or "one number" for shape in (features.shape,
+                                                                                      output.shape[1:])]
+                    raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives "
+                                     f"{shapes[1]} at this input size")
                 features = features[None] if features.dim() == output.dim() - 1 else features
                 if len(features) != 1:
                     raise UsageError(f"--features {row.image_path} holds {len(features)} rows of "
@@ -2146,9 +2157,10 @@ class Job:
             with autocast(self.settings.precision, self.device):
                 scores = [self.model(batch.to(self.device)) for batch in (photos, images)]
             scores = [score.float() for score in scores if isinstance(score, torch.Tensor)]
-        except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit
-            if isinstance(error, torch.OutOfMemoryError):
-                raise
+        except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit, or memory
+            if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+                self.bar.write(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})",
+                               sys.stderr)
             return [{}] * len(images)
         if len(scores) < 2 or not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
             return [{}] * len(images)
@@ -2224,7 +2236,7 @@ class Job:
             shown_files = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
                 (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)
                 for kind in ("mean", "spread")]
-            with contextlib.suppress(UsageError):  # a photo gone since: its rows are saved, and say so
+            with contextlib.suppress(UsageError, OSError):  # a photo or picture gone since: rows say so
                 if all(row in self.done for row in mine):
                     tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
                     photo = None if units or self.args.features else deprocess(self.photo(mine[0].image_path))

@@ -638,9 +638,21 @@ def test_a_task_with_samples_resumes_and_shards_as_inversions_do(task, photos, t
     before = {path: path.stat().st_mtime_ns for path in (tmp_path / "whole").glob("*.json")}
     code, _, err = cli(*args, "--resume", "--output_dir", tmp_path / "whole")
     assert code == 0 and {path: path.stat().st_mtime_ns for path in before} == before, err
-    if not units:  # the same files, another task: redone
+    if not units:  # another task is another row, with its own files: the caricatures stay
         assert cli(*args, "--resume", "--task", "invert", "--output_dir", tmp_path / "whole")[0] == 0
-        assert all(path.stat().st_mtime_ns != before[path] for path in before)
+        assert {path: path.stat().st_mtime_ns for path in before} == before
+        assert len(index_of(tmp_path / "whole")) == 8 and all(path.stem.endswith("_caricature") for path in before)
+
+
+def test_the_units_of_one_photo_spread_over_shards_a_layer_at_a_time(photo, tmp_path, cli):
+    args = [*FAST, *LAYERS, "--task", "maximize", "--units", "0", "5", "--epochs", "2", "--image_path", photo]
+    assert cli(*args, "--output_dir", tmp_path / "whole")[0] == 0
+    assert cli(*args, "--shard", "1/2", "--output_dir", tmp_path / "sharded")[0] == 0
+    assert {path.name for path in (tmp_path / "sharded").glob("*.png")} == {
+        "photo_squeezenet1_1_features_7_unit0.png", "photo_squeezenet1_1_features_7_unit5.png",
+        "photo_squeezenet1_1_features_7_units.png"}  # the second layer, its mosaic whole
+    assert cli(*args, "--shard", "0/2", "--output_dir", tmp_path / "sharded")[0] == 0
+    compare_jobs(tmp_path / "whole", tmp_path / "sharded")
 
 
 def test_a_window_records_its_receptive_field_and_draws_it(photo, tmp_path, cli):
@@ -695,3 +707,6 @@ def test_saved_activations_are_inverted_and_a_misfit_is_refused_in_one_line(phot
     code, _, err = cli(*FAST, "--features", tmp_path / "saved.pt", "--task", "caricature", "--output_dir",
                        tmp_path / "bad")
     assert code == 2 and "--features works with --task invert" in err
+    torch.save(torch.tensor(1.0), tmp_path / "scalar.pt")
+    code, _, err = cli(*FAST, "--features", tmp_path / "scalar.pt", "--output_dir", tmp_path / "bad")
+    assert code == 2 and "the saved activations are one number, but the layer gives 128x15x15" in err

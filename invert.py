@@ -1037,12 +1037,24 @@ def reference_features(model: nn.Module, layers: list, references: torch.Tensor,
     targets = [(layer, rows, batch.float())
                for layer, rows, batch in checked_forward(model, layers, references, precision)]
     if activations is not None:  # activations from elsewhere, in place of the references'
-        for layer, rows, target in targets:
-            if activations.shape[1:] != target.shape[1:]:
-                shapes = ["x".join(map(str, tensor.shape[1:])) for tensor in (activations, target)]
-                raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives {shapes[1]} at "
-                                 "this input size")
-        targets = [(layer, rows, activations[rows].to(target)) for layer, rows, target in targets]
+        targets = [(layer, rows, fitted(activations, target)[rows].to(target))
+                   for layer, rows, target in targets]
+    return refuse_unsound(targets, precision)
+
+
+def fitted(activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Saved activations batched as the layer's `output`; UsageError naming both shapes where they misfit."""
+    batched = activations[None] if activations.dim() == output.dim() - 1 else activations
+    if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:
+        saved = activations.shape[1:] if activations.dim() == output.dim() else activations.shape
+        shapes = ["x".join(map(str, shape)) or "one number" for shape in (saved, output.shape[1:])]
+        raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives {shapes[1]} at this "
+                         "input size")
+    return batched
+
+
+def refuse_unsound(targets: list, precision: str) -> list:
+    """`targets` (layer, rows, activations) as they are; RowError for rows not finite or all zero."""
     reasons = {}
     for _, rows, target in targets:
         finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
@@ -1161,14 +1173,15 @@ class Targets:
                                                       activations):
             chosen = layer_settings(settings, layer_stride(references.shape, target))
             mask = part_mask(target, settings.window, settings.channels)
-            data = target if mask is None else target * mask
-            squares = per_row(data.square())
-            if not squares.all():  # a window or channel group where this photo has nothing
-                raise RowError({row: "the activations in --window/--channels are all zero for this photo: "
-                                "there is nothing to invert there" for row, ok in zip(rows, squares.tolist())
-                                if not ok})
-            weights = chosen["C"] / squares  # C / ||target||^2
-            if settings.task == "maximize":  # the unit, weighed by the photo's typical activation
+            if settings.task != "maximize":
+                data = target if mask is None else target * mask
+                squares = per_row(data.square())
+                if not squares.all():  # a window or channel group where this photo has nothing
+                    raise RowError({row: "the activations in --window/--channels are all zero for this "
+                                    "photo: there is nothing to invert there"
+                                    for row, ok in zip(rows, squares.tolist()) if not ok})
+                weights = chosen["C"] / squares  # C / ||target||^2
+            else:  # the unit, weighed by the photo's typical activation
                 data = unit_directions(target, [units[row] for row in rows], settings.unit_scope)
                 typical = (per_row(target.square()) / target[0].numel()).sqrt()
                 weights = chosen["C"] / (per_row(data) * typical)
@@ -1485,11 +1498,12 @@ def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: 
 
 def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, jittering: list,
              alive: Optional[list] = None) -> tuple:
-    """Render, forward, weigh: (the images the network saw, each term per row), for loop and result."""
+    """Render, forward, weigh: (the images the network saw, each term per row, the layers' outputs)."""
     images, (whole, pixels) = canvases.render(jittering)
     with autocast(settings.precision, images.device):
         outputs = layer_batches(model, targets.layers_in_use(), images, alive)
-    return images, {"rec_loss": targets.feature_terms(outputs), **prior_terms(settings, whole, pixels)}
+    terms = {"rec_loss": targets.feature_terms(outputs), **prior_terms(settings, whole, pixels)}
+    return images, terms, outputs
 
 
 def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
@@ -1524,7 +1538,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: list, sc
         group.use(group.members)
         targets.use(group.members)
         for _ in range(2):
-            seen, values = evaluate(model, settings, targets, group, [False] * len(group.members))
+            seen, values, outputs = evaluate(model, settings, targets, group, [False] * len(group.members))
             broken = group.check(values["rec_loss"] + values["alpha_loss"] + values["tv_loss"])
             group.copy(broken, group.kept, group.variable)
             for row in broken:
@@ -1532,8 +1546,7 @@ def final_result(model, settings: Settings, targets: Targets, canvases: list, sc
             if not broken:
                 break
         if settings.task == "caricature":
-            values["cosine"] = targets.cosines(checked_forward(model, targets.layers_in_use(), seen,
-                                                               settings.precision))
+            values["cosine"] = targets.cosines(outputs)
         images.append(seen)
         terms.append(values)
     members = [group.members for group in canvases]
@@ -1991,6 +2004,11 @@ def save_json(path: Path, record: dict) -> None:
 # ---------------------------------------------------------------- the job
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device's, or a CPU allocator's, out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 class Job:
     """The command line's rows, planned and checked before the work, then inverted batch by batch."""
 
@@ -2003,9 +2021,10 @@ class Job:
         everyone = list(dict.fromkeys(row.image_path for row in job))
         self.shard = shard_of(args.shard, len(everyone))
         self.rows = rows = in_shard(job, *self.shard)
-        self.by_photo = {}  # each photo's rows
+        self.by_photo, self.by_montage = {}, {}  # each photo's rows, each montage's
         for row in rows:
             self.by_photo.setdefault(row.image_path, []).append(row)
+            self.by_montage.setdefault(row.montage, []).append(row)
         weights, weights_data = weights_identity(args.model, args.weights)
         self.photos = {path: read_photo(path, args.input_size, bool(args.features))
                        for path in dict.fromkeys(row.image_path for row in rows)}
@@ -2065,19 +2084,12 @@ class Job:
             output = outputs[self.layers[row.layer_name]]
             part_mask(output, self.settings.window, self.settings.channels)  # refuses a misfit part now
             if self.args.features:
-                features = load_features(self.photos[row.image_path].data, row.image_path)
-                if features.dim() not in (output.dim() - 1, output.dim()):
-                    shapes = ["x".join(map(str, shape)) or "one number" for shape in (features.shape,
-                                                                                      output.shape[1:])]
-                    raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives "
-                                     f"{shapes[1]} at this input size")
-                features = features[None] if features.dim() == output.dim() - 1 else features
+                features = fitted(load_features(self.photos[row.image_path].data, row.image_path), output)
                 if len(features) != 1:
                     raise UsageError(f"--features {row.image_path} holds {len(features)} rows of "
                                      "activations: save one image's")
-                blank = torch.zeros(1, 3, self.args.input_size, self.args.input_size, device=self.device)
-                self.saved[row.image_path] = reference_features(
-                    self.model, [self.layers[row.layer_name]], blank, "fp32", features.to(self.device))[0][2]
+                saved = [(None, [0], features.to(output.device))]
+                self.saved[row.image_path] = refuse_unsound(saved, "fp32")[0][2]
             if row.unit is not None:
                 unit_directions(output, [row.unit], self.settings.unit_scope)
 
@@ -2125,7 +2137,7 @@ class Job:
                     self.fail(rows[index], reason)
                 continue
             except RuntimeError as error:  # out of memory: the estimate was wrong, or others share the device
-                if not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+                if not out_of_memory(error):
                     raise
                 short = one_line(error)  # the batch's tensors go with the error, outside this block
             finally:
@@ -2158,16 +2170,16 @@ class Job:
                 scores = [self.model(batch.to(self.device)) for batch in (photos, images)]
             scores = [score.float() for score in scores if isinstance(score, torch.Tensor)]
         except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit, or memory
-            if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+            if out_of_memory(error):
                 self.bar.write(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})",
                                sys.stderr)
             return [{}] * len(images)
         if len(scores) < 2 or not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
             return [{}] * len(images)
-        (photo, preimage), task = (score.softmax(1) for score in scores), self.settings.task
+        photo, preimage = (score.softmax(1) for score in scores)
         wanted, got = photo.argmax(1), preimage.argmax(1)
         probability = preimage.gather(1, wanted[:, None])[:, 0]
-        if task == "maximize" or self.args.features:  # no photo to agree with
+        if self.settings.task == "maximize" or self.args.features:  # no photo to agree with
             return [{"preimage_top1": label} for label in got.tolist()]
         return [{"photo_top1": photo_label, "preimage_top1": label, "top1_agree": photo_label == label,
                  "photo_probability": round(chance, 6)}
@@ -2231,7 +2243,7 @@ class Job:
         after the photo, or (maximize) a layer's mosaic of units."""
         units = self.settings.task == "maximize"
         for path in dict.fromkeys(row.montage for row in rows if row.montage):
-            mine = [row for row in self.rows if row.montage == path]
+            mine = self.by_montage[path]
             names = [f"unit {row.unit}" if units else row.layer_name for row in mine]
             shown_files = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
                 (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)

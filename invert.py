@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
-"""Invert layers of a pretrained CNN: find images whose activations there match a photo's.
+"""Invert a layer of a pretrained CNN: find images whose activations there match a photo's.
 
-Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them" (CVPR 2015), with
-the normalised objective of their IJCV 2016 follow-up.
+Mahendran & Vedaldi, "Understanding Deep Image Representations by Inverting Them" (CVPR 2015), with the
+normalised objective and the other pre-images of their IJCV 2016 follow-up.
 
     python invert.py --image_path reference_images/astronaut.jpg --model alexnet --layer_name features_4
     python invert.py --model vgg16 --layer_name features_4 features_9 features_16 features_23
 
 From Python, on any nn.Module:
 
-    from invert import invert
-    result = invert(model, model.features[4], photo_tensor, objective="seed", epochs=100)
+    from invert import invert, load_image, preprocess
+    photo = preprocess(load_image("reference_images/astronaut.jpg"), 227)
+    result = invert(model, model.features[4], photo, objective="seed", epochs=100)
+
+The file reads top to bottom: the settings, images, layers, surrogate gradients, the losses, the image's
+parameterisations and the inversion itself, invert(); then the command line's jobs of many photos and
+layers, and the command line.
 """
 import argparse
 import contextlib
@@ -23,21 +28,22 @@ import io
 import itertools
 import json
 import math
+import operator
 import os
 import pickle
 import random
 import re
 import signal
-import stat
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 import warnings
+import zipfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import filelock  # installed with torch
 import torch
@@ -56,14 +62,9 @@ except ImportError:
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
-OBJECTIVES = ("seed", "paper")
-TASKS = ("invert", "caricature", "maximize")
-UNIT_SCOPES = ("neuron", "channel")
-OPTIMIZERS = ("sgd", "adam", "lbfgs")
-PARAMS = ("pixel", "fft")
+OBJECTIVES, TASKS, UNIT_SCOPES = ("seed", "paper"), ("invert", "caricature", "maximize"), ("neuron", "channel")
+OPTIMIZERS, PARAMS, SURROGATES = ("sgd", "adam"), ("pixel", "fft"), ("on", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # The paper's pixel scales in its mean-subtracted 0-255 units (IJCV 2016): B, a typical pixel's RGB
 # norm (the box constraint is 2B), and V, a typical difference between neighbouring pixels.
 PAPER_B, PAPER_V = 80.0, 80.0 / 6.5
@@ -79,21 +80,19 @@ PLATEAU_STRIDE = 2
 # The paper's two stages: this share of the iterations, then the rest at --decay_factor times the rate.
 FIRST_STAGE = Fraction(6, 7)
 # What --objective decides when a flag is not given. seed: the original design's whole method.
-# paper: the normalised terms, on the parameterisation and optimizer measured best for them. A
-# Fraction is a share of --epochs.
+# paper: the normalised terms, on the parameterisation and optimizer measured best for them.
 OBJECTIVE_DEFAULTS = {
     "seed": {"optimizer": "sgd", "param": "pixel", "lambda_alpha": 1e-5, "lambda_tv": 1e-5, "C": 1.0,
              "decay_epochs": 200, "plateau": 0.0, "surrogate": "off"},
     "paper": {"optimizer": "adam", "param": "fft", "lambda_alpha": 1.0, "lambda_tv": 1.0, "C": "auto",
-              "decay_epochs": FIRST_STAGE, "plateau": 0.01, "surrogate": "on"},
+              "decay_epochs": "auto", "plateau": 0.01, "surrogate": "on"},
 }
 # Learning rates per (objective, optimizer, param), measured on a trained VGG16-BN (tests/README.md).
-# The seed's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
+# The original design's 1e-2 leaves the image as noise; 1e2, the value its own comment gives, measured best.
 DEFAULT_LRS = {
-    ("seed", "sgd", "pixel"): 100.0, ("seed", "adam", "pixel"): 0.1, ("seed", "lbfgs", "pixel"): 1.0,
-    ("paper", "sgd", "pixel"): 3.0, ("paper", "adam", "pixel"): 0.1, ("paper", "lbfgs", "pixel"): 1.0,
-    ("seed", "sgd", "fft"): 0.003, ("seed", "adam", "fft"): 0.01, ("seed", "lbfgs", "fft"): 1.0,
-    ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): "auto", ("paper", "lbfgs", "fft"): 1.0,
+    ("seed", "sgd", "pixel"): 100.0, ("seed", "adam", "pixel"): 0.1, ("seed", "sgd", "fft"): 0.003,
+    ("seed", "adam", "fft"): 0.01, ("paper", "sgd", "pixel"): 3.0, ("paper", "adam", "pixel"): 0.1,
+    ("paper", "sgd", "fft"): 0.003, ("paper", "adam", "fft"): "auto",
 }
 # --lr auto: this rate, and half of it at layers of stride AUTO_LR_STRIDE or more (tests/README.md)
 AUTO_LR, AUTO_LR_STRIDE = 0.01, 4
@@ -101,6 +100,22 @@ AUTO_LR, AUTO_LR_STRIDE = 0.01, 4
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
 # .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
 GPU_CHECK_EVERY = 25
+# the plateau rule compares each image's lowest loss with its lowest this many iterations before
+PLATEAU_WINDOW = 10
+# the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
+MAX_WEIGHT, MAX_EXPONENT = 1e30, 12.0
+# --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
+SURROGATE_LEAK = 0.1
+# Adam's beta2 and epsilon: torch's defaults
+ADAM_BETA2, ADAM_EPSILON = 0.999, 1e-8
+# what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
+FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
+# a layer's channel axis is the one that does not grow when the input grows by this many pixels
+LAYOUT_PROBE = 32
+# --units all: the first this many units (channels) of the layer, or all of a layer that has fewer
+ALL_UNITS = 25
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # --batch_size auto: rows per batch at most (on a CPU, a GPU), beyond which a batch no longer gains per
 # image (tests/README.md), and the share of the free memory a batch may take by the estimate
 BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
@@ -108,27 +123,8 @@ BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
 SPREAD_WHITE = 64
 # every job's table of results, in --output_dir, rebuilt at most this often while a job runs, and at its end
 INDEX, INDEX_EVERY = "index.csv", 60.0
-INDEX_COLUMNS = ("image_path", "model", "layer_name", "task", "unit", "status", "png", "feature_error",
-                 "projection", "cosine", "unit_activation", "photo_activation", "photo_max", "rec_loss",
-                 "alpha_loss", "tv_loss", "iterations", "stopped", "seconds", "precision", "device",
-                 "mean_png", "spread_png", "spread", "photo_top1", "preimage_top1", "top1_agree",
-                 "photo_probability", "field_box", "error")
-# --units all: the first this many units (channels) of the layer
-ALL_UNITS = 25
 # every picture this tool writes carries this PNG text (a GIF comment), so that folder listings leave it out
 MARK = "invert.py"
-# the plateau rule compares each image's loss with its loss this many iterations before
-PLATEAU_WINDOW = 10
-# the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
-MAX_WEIGHT, MAX_EXPONENT = 1e30, 12.0
-# --surrogate on: through each row's first stage, a ReLU's backward leaks this slope (tests/README.md)
-SURROGATE_LEAK = 0.1
-SURROGATES = ("on", "off")
-# L-BFGS keeps this many past steps and gradients; Adam's beta2 and epsilon are torch's defaults
-LBFGS_HISTORY = 10
-ADAM_BETA2, ADAM_EPSILON = 0.999, 1e-8
-# what torchvision models raise for an input size they cannot take (ViT asserts, convs raise)
-FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 
 
 class UsageError(Exception):
@@ -144,7 +140,7 @@ class RowError(UsageError):
         super().__init__("; ".join(told) if len(reasons) > 1 else next(iter(reasons.values())))
 
 
-def shown(text) -> str:
+def printable(text) -> str:
     """A path or message as one printable line: control characters and undecodable bytes escaped."""
     return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in str(text))
 
@@ -153,10 +149,6 @@ def one_line(error: BaseException) -> str:
     """An exception's message folded onto one short line."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-class _LayerReached(Exception):
-    """Raised by the layer hook so that the forward pass stops at the hooked layer."""
 
 
 # ---------------------------------------------------------------- settings
@@ -183,7 +175,7 @@ class Checked:
         return self.auto and value == "auto" or number and math.isfinite(value) and self.test(value)
 
     def or_auto(self) -> "Checked":
-        """The same type, also taking 'auto' (a value chosen from the layer's stride)."""
+        """The same type, also taking 'auto' (a value decided when the layer or the run is known)."""
         return Checked(self.kind, self.test, f"{self.requirement} or auto", auto=True)
 
 
@@ -199,7 +191,7 @@ positive_weight = Checked(float, lambda value: 0 < value <= MAX_WEIGHT, f"> 0 an
 exponent = Checked(float, lambda value: 1 <= value <= MAX_EXPONENT, f"from 1 to {MAX_EXPONENT:g}")
 below_one = Checked(float, lambda value: 0 <= value < 1, ">= 0 and < 1")
 decay = Checked(float, lambda value: 0 < value <= 1, "> 0 and at most 1")
-channel_group = Checked(str, lambda text: text == "all" or re.fullmatch(r"\d+:\d+", text) and int(
+channel_group = Checked(str, lambda text: text == "all" or re.fullmatch(r"[0-9]+:[0-9]+", text) and int(
     text.split(":")[0]) < int(text.split(":")[1]), "all or A:B, A < B")
 
 
@@ -213,8 +205,7 @@ class Settings:
     """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
     task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
-                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2 "
-                        "(its files end in _caricature); "
+                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
                         "maximize: drive one unit of the layer (--units) as high as the priors allow, "
                         "-phi_unit(x) / rms(phi0), phi0 the photo's (with --surrogate on, the layer's own "
                         "ReLUs leak too in the first stage, so that a unit that starts off can rise)",
@@ -229,8 +220,8 @@ class Settings:
     objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas "
                              "1e-5); paper: the IJCV 2016 normalised loss with box constraint and two "
                              "stages (see the README)", choices=OBJECTIVES)
-    optimizer: Optional[str] = setting(None, "sgd: SGD with momentum; adam: Adam with --momentum as "
-                                       "beta1; lbfgs: L-BFGS, one step per iteration", choices=OPTIMIZERS)
+    optimizer: Optional[str] = setting(None, "sgd: SGD with momentum; adam: Adam with --momentum as beta1",
+                                       choices=OPTIMIZERS)
     param: Optional[str] = setting(None, "pixel: optimise pixels; fft: optimise a decorrelated-colour "
                                    "spectrum, as lucent does", choices=PARAMS)
     alpha: float = setting(6.0, "exponent of the alpha-norm prior", type=exponent)
@@ -264,7 +255,9 @@ class Settings:
                                           type=positive_float.or_auto())
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
-    decay_epochs: Optional[int] = setting(None, "iterations between learning-rate decays", type=positive_int)
+    decay_epochs: Union[int, str, None] = setting(None, f"iterations between learning-rate decays; 'auto': "
+                                                  f"the paper's first stage, {FIRST_STAGE} of --epochs",
+                                                  type=positive_int.or_auto())
     precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where "
                              "the hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, "
                              "else fp32; fp16 needs CUDA)", choices=PRECISIONS)
@@ -275,35 +268,48 @@ class Settings:
 
 
 def resolve(settings: Settings, device: torch.device) -> Settings:
-    """The settings with each None replaced by its default and the precision chosen for `device`."""
-    for field in dataclasses.fields(Settings):  # what argparse checks, for values from the Python API
+    """The settings checked as argparse checks flags, each None replaced by the objective's default and the
+    precision chosen for `device`; a setting of one task is refused with another."""
+    for field in dataclasses.fields(Settings):
         value = getattr(settings, field.name)
         choices, kind = field.metadata.get("choices"), field.metadata.get("type")
         if value is not None and choices and value not in choices:
             raise UsageError(f"--{field.name} {value!r} is not one of {', '.join(choices)}")
         if value is not None and kind and not kind.holds(value):
             raise UsageError(f"--{field.name} must be {kind.requirement}, got {value!r}")
+    if settings.task == "maximize" and (settings.window or settings.channels != "all"):
+        raise UsageError("--window and --channels are for --task invert and caricature, not maximize")
+    if settings.task != "maximize" and settings.unit_scope != "neuron":
+        raise UsageError(f"--unit_scope is for --task maximize, not {settings.task}")
     given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
     chosen = {**OBJECTIVE_DEFAULTS[settings.objective], **given}
     chosen.setdefault("lr", DEFAULT_LRS[chosen["objective"], chosen["optimizer"], chosen["param"]])
-    if isinstance(chosen["decay_epochs"], Fraction):  # a share of --epochs: decided where it is used
-        chosen["decay_epochs"] = None
-    chosen["precision"] = resolve_precision(chosen["precision"], device)
-    if chosen["task"] == "maximize" and (chosen["window"] or chosen["channels"] != "all"):
-        raise UsageError("--window and --channels are for --task invert and caricature, not maximize")
+    if chosen["precision"] == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    # natively, bf16 is faster and within 0.01 SSIM of fp32 at every benchmark layer (tests/README.md)
+    if chosen["precision"] == "auto":
+        chosen["precision"] = "bf16" if native_bf16(device) else "fp32"
     return Settings(**chosen)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, compute capability 8 on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    # private helpers, absent from older torch: then assume no
+    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("amx_tile", "avx512_bf16")]
+    return device.type == "cpu" and any(check() for check in checks if check is not None)
+
+
 def decay_iterations(settings: Settings) -> int:
-    """The iterations between learning-rate decays: --decay_epochs, else the paper's first stage."""
-    return settings.decay_epochs or max(1, round(settings.epochs * FIRST_STAGE))
+    """The iterations between learning-rate decays: --decay_epochs, or 'auto' the paper's first stage."""
+    return settings.decay_epochs if settings.decay_epochs != "auto" else max(1, round(settings.epochs *
+                                                                                        FIRST_STAGE))
 
 
 def default_help(name: str) -> str:
     """How a setting whose default is None gets its value, in words for --help."""
     def words(value):
-        if isinstance(value, Fraction):
-            return f"{value} of --epochs"
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     if name == "lr":
@@ -312,23 +318,24 @@ def default_help(name: str) -> str:
                      for objective in OBJECTIVES)
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """Turn --precision into fp32, bf16 or fp16 for this device."""
-    if spec == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    # natively, bf16 is faster and within 0.01 SSIM of fp32 at every benchmark layer (tests/README.md)
-    return spec if spec != "auto" else "bf16" if native_bf16(device) else "fp32"
+def check_task_inputs(settings: Settings, units: bool, features: bool) -> None:
+    """Refuse units where the task is not maximize (and their lack where it is), saved features but to invert."""
+    if units != (settings.task == "maximize"):
+        raise UsageError("--task maximize needs --units, and only it takes them")
+    if features and settings.task != "invert":
+        raise UsageError("--features work with --task invert only: a caricature starts from a photo, and a "
+                         "unit's weight comes from one")
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether this device runs bf16 in hardware: AMX or AVX512-BF16 on a CPU, bf16 units on a GPU."""
-    if device.type == "cuda":
-        with contextlib.suppress(TypeError):  # torch before 2.3 lacks including_emulation, counts only native
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.cuda.is_bf16_supported()
-    # private helpers, absent from older torch: then assume no
-    checks = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("amx_tile", "avx512_bf16")]
-    return device.type == "cpu" and any(check() for check in checks if check is not None)
+def unit_index(value) -> int:
+    """A unit (channel) index given as any integer: Python's, numpy's, or a 0-d integer tensor."""
+    try:
+        index = operator.index(value)  # refuses floats and text
+    except TypeError:
+        index = None
+    if index is None or isinstance(value, bool) or index < 0:
+        raise UsageError(f"--units takes unit (channel) indices, integers >= 0: got {value!r}")
+    return index
 
 
 # ---------------------------------------------------------------- images
@@ -364,60 +371,20 @@ def load_image(path, data: Optional[bytes] = None) -> Image.Image:
         raise UsageError(f"--image_path {path} is not a readable image ({one_line(error)})") from None
 
 
-def load_photo(path, size: int, data: Optional[bytes] = None) -> torch.Tensor:
-    """Open a photo and preprocess it, refusing first a resize that would not fit in memory."""
-    image = load_image(path, data)
-    # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
-    check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
-                 f"resizing {path} to --input_size {size}", "use a smaller --input_size")
-    return preprocess(image, size)
+def crop(image: Image.Image, size: int) -> Image.Image:
+    """The photo as the network sees it, in 8 bits: its shorter side resized to `size`, its centre cut out."""
+    return transforms.CenterCrop(size)(transforms.Resize(size)(image))
 
 
-class Photo(NamedTuple):
-    """A photo as planned: its hash, or why it cannot be used; its bytes if a pipe or saved activations."""
-
-    sha256: Optional[str]
-    error: Optional[str]
-    data: Optional[bytes]
-
-
-def read_photo(path: str, size: int, features: bool = False) -> Photo:
-    """Read a photo (or saved activations) once, hash it, and check that it decodes and fits in memory."""
-    try:
-        data = read_bytes(path, "--features" if features else "--image_path")
-        load_features(data, path) if features else load_photo(path, size, data)
-    except UsageError as error:
-        return Photo(None, str(error), None)
-    kept = data if features or not stat.S_ISREG(os.stat(path).st_mode) else None
-    return Photo(hashlib.sha256(data).hexdigest(), None, kept)
-
-
-def load_features(data: bytes, path: str) -> torch.Tensor:
-    """Saved activations: a float tensor that torch.save wrote; UsageError if the file holds anything else."""
-    try:
-        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle beyond tensors, or not a torch file at all
-        raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
-            from None
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        kind = f"{tensor.dtype} values" if isinstance(tensor, torch.Tensor) else f"a {type(tensor).__name__}"
-        raise UsageError(f"--features {path} holds {kind}, not a float tensor")
-    return tensor.float()
-
-
-def ours(path) -> bool:
-    """Whether an image file is a picture this tool wrote: a PNG or GIF with its mark."""
-    with contextlib.suppress(Exception), Image.open(path) as opened:
-        return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
-    return False
+def normalise(picture: Image.Image) -> torch.Tensor:
+    """An 8-bit picture as a 1x3xHxW tensor, normalised by ImageNet's mean and standard deviation."""
+    return transforms.functional.normalize(transforms.functional.to_tensor(picture), IMAGENET_MEAN,
+                                           IMAGENET_STD).unsqueeze(0)
 
 
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """Resize, centre-crop and normalise a photo into a 1x3xSxS tensor, as the seed does."""
-    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image).unsqueeze(0)
+    """Resize, centre-crop and normalise a photo into a 1x3xSxS tensor, as the original design does."""
+    return normalise(crop(image, size))
 
 
 def displayed(tensor: torch.Tensor) -> torch.Tensor:
@@ -459,19 +426,24 @@ def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
 
 
 def pretrained_weights(name: str, weights: str):
-    """torchvision's weights `weights` (DEFAULT or an enum name) of `name`; None for a file or 'none'."""
+    """torchvision's weights `weights` (DEFAULT or an enum name) of `name`; None for 'none' or a file."""
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(names)}"
         raise UsageError(f"unknown --model {name!r}; {hint}")
-    if weights.lower() == "none" or looks_like_path(weights):
-        return None
     enum = torchvision.models.get_model_weights(name)
+    if weights.lower() == "none" or weights not in enum.__members__ and looks_like_path(weights):
+        return None  # a weights name wins over a file or folder of that name: ./DEFAULT names the file
     if weights not in enum.__members__:
         raise UsageError(f"--weights {weights!r} is not a file, 'none', or one of {name}'s weights: "
                          f"{', '.join(enum.__members__)}")
     return enum[weights]
+
+
+def looks_like_path(weights: str) -> bool:
+    """Whether --weights names a file rather than a torchvision weights enum member."""
+    return os.sep in weights or "/" in weights or Path(weights).suffix != "" or Path(weights).exists()
 
 
 def weights_identity(name: str, weights: str) -> tuple:
@@ -486,25 +458,18 @@ def weights_identity(name: str, weights: str) -> tuple:
 def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
     """Torchvision model `name`, frozen, with DEFAULT, enum, state-dict-file (or `data`) or no weights."""
     chosen = pretrained_weights(name, weights)
-    model = load_pretrained(name, chosen, progress) if chosen is not None else random_model(name)
+    if chosen is not None:
+        model = load_pretrained(name, chosen, progress)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # googlenet's and inception_v3's init notice
+            model = torchvision.models.get_model(name, weights=None)
     if weights.lower() == "none":
         print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
               "show what a trained network sees", file=sys.stderr)
     elif chosen is None:
         load_state_dict_file(model, name, Path(weights), data)
     return model.eval().requires_grad_(False)
-
-
-def random_model(name: str) -> nn.Module:
-    """Build a randomly initialised model, without torchvision's notice about future init defaults."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # googlenet and inception_v3 print one
-        return torchvision.models.get_model(name, weights=None)
-
-
-def looks_like_path(weights: str) -> bool:
-    """Whether --weights names a file rather than a torchvision weights enum member."""
-    return os.sep in weights or "/" in weights or Path(weights).suffix != "" or Path(weights).exists()
 
 
 def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
@@ -556,8 +521,8 @@ def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional
     model.load_state_dict(state)
 
 
-def seed_form(name: str) -> str:
-    """The seed's spelling of a dotted module name: features.4 -> features_4."""
+def underscored(name: str) -> str:
+    """The original design's spelling of a dotted module name: features.4 -> features_4."""
     return name.replace(".", "_")
 
 
@@ -565,9 +530,9 @@ def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
     """Return (dotted name, module) for `features_4`, `features.4`, `layer3.1.conv2` and the like."""
     dotted = [name for name, _ in model.named_modules() if name]
     # a module's real name wins over another module's underscored spelling
-    spellings = {**{seed_form(name): name for name in reversed(dotted)}, **{name: name for name in dotted}}
+    spellings = {**{underscored(name): name for name in reversed(dotted)}, **{name: name for name in dotted}}
     if layer_name not in spellings:
-        valid = [seed_form(name) for name in dotted]
+        valid = [underscored(name) for name in dotted]
         close = difflib.get_close_matches(layer_name, valid, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UsageError(f"unknown --layer_name {layer_name!r}; {hint}valid names: {', '.join(valid)}")
@@ -585,64 +550,40 @@ def forward_hooks(hooks: dict):
             handle.remove()
 
 
-def layer_batches(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
-                  alive: Optional[list] = None) -> list:
-    """Per layer in the order they ran, (the layer, its rows, their outputs); `alive`: the batch's rows."""
-    # `alive`, if given, is kept equal to the rows in the batch as it reaches each module (for Surrogate)
-    # the forward stops after the deepest layer; in a plain nn.Sequential, rows also leave at their own
-    wanted = list(dict.fromkeys(layers))
-    chain = chain_of(model, wanted) if len(wanted) > 1 else None
-    batches = []
-    alive = [] if alive is None else alive
-    alive[:] = range(len(layers))
+class _LayerReached(Exception):
+    """Raised by the layer's hook so that the forward pass stops there."""
+
+
+def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The layer's output for `images`; the forward pass stops at the layer (its first call)."""
+    outputs = []
 
     def hook(module, inputs, output):
-        if any(module is done for done, _, _ in batches):
-            return None
-        if not isinstance(output, torch.Tensor):
-            raise UsageError(f"a chosen layer returns a {type(output).__name__}, not a tensor; "
-                             "choose another (see --list_layers)")
-        here = [index for index, row in enumerate(alive) if layers[row] is module]
-        staying = [index for index, row in enumerate(alive) if layers[row] is not module]
-        last = len(batches) + 1 == len(wanted)
-        # where the whole batch runs on, a copy: an in-place ReLU could change this output
-        source = output if chain is not None or last else output.clone()
-        if len(here) < len(source):  # all rows: no slice, which costs a full-size copy in the backward pass
-            together = here == list(range(here[0], here[-1] + 1))
-            source = source[here[0]:here[-1] + 1] if together else source[here]
-        batches.append((module, [alive[index] for index in here], source))
-        if last:
-            raise _LayerReached
-        if chain is not None:
-            alive[:] = [alive[index] for index in staying]
-            return output[staying]
-        return None
+        outputs.append(output)
+        raise _LayerReached
 
-    with forward_hooks({layer: hook for layer in wanted}):
-        try:
-            model(images.clone())  # a copy: a network may change its input in place (a first in-place ReLU)
-        except _LayerReached:
-            pass
-    if len(batches) < len(wanted):
-        raise UsageError("a chosen layer is not used in the model's forward pass")
-    return batches
+    with forward_hooks({layer: hook}), contextlib.suppress(_LayerReached):
+        model(images.clone())  # a copy: a network may change its input in place (a first in-place ReLU)
+    if not outputs:
+        raise UsageError("the chosen layer is not used in the model's forward pass")
+    if not isinstance(outputs[0], torch.Tensor):
+        raise UsageError(f"the chosen layer returns a {type(outputs[0]).__name__}, not a tensor; choose "
+                         "another (see --list_layers)")
+    return outputs[0]
 
 
-def chain_of(model: nn.Module, layers: list) -> Optional[nn.Sequential]:
-    """The plain nn.Sequential (no forward of its own) whose direct children all of `layers` are."""
-    for module in model.modules():
-        if type(module).forward is nn.Sequential.forward and isinstance(module, nn.Sequential):
-            children = [id(child) for child in module.children()]
-            if all(id(layer) in children for layer in layers):
-                return module
-    return None
+def autocast(precision: str, device: torch.device):
+    """A context that runs the forward pass in `precision` (fp32, bf16 or fp16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def checked_forward(model: nn.Module, layers: list, images: torch.Tensor, precision: str) -> list:
-    """layer_batches without gradients, in `precision`; UsageError if the model cannot take this size."""
+def checked_output(model: nn.Module, layer: nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """The layer's fp32 output, without gradients; UsageError if the model cannot take this input size."""
     try:
         with torch.no_grad(), autocast(precision, images.device):
-            return layer_batches(model, layers, images)
+            return layer_output(model, layer, images).float()
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
         shape = "x".join(map(str, images.shape[1:]))
         raise UsageError(f"the model cannot compute this layer for a {shape} input: change --input_size "
@@ -650,37 +591,42 @@ def checked_forward(model: nn.Module, layers: list, images: torch.Tensor, precis
 
 
 def not_finite(what: str, precision: str) -> str:
-    """The message for activations that are not finite before any optimisation."""
+    """The message for a layer's activations that are not finite before any optimisation."""
     return (f"the layer's activations for {what} are not finite (NaN or inf) in {precision}: the weights "
             "are unsound or the precision overflows; --lr is not the cause")
 
 
-def check_model(model: nn.Module, layers: list, size: int, device: torch.device, precision: str) -> dict:
-    """Each layer's output for a blank image; UsageError before the work if it cannot run or is not finite."""
-    blank = torch.zeros(len(layers), 3, size, size, device=device)
-    batches = checked_forward(model, layers, blank, precision)
-    if not all(torch.isfinite(output).all() for _, _, output in batches):
-        raise UsageError(not_finite("a blank image", precision))
-    return {layer: output[:1] for layer, _, output in batches}
+def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size: tuple, precision: str) -> int:
+    """The axis of the layer's output that holds its channels: of its grid's axes, the one that does not
+    grow with the input (a Swin stage at --input_size 384 is 96x96x96)."""
+    if output.dim() < 3:
+        return 1
+    with contextlib.suppress(UsageError):
+        larger = torch.zeros(1, 3, size[0] + LAYOUT_PROBE, size[1] + LAYOUT_PROBE, device=output.device)
+        grown = checked_output(model, layer, larger, precision).shape
+        fixed = [axis for axis in range(1, output.dim()) if grown[axis] == output.shape[axis]]
+        if len(grown) == output.dim() and len(fixed) == 1:
+            return fixed[0]
+    # a model that takes one input size (a ViT), or a grid that does not follow it (an adaptive pool):
+    # tokens hold their channels last, and maps first unless only their last side differs
+    return output.dim() - 1 if output.dim() == 3 or output.shape[1] == output.shape[2] != output.shape[3] else 1
 
 
-def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
-    """(seed-form name, dotted name, module type, output shape) of every submodule at this input size."""
-    named = [(name, module) for name, module in model.named_modules() if name]
-    shapes = {}
+def as_grid(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """A layer's output (channels at `axis`) as N x C x H x W, a view: maps, tokens on their grid (less a
+    class token where the rest make a square), anything else as a 1x1 grid."""
+    moved = tensor.movedim(axis, 1)
+    if moved.dim() == 3:
+        tokens = moved.shape[2]
+        side = math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
+        return moved[:, :, tokens - side * side:].unflatten(2, (side, side))
+    return moved if moved.dim() == 4 else moved.flatten(1)[:, :, None, None]
 
-    def record(module, inputs, output):  # returns None, so the output passes on unchanged
-        shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
-                          else type(output).__name__)
 
-    unused = "not run in eval mode"
-    try:
-        with forward_hooks({module: record for _, module in named}), torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device))
-    except FORWARD_ERRORS:  # the layers before the failure still have their shapes
-        unused = f"not reached: the model fails at --input_size {size}"
-    return [(seed_form(name), name, type(module).__name__, shapes.get(module, unused))
-            for name, module in named]
+def layer_stride(size: tuple, grid: torch.Tensor) -> int:
+    """How many input pixels one step of the layer's grid spans (the whole input for a layer without a grid,
+    and 1 for a layer larger than its input)."""
+    return max(1, size[0] // grid.shape[-2])
 
 
 # ---------------------------------------------------------------- surrogate gradients
@@ -721,17 +667,17 @@ def as_pair(value) -> tuple:
 
 
 class Surrogate:
-    """For the rows that ask, leaky-ReLU and average-pool gradients below their layer; forward values kept."""
+    """For the rows that ask, leaky-ReLU and average-pool gradients below the layer; forward values kept."""
     # ReLUs run out of place meanwhile, since the leak needs their inputs; F.relu in a forward is not a module
 
-    def __init__(self, model: nn.Module, own: bool = False):
-        self.own = own  # the layer's own ReLU too: a unit to maximise must not start dead
-        self.relus = [module for module in model.modules() if isinstance(module, (nn.ReLU, nn.ReLU6))]
-        self.pools = [module for module in model.modules() if isinstance(module, nn.AdaptiveMaxPool2d)
+    def __init__(self, model: nn.Module, layer: nn.Module, own: bool = False):
+        # the layer's own ReLU too where `own`: a unit to maximise must not start dead
+        modules = [module for module in model.modules() if own or module is not layer]
+        self.relus = [module for module in modules if isinstance(module, (nn.ReLU, nn.ReLU6))]
+        self.pools = [module for module in modules if isinstance(module, nn.AdaptiveMaxPool2d)
                       or isinstance(module, nn.MaxPool2d) and as_pair(module.dilation) == (1, 1)]
         self.inplace = [module.inplace for module in self.relus]
-        self.alive = []  # the positions of the rows in the batch as it reaches each module (layer_batches')
-        self.layers, self.asking, self.key, self.masks = [], [], None, {}
+        self.asking, self.masks = [], {}
 
     def __enter__(self) -> "Surrogate":
         self.hooks = forward_hooks({module: self.hook for module in self.relus + self.pools})
@@ -743,27 +689,26 @@ class Surrogate:
         for module, inplace in zip(self.relus, self.inplace):
             module.inplace = inplace
 
-    def use(self, layers: list, asking: list) -> None:
-        """From now on, the rows of the forward pass have these layers, and these ask for the surrogate."""
-        key = (*map(id, layers), *asking)  # few over a call: rows only ever stop, and stages only end
-        if key != self.key:
-            self.layers, self.asking, self.key = layers, asking, key
+    def use(self, asking: list) -> None:
+        """From now on, which rows of the batch take the surrogate gradients: a boolean each."""
+        if asking != self.asking:
+            self.asking, self.masks = asking, {}
             for module, inplace in zip(self.relus, self.inplace):
                 module.inplace = inplace and not any(asking)
 
-    def mask(self, module: nn.Module, device: torch.device, dimensions: int):
-        """Which rows at `module` take the surrogate: an Nx1... 0/1 tensor, True for all or None; cached."""
-        key = (module, dimensions, tuple(self.alive), self.key)
-        if key not in self.masks:
-            taking = [self.asking[row] and (self.own or self.layers[row] is not module) for row in self.alive]
-            self.masks[key] = None if not any(taking) else True if all(taking) else \
-                torch.tensor(taking, device=device).view(-1, *[1] * (dimensions - 1))
-        return self.masks[key]
+    def mask(self, output: torch.Tensor):
+        """Which rows take it, shaped for `output`: an Nx1... 0/1 tensor (made once), True for all, or None."""
+        if not any(self.asking):
+            return None
+        if output.dim() not in self.masks:
+            self.masks[output.dim()] = True if all(self.asking) else torch.tensor(
+                self.asking, device=output.device).view(-1, *[1] * (output.dim() - 1))
+        return self.masks[output.dim()]
 
     def hook(self, module: nn.Module, inputs: tuple, output):
-        if isinstance(output, tuple) or not (torch.is_grad_enabled() and True in self.asking):
+        if isinstance(output, tuple) or not torch.is_grad_enabled():
             return None  # a tuple: return_indices, left as it is
-        mask = self.mask(module, output.device, output.dim())
+        mask = self.mask(output)
         if mask is None:
             return None
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
@@ -785,7 +730,7 @@ def per_row(values: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_prior(image: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The seed's alpha-norm prior sum(|x|^alpha), taken over every value of each row."""
+    """The original design's alpha-norm prior sum(|x|^alpha), taken over every value of each row."""
     return per_row(image.abs().pow(alpha))
 
 
@@ -842,17 +787,17 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
     return image * paper_scale(image.device)
 
 
-def data_term(features, targets, weights, mask=None, project: bool = False) -> torch.Tensor:
-    """Each row's weighted ||features - target||^2 or, projecting, -<features, target>, over `mask`."""
-    features = features if mask is None else features * mask
-    if project:  # caricature and maximize: the target is a direction
-        return -per_row(features * targets) * weights
-    squares = nn.functional.mse_loss(features, targets, reduction="none")  # one kernel, both ways
+def data_term(outputs, data, weights, mask=None, project: bool = False) -> torch.Tensor:
+    """Each row's weighted ||outputs - data||^2 or, projecting, -<outputs, data>, over `mask`: its rec_loss."""
+    outputs = outputs if mask is None else outputs * mask
+    if project:  # caricature and maximize: the data is a direction
+        return -per_row(outputs * data) * weights
+    squares = nn.functional.mse_loss(outputs, data, reduction="none")  # one kernel, both ways
     return per_row(squares) * weights
 
 
 def prior_terms(settings: Settings, images, pixels=None) -> dict:
-    """Each row's weighted alpha_loss and tv_loss: the seed's, or the paper's over `pixels` if given."""
+    """Each row's weighted alpha_loss and tv_loss: the original design's, or the paper's over `pixels`."""
     if settings.objective == "seed":
         return {"alpha_loss": settings.lambda_alpha * alpha_prior(images, settings.alpha),
                 "tv_loss": settings.lambda_tv * tv_prior(images, settings.beta)}
@@ -878,7 +823,7 @@ def box_factor(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def initial_noise(objective: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
-    """The starting noise: the seed's 1e-3 * N(0, 1), or the paper's uniform noise of norm about B."""
+    """The starting noise: the original design's 1e-3 * N(0, 1), or the paper's uniform noise of norm about B."""
     if objective == "seed":
         return 1e-3 * torch.randn(shape, generator=generator)
     noise = 2 * torch.rand(shape, generator=generator) - 1
@@ -908,9 +853,9 @@ class PixelImage:
 
     def initial(self, generator: torch.Generator, start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A new 1x3xHxW variable: the objective's starting noise, or the normalised image `start`."""
-        if start is not None:  # and the seed's faint noise, so that samples differ
-            return (start.detach() + initial_noise("seed", start.shape, generator).to(start)).requires_grad_()
-        return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device).requires_grad_()
+        if start is not None:  # and the original design's faint noise, so that samples differ
+            return start.detach() + initial_noise("seed", start.shape, generator).to(start)
+        return initial_noise(self.objective, (1, 3, *self.size), generator).to(self.device)
 
     def render(self, variables: torch.Tensor) -> tuple:
         """The normalised images of a batch of variables, and None for their paper-unit pixels."""
@@ -941,14 +886,14 @@ class FourierImage:
         """A faint random spectrum, plus the one that renders `start`; real, imaginary last."""
         faint = 0.01 * torch.randn(1, 3, *self.scale.shape, 2, generator=generator).to(self.device)
         if start is None:
-            return faint.requires_grad_()
+            return faint
         colour = self.paper_colour[:, :, 0, 0]  # render's steps undone: colour, crop, spectrum and scale
         decorrelated = torch.linalg.solve(colour, to_paper_units(start.float()).flatten(2))
         (height, width), (canvas_height, canvas_width) = self.size, self.canvas
         canvas = nn.functional.pad(decorrelated.unflatten(2, self.size), (0, canvas_width - width, 0,
                                                                           canvas_height - height))
         spectrum = torch.fft.rfftn(canvas, dim=(-2, -1), norm="ortho") / self.scale
-        return (torch.view_as_real(spectrum) + faint / 10).requires_grad_()  # a tenth: about 2 % of a photo
+        return torch.view_as_real(spectrum) + faint / 10  # a tenth: about 2 % of a photo
 
     def render(self, variables: torch.Tensor) -> tuple:
         """The normalised images of a batch of variables, and their pixels in the paper's units."""
@@ -969,43 +914,246 @@ class FourierImage:
 PARAMETERISATIONS = {"pixel": PixelImage, "fft": FourierImage}
 
 
-# ---------------------------------------------------------------- inversion
+# ---------------------------------------------------------------- the data term's targets
+
+
+def checked_features(features, output: torch.Tensor, source: str) -> torch.Tensor:
+    """Saved activations, untrusted: a dense float tensor of the layer's shape, a row per row of `output`,
+    finite, whose squares stay inside float32; fp32 and detached. UsageError naming `source` otherwise."""
+    if not isinstance(features, torch.Tensor):
+        raise UsageError(f"{source} holds a {type(features).__name__}, not a tensor")
+    if features.layout != torch.strided or not features.is_floating_point():
+        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}: not a dense float one")
+    batched = features[None] if features.dim() == output.dim() - 1 else features
+    if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:  # before any work on them
+        saved = features.shape[1:] if features.dim() == output.dim() else features.shape
+        shapes = ["x".join(map(str, shape)) or "one number" for shape in (saved, output.shape[1:])]
+        raise UsageError(f"{source}: the saved activations are {shapes[0]}, but the layer gives {shapes[1]} "
+                         "at this input size")
+    if len(batched) != len(output):
+        raise UsageError(f"{source} holds {len(batched)} rows of activations for {len(output)} images")
+    values = batched.detach().double()
+    if not torch.isfinite(values).all():
+        raise UsageError(f"{source} holds values that are not finite (NaN or inf)")
+    if values.square().flatten(1).sum(1).max().item() > torch.finfo(torch.float32).max:
+        raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}, whose squares "
+                         "overflow float32")
+    return values.float()
+
+
+def part_mask(output: torch.Tensor, window: int, channels: str, axis: int) -> Optional[torch.Tensor]:
+    """1 where the layer's output counts in the data term (--window, --channels), 0 elsewhere; None: all."""
+    if not window and channels == "all":
+        return None
+    mask = torch.zeros_like(output[:1])
+    grid = as_grid(mask, axis)
+    count, (height, width) = grid.shape[1], grid.shape[-2:]
+    low, high = (0, count) if channels == "all" else map(int, channels.split(":"))
+    if high > count:
+        raise UsageError(f"--channels {channels}: the layer has {count} channels")
+    if window > min(height, width):
+        raise UsageError(f"--window {window}: the layer's grid is {height}x{width}")
+    top, left = (height - window) // 2, (width - window) // 2
+    inside = (slice(top, top + window), slice(left, left + window)) if window else (slice(None), slice(None))
+    grid[(slice(None), slice(low, high), *inside)] = 1
+    return mask
+
+
+def unit_directions(output: torch.Tensor, units: list, scope: str, axis: int) -> torch.Tensor:
+    """Per row, 1 at its unit (a channel's centre neuron, or the whole channel) of the layer, 0 elsewhere."""
+    directions = torch.zeros_like(output)
+    grids = as_grid(directions, axis)
+    check_units(units, grids.shape[1])
+    for row, unit in enumerate(units):
+        middle = (grids.shape[-2] // 2, grids.shape[-1] // 2)
+        grids[(row, unit, *middle) if scope == "neuron" else (row, unit)] = 1
+    return directions
+
+
+def check_units(units: list, count: int) -> None:
+    """UsageError for a unit beyond the layer's `count` units (channels)."""
+    for unit in units:
+        if unit >= count:
+            raise UsageError(f"--units {unit}: the layer has {count} units (channels), 0 to {count - 1}")
+
+
+def layer_settings(settings: Settings, stride: int) -> dict:
+    """The jitter, C, plateau, surrogate, decays and rate where the layer's stride decides them."""
+    return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
+            "C": settings.C if settings.C != "auto" else MAXIMIZE_C if settings.task == "maximize" else
+            PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2,
+            "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
+            "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
+            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
+            else settings.lr}
+
+
+class Targets:
+    """What the rows aim at, at their layer: each row's target (its unit's direction, for maximize), weight
+    and mask, and the settings the layer's stride decides."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, references: torch.Tensor, settings: Settings,
+                 units: Optional[list] = None, features: Optional[torch.Tensor] = None):
+        output = checked_output(model, layer, references, settings.precision)
+        self.axis = channel_axis(model, layer, output, references.shape[-2:], settings.precision)
+        self.chosen = layer_settings(settings, layer_stride(references.shape[-2:], as_grid(output, self.axis)))
+        self.task, self.mask = settings.task, part_mask(output, settings.window, settings.channels, self.axis)
+        if features is not None:  # saved activations in place of the references'
+            output = checked_features(features, output, "features")
+        unsound = {row: not_finite("this photo", settings.precision)
+                   for row, finite in enumerate(torch.isfinite(output).flatten(1).all(1).tolist()) if not finite}
+        masked = output if self.mask is None else output * self.mask
+        squares = per_row(masked.nan_to_num().square())
+        where = " in --window/--channels" if self.mask is not None else ""
+        unsound.update({row: f"the layer's activations for this photo are all zero{where}: there is nothing "
+                        "to invert" for row, total in enumerate(squares.tolist()) if not total and row not in unsound})
+        if unsound:
+            raise RowError(unsound)
+        if settings.task != "maximize":
+            self.data, self.weights = masked, self.chosen["C"] / squares  # C / ||target||^2
+            return
+        # a unit's weight: C over the photo's typical activation at the layer, so one C serves every layer
+        self.data = unit_directions(output, units, settings.unit_scope, self.axis)
+        rms = (squares / output[0].numel()).sqrt()
+        self.weights = self.chosen["C"] / (per_row(self.data) * rms)
+        peaks = [as_grid(output, self.axis)[row, unit].max().item() for row, unit in enumerate(units)]
+        self.unit_stats = [{"layer_rms": scale, "photo_activation": value, "photo_max": peak} for value, scale, peak
+                           in zip((per_row(output * self.data) / per_row(self.data)).tolist(), rms.tolist(), peaks)]
+
+    def rec_loss(self, output: torch.Tensor) -> torch.Tensor:
+        """Each row's data term for the layer's `output`."""
+        return data_term(output.float(), self.data, self.weights, self.mask, self.task != "invert")
+
+    def measures(self, rec_loss: list, output: torch.Tensor) -> list:
+        """Per row, what its task reports: the feature error (over the part that counts); the projection
+        <phi(x), phi0> / ||phi0||^2 and the cosine; or the unit's activation beside the photo's."""
+        C = self.chosen["C"]
+        if self.task == "invert":
+            return [{"feature_error": loss / C} for loss in rec_loss]
+        if self.task == "caricature":
+            outputs = output.float() if self.mask is None else output.float() * self.mask
+            cosines = nn.functional.cosine_similarity(outputs.flatten(1), self.data.flatten(1)).tolist()
+            return [{"projection": -loss / C, "cosine": cosine} for loss, cosine in zip(rec_loss, cosines)]
+        return [{"unit_activation": -loss * stats["layer_rms"] / C, **stats}
+                for loss, stats in zip(rec_loss, self.unit_stats)]
+
+
+def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Settings, axis: int,
+                    device: torch.device) -> list:
+    """[left, top, right, bottom) of the input pixels that the window's activations depend on, from their
+    gradient, with leaky ReLUs and average pools so that every path that can carry one does."""
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with Surrogate(model, layer, own=True) as surrogate, torch.enable_grad():
+        images.requires_grad_()
+        surrogate.use([True, True])
+        output = layer_output(model, layer, images)
+        mask = part_mask(output, settings.window, settings.channels, axis)
+        gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
+    reached = gradient.abs().sum((0, 1)) > 0
+    if not reached.any():
+        raise UsageError("the window's activations do not depend on the input: no receptive field to draw")
+    rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
+    return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
+
+
+# ---------------------------------------------------------------- the inversion
 
 
 class Inversion(NamedTuple):
-    """What invert() returns: images, and per row its losses, iterations, why it stopped, its settings."""
+    """What invert() returns: per row its image, losses and task measures, iterations and why it stopped."""
 
     images: torch.Tensor
-    losses: list  # per row: rec_loss, alpha_loss, tv_loss and feature_error of the returned image
-    iterations: list  # per row; for a row that diverged, the iteration whose loss was not finite
+    losses: list  # per row: rec_loss, alpha_loss, tv_loss and what its task measures, of the returned image
+    iterations: list  # per row: the iterations its image had; of a row that diverged, the last finite one's
     stopped: list  # per row: "epochs" (all ran), "plateau", "interrupted" (Ctrl-C) or "diverged"
     settings: Settings
-    layer_settings: list  # per row: the jitter, C, plateau, surrogate, decays and rate its layer decided
+    layer_settings: dict  # the jitter, C, plateau, surrogate, decays and rate that the layer decided
+
+
+class Canvas:
+    """The batch's images: one variable of their parameterisation, each row on a canvas `jitter` wider than
+    the image (the image its middle) and drawing from its own generator, and the last finite copy of each."""
+
+    def __init__(self, settings: Settings, size: tuple, jitter: int, generators: list, device: torch.device,
+                 photos: Optional[torch.Tensor] = None):
+        self.size, self.jitter, self.generators = tuple(size), jitter, generators
+        self.image = PARAMETERISATIONS[settings.param]((size[0] + jitter, size[1] + jitter), device,
+                                                       settings.objective)
+        middle = jitter // 2  # a caricature starts from its photo, at the canvas's middle
+        framed = photos if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2,
+                                                                 "replicate")
+        self.variable = torch.cat([self.image.initial(generator, None if framed is None else framed[row:row + 1])
+                                   for row, generator in enumerate(generators)]).requires_grad_()
+        self.last_finite = self.variable.detach().clone()
+        self.last_finite_at = [0] * len(generators)  # the iteration of each row's last finite copy
+
+    def render(self, jittering: list) -> tuple:
+        """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
+        the middle; the whole canvases, normalised and in the paper's units or None)."""
+        whole, pixels = self.image.render(self.variable)
+        if not self.jitter:
+            return whole, whole, pixels
+        (height, width), middle = self.size, self.jitter // 2
+        offsets = [torch.randint(0, self.jitter + 1, (2,), generator=generator).tolist() if on else
+                   (middle, middle) for generator, on in zip(self.generators, jittering)]
+        crops = [whole[row:row + 1, :, top:top + height, left:left + width]
+                 for row, (top, left) in enumerate(offsets)]
+        return torch.cat(crops), whole, pixels
+
+    @torch.no_grad()
+    def current(self) -> torch.Tensor:
+        """Every row's image now, the middle of its canvas: a copy."""
+        (height, width), middle = self.size, self.jitter // 2
+        whole = self.image.render(self.variable)[0]
+        return whole[:, :, middle:middle + height, middle:middle + width].clone()
+
+    @torch.no_grad()
+    def keep_finite(self, losses: torch.Tensor, total: torch.Tensor, step: int) -> list:
+        """Copy the rows whose losses are finite as their last finite images; return the others."""
+        # waits for a GPU: only when due; a finite sum, the common case, in one op
+        finite = [True] * len(losses) if math.isfinite(total.item()) else torch.isfinite(losses).tolist()
+        broken = [row for row, ok in enumerate(finite) if not ok]
+        if broken and step == 1:
+            raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
+                            "cause: the model gives non-finite values for this image (unsound weights?), or "
+                            "a weight such as --C is too large" for row in broken})
+        good = [row for row, ok in enumerate(finite) if ok]
+        if not broken:
+            self.last_finite.copy_(self.variable)
+        elif good:
+            self.last_finite[good] = self.variable[good]
+        for row in good:
+            self.last_finite_at[row] = step
+        return broken
+
+    @torch.no_grad()
+    def restore(self, rows: list) -> None:
+        """Put `rows` back to their last finite images."""
+        if rows:
+            self.variable[rows] = self.last_finite[rows]
 
 
 class Descent:
-    """SGD with momentum, or Adam (beta1 --momentum), with a rate per row: torch's take only one."""
+    """SGD with momentum, or Adam (beta1 --momentum), with a rate per row: torch's optimizers take one."""
 
     def __init__(self, settings: Settings, variable: torch.Tensor):
         self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
-        self.variable, self.steps = variable, 0
+        self.variable, self.steps, self.rates, self.key = variable, 0, None, None
         self.average, self.squares = torch.zeros_like(variable), torch.zeros_like(variable)
-        self.rates, self.key = None, None  # each row's rate, a number or a tensor, made from the list `key`
         self.largest = torch.finfo(variable.dtype).max  # a rate beyond it makes the step diverge, not raise
 
     def set_rates(self, rates: list) -> None:
-        """Each row's rate from now on: a number while all are the same, else a tensor, made on change."""
+        """Each row's rate from now on (0 holds it still): a number while all agree, else a tensor."""
         if rates != self.key:
             self.key, shape = rates, (-1, *[1] * (self.variable.dim() - 1))
             self.rates = float(rates[0]) if len(set(rates)) == 1 else \
                 torch.tensor(rates, device=self.variable.device).view(shape)
 
     @torch.no_grad()
-    def step(self, rows: Optional[torch.Tensor] = None) -> None:
-        """One update of each row in use (`rows`, or all) by its gradient; the others keep their state."""
+    def step(self) -> None:
+        """One update of every row by its gradient, at its rate."""
         self.steps, rates, denominator = self.steps + 1, self.rates, None
-        state = [self.variable, self.variable.grad, self.average, self.squares]
-        variable, gradient, average, squares = state if rows is None else [part[rows] for part in state]
+        variable, gradient, average, squares = self.variable, self.variable.grad, self.average, self.squares
         if self.adam:  # torch's Adam, its two bias corrections folded into the rate and epsilon
             average.lerp_(gradient, 1 - self.momentum)
             squares.mul_(ADAM_BETA2).addcmul_(gradient, gradient, value=1 - ADAM_BETA2)
@@ -1020,307 +1168,12 @@ class Descent:
             variable.add_(average, alpha=-min(rates, self.largest))
         else:
             variable.addcdiv_(average, denominator, value=-min(rates, self.largest))
-        if rows is not None:
-            self.variable[rows], self.average[rows], self.squares[rows] = variable, average, squares
-
-
-def autocast(precision: str, device: torch.device):
-    """A context that runs the forward pass in `precision` (fp32, bf16 or fp16)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def reference_features(model: nn.Module, layers: list, references: torch.Tensor, precision: str,
-                       activations: Optional[torch.Tensor] = None) -> list:
-    """Per layer, (the layer, its rows, their fp32 activations or `activations`); RowError where unsound."""
-    targets = [(layer, rows, batch.float())
-               for layer, rows, batch in checked_forward(model, layers, references, precision)]
-    if activations is not None:  # activations from elsewhere, in place of the references'
-        targets = [(layer, rows, fitted(activations, target)[rows].to(target))
-                   for layer, rows, target in targets]
-    return refuse_unsound(targets, precision)
-
-
-def fitted(activations: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """Saved activations batched as the layer's `output`; UsageError naming both shapes where they misfit."""
-    batched = activations[None] if activations.dim() == output.dim() - 1 else activations
-    if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:
-        saved = activations.shape[1:] if activations.dim() == output.dim() else activations.shape
-        shapes = ["x".join(map(str, shape)) or "one number" for shape in (saved, output.shape[1:])]
-        raise UsageError(f"the saved activations are {shapes[0]}, but the layer gives {shapes[1]} at this "
-                         "input size")
-    return batched
-
-
-def refuse_unsound(targets: list, precision: str) -> list:
-    """`targets` (layer, rows, activations) as they are; RowError for rows not finite or all zero."""
-    reasons = {}
-    for _, rows, target in targets:
-        finite, nonzero = torch.isfinite(target).flatten(1).all(1).tolist(), target.flatten(1).any(1).tolist()
-        reasons.update({row: not_finite("this photo", precision) for row, ok in zip(rows, finite) if not ok})
-        reasons.update({row: "the layer's activations for this photo are all zero: there is nothing to invert"
-                        for row, ok, any_ in zip(rows, finite, nonzero) if ok and not any_})
-    if reasons:
-        raise RowError(reasons)
-    return targets
-
-
-def layer_stride(input_shape: Sequence[int], output: torch.Tensor) -> int:
-    """How many input pixels one step of the layer's grid spans: the input's side over the grid's, a
-    map's (N, C, H, W, or channels last as Swin's) or a token sequence's (a ViT's (N, tokens, width),
-    less a class token where the rest make a square); the whole input for a layer without a grid,
-    and 1 for a layer larger than its input."""
-    side = output.shape[-2] if output.dim() == 4 else grid_side(output.shape[1]) if output.dim() == 3 else 1
-    return max(1, input_shape[-2] // side)  # the maps are square: the second-last side is theirs either way
-
-
-def grid_side(tokens: int) -> int:
-    """The side of a token sequence's grid: less a class token where the rest make a square."""
-    return math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
-
-
-def as_grid(tensor: torch.Tensor) -> torch.Tensor:
-    """A layer's output as N x C x H x W, a view: maps (channels last too, as Swin's), tokens (N, T, D) on
-    their grid (less a class token), and a vector as a 1x1 grid."""
-    if tensor.dim() == 3:
-        side = grid_side(tensor.shape[1])
-        return tensor[:, tensor.shape[1] - side * side:].unflatten(1, (side, side)).permute(0, 3, 1, 2)
-    if tensor.dim() == 4 and tensor.shape[1] == tensor.shape[2] != tensor.shape[3]:  # square maps, C last
-        return tensor.permute(0, 3, 1, 2)
-    return tensor if tensor.dim() == 4 else tensor.flatten(1)[:, :, None, None]
-
-
-def part_mask(output: torch.Tensor, window: int, channels: str) -> Optional[torch.Tensor]:
-    """1 where the layer's output counts in the data term (--window, --channels), 0 elsewhere; None: all."""
-    if not window and channels == "all":
-        return None
-    mask, grid = torch.zeros_like(output[:1]), as_grid(output[:1])
-    count, (height, width) = grid.shape[1], grid.shape[-2:]
-    low, high = (0, count) if channels == "all" else map(int, channels.split(":"))
-    if high > count:
-        raise UsageError(f"--channels {channels}: the layer has {count} channels")
-    if window > min(height, width):
-        raise UsageError(f"--window {window}: the layer's grid is {height}x{width}")
-    top, left = (height - window) // 2, (width - window) // 2
-    inside = (slice(top, top + window), slice(left, left + window)) if window else (slice(None), slice(None))
-    as_grid(mask)[(slice(None), slice(low, high), *inside)] = 1
-    return mask
-
-
-def unit_directions(output: torch.Tensor, units: list, scope: str) -> torch.Tensor:
-    """Per row, 1 at its unit (a channel's centre neuron, or the whole channel) of the layer, 0 elsewhere."""
-    directions, count = torch.zeros_like(output), as_grid(output).shape[1]
-    for row, unit in enumerate(units):
-        if not 0 <= unit < count:
-            raise UsageError(f"--units {unit}: the layer has {count} units (channels), 0 to {count - 1}")
-        grid = as_grid(directions[row:row + 1])[:, unit]
-        middle = (grid.shape[-2] // 2, grid.shape[-1] // 2)
-        grid[(slice(None), *middle) if scope == "neuron" else slice(None)] = 1
-    return directions
-
-
-def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Settings,
-                    device: torch.device) -> list:
-    """[left, top, right, bottom) of the input pixels that the window's activations depend on, from their
-    gradient, with leaky ReLUs and average pools so that every path that can carry one does."""
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    with Surrogate(model, own=True) as surrogate, torch.enable_grad():
-        images.requires_grad_()
-        surrogate.use([layer] * 2, [True] * 2)
-        (_, _, output), = layer_batches(model, [layer] * 2, images, surrogate.alive)
-        mask = part_mask(output, settings.window, settings.channels)
-        gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
-    reached = gradient.abs().sum((0, 1)) > 0
-    if not reached.any():
-        raise UsageError("the window's activations do not depend on the input: no receptive field to draw")
-    rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
-    return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
-
-
-def layer_settings(settings: Settings, stride: int) -> dict:
-    """A row's jitter, C, plateau, surrogate, decays and rate where its layer's stride decides them."""
-    return {"jitter": max(1, round(stride / 4)) - 1 if settings.jitter == "auto" else settings.jitter,
-            "C": settings.C if settings.C != "auto" else MAXIMIZE_C if settings.task == "maximize" else
-            PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2,
-            "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
-            "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
-            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
-            else settings.lr}
-
-
-def in_order(parts: list, rows: list) -> torch.Tensor:
-    """Join tensors of rows listed part by part (`rows`: each part's rows), in the rows' order."""
-    joined = torch.cat(parts) if len(parts) > 1 else parts[0]
-    listed = tuple(row for part in rows for row in part)
-    return joined if listed == tuple(sorted(listed)) else joined[permutation(listed, joined.device)]
-
-
-@functools.lru_cache(maxsize=None)
-def permutation(listed: tuple, device: torch.device) -> torch.Tensor:
-    """The index that sorts `listed`, on `device`: made once, since a copy to a GPU waits for it."""
-    return torch.tensor(sorted(range(len(listed)), key=listed.__getitem__), device=device)
-
-
-class Targets:
-    """Each layer's rows, targets (or directions), weights and mask; the data terms of the rows in use."""
-
-    def __init__(self, model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
-                 units: Optional[list] = None, activations: Optional[torch.Tensor] = None):
-        self.layers, self.project = layers, settings.task != "invert"
-        self.by_layer, self.row_settings, self.photo = {}, [None] * len(layers), [{} for _ in layers]
-        for layer, rows, target in reference_features(model, layers, references, settings.precision,
-                                                      activations):
-            chosen = layer_settings(settings, layer_stride(references.shape, target))
-            mask = part_mask(target, settings.window, settings.channels)
-            if settings.task != "maximize":
-                data = target if mask is None else target * mask
-                squares = per_row(data.square())
-                if not squares.all():  # a window or channel group where this photo has nothing
-                    raise RowError({row: "the activations in --window/--channels are all zero for this "
-                                    "photo: there is nothing to invert there"
-                                    for row, ok in zip(rows, squares.tolist()) if not ok})
-                weights = chosen["C"] / squares  # C / ||target||^2
-            else:  # the unit, weighed by the photo's typical activation
-                data = unit_directions(target, [units[row] for row in rows], settings.unit_scope)
-                typical = (per_row(target.square()) / target[0].numel()).sqrt()
-                weights = chosen["C"] / (per_row(data) * typical)
-                best = [as_grid(target)[index, units[row]].max().item() for index, row in enumerate(rows)]
-                for row, value, scale, most in zip(rows, (per_row(target * data) / per_row(data)).tolist(),
-                                                   typical.tolist(), best):  # the photo's, where the unit is
-                    self.photo[row].update(photo_activation=value, typical=scale, photo_max=most)
-            self.by_layer[layer] = (rows, data, weights, mask)
-            for row in rows:
-                self.row_settings[row] = chosen
-        self.views = {}  # each list of rows used -> {layer: (its rows' positions, data, weights, mask)}
-        self.use(range(len(layers)))
-
-    def use(self, rows: Sequence[int]) -> None:
-        """From now on, compute the feature terms of `rows` alone, in this order."""
-        self.rows = list(rows)
-        if tuple(self.rows) not in self.views:  # rows only ever stop: a set that holds these is done with
-            self.views = {rows: view for rows, view in self.views.items() if not set(rows) > set(self.rows)}
-            position, in_use = {row: index for index, row in enumerate(self.rows)}, {}
-            for layer, (layer_rows, data, weights, mask) in self.by_layer.items():
-                kept = [index for index, row in enumerate(layer_rows) if row in position]
-                if kept:
-                    in_use[layer] = ([position[layer_rows[index]] for index in kept],
-                                     *((data, weights) if len(kept) == len(layer_rows) else
-                                       (data[kept], weights[kept])), mask)
-            self.views[tuple(self.rows)] = in_use
-        self.in_use = self.views[tuple(self.rows)]
-
-    def layers_in_use(self) -> list:
-        """The layer of each row in use."""
-        return [self.layers[row] for row in self.rows]
-
-    def feature_terms(self, outputs: list) -> torch.Tensor:
-        """Each row's weighted data term, from layer_batches' outputs, in the order of self.rows."""
-        views = [self.in_use[layer] for layer, _, _ in outputs]
-        return in_order([data_term(output.float(), data, weights, mask, self.project)
-                         for (_, _, output), (_, data, weights, mask) in zip(outputs, views)],
-                        [positions for positions, _, _, _ in views])
-
-    def cosines(self, outputs: list) -> torch.Tensor:
-        """Each row's cosine between its activations (in its mask) and its target, as feature_terms'."""
-        views = [self.in_use[layer] for layer, _, _ in outputs]
-        return in_order([nn.functional.cosine_similarity(
-            (output.float() if mask is None else output.float() * mask).flatten(1), data.flatten(1))
-            for (_, _, output), (_, data, _, mask) in zip(outputs, views)], [view[0] for view in views])
-
-
-class Canvases:
-    """Rows of one canvas size (input + jitter): one variable, its optimizer, its last finite copy."""
-    # each row draws from its own generator, so that it gets what a call of its own would
-
-    def __init__(self, settings: Settings, size: Sequence[int], jitter: int, rows: list, generators: list,
-                 device: torch.device, photos: Optional[torch.Tensor] = None):
-        self.size, self.jitter, self.members, self.generators = tuple(size), jitter, rows, generators
-        self.image = PARAMETERISATIONS[settings.param]((size[0] + jitter, size[1] + jitter), device,
-                                                       settings.objective)
-        middle = jitter // 2  # a caricature starts from its photo, at the canvas's middle
-        framed = photos if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2,
-                                                                 "replicate")
-        starts = [self.image.initial(generators[row], framed if framed is None else framed[row:row + 1])
-                  for row in rows]
-        starts = [start.detach() for start in starts]
-        self.variable = torch.cat(starts).requires_grad_()
-        # L-BFGS over one row, max_iter=1: one evaluation per step, so the loop's loss serves as its closure
-        self.optimizer = Descent(settings, self.variable) if settings.optimizer != "lbfgs" else \
-            torch.optim.LBFGS([self.variable], max_iter=1, history_size=LBFGS_HISTORY)
-        self.kept, self.checked = self.variable.detach().clone(), set()  # checked: rows ever found finite
-        self.use(rows)
-
-    def use(self, rows: list) -> None:
-        """From now on, render and step `rows` alone (a sublist of the members)."""
-        self.rows, self.index = rows, None if rows == self.members else self.positions(rows)
-
-    def positions(self, rows: list) -> torch.Tensor:
-        """Where `rows` are in the variable, as an index tensor."""
-        return torch.tensor([self.members.index(row) for row in rows], device=self.variable.device)
-
-    def render(self, jittering: list) -> tuple:
-        """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
-        the middle; the whole canvases, normalised and in the paper's units or None) of the rows in use."""
-        variable = self.variable if self.index is None else self.variable[self.index]
-        whole, pixels = self.image.render(variable)
-        if not self.jitter:
-            return whole, (whole, pixels)
-        (height, width), middle = self.size, self.jitter // 2
-        offsets = [torch.randint(0, self.jitter + 1, (2,), generator=self.generators[row]).tolist()
-                   if on else (middle, middle) for row, on in zip(self.rows, jittering)]
-        crops = [whole[index:index + 1, :, dy:dy + height, dx:dx + width]
-                 for index, (dy, dx) in enumerate(offsets)]
-        return torch.cat(crops), (whole, pixels)
-
-    def set_rates(self, rates: list) -> None:
-        """Each row in use's rate from now on."""
-        if isinstance(self.optimizer, Descent):
-            self.optimizer.set_rates(rates)
-        else:  # L-BFGS, of one row
-            self.optimizer.param_groups[0]["lr"] = rates[0]
-
-    def step(self, loss: torch.Tensor) -> None:
-        """One update of the rows in use, each by its own loss's gradient (one backward for the group)."""
-        self.variable.grad = None
-        loss.backward()
-        if isinstance(self.optimizer, Descent):
-            self.optimizer.step(rows=self.index)
-        else:  # L-BFGS, of one row
-            self.optimizer.step(lambda: loss)
-        self.image.after_step(self.variable)
 
     @torch.no_grad()
-    def current(self) -> torch.Tensor:
-        """Every member's current image, the middle of its canvas: a copy."""
-        (height, width), middle = self.size, self.jitter // 2
-        whole = self.image.render(self.variable)[0]
-        return whole[:, :, middle:middle + height, middle:middle + width].clone()
-
-    def check(self, losses: torch.Tensor, total: Optional[torch.Tensor] = None) -> list:
-        """Keep the rows in use whose losses are finite, return the others; RowError if never finite."""
-        # waits for a GPU: only when due; a finite sum, the common case, in one op
-        finite = [True] * len(self.rows) if total is not None and math.isfinite(total.item()) else \
-            torch.isfinite(losses).tolist()
-        broken = [row for row, ok in zip(self.rows, finite) if not ok]
-        if any(row not in self.checked for row in broken):
-            raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
-                            "cause: the model gives non-finite values for this photo (unsound weights?), "
-                            "or a weight such as --C is too large"
-                            for row in broken if row not in self.checked})
-        good = [row for row, ok in zip(self.rows, finite) if ok]
-        self.checked.update(good)
-        self.copy(good, self.variable, self.kept)
-        return broken
-
-    @torch.no_grad()
-    def copy(self, rows: list, source: torch.Tensor, target: torch.Tensor) -> None:
-        """Copy `rows` from `source` to `target` (the variable and its finite copy): in one op."""
-        if rows == self.members:
-            target.copy_(source)
-        elif rows:
-            index = self.positions(rows)
-            target[index] = source[index]
+    def forget(self, rows: list) -> None:
+        """Clear the momentum of `rows`, put back after a step that was not finite, so that they hold still."""
+        if rows:
+            self.average[rows], self.squares[rows] = 0, 0
 
 
 def learning_rate(base: float, step: int, first_stage_end: int, settings: Settings) -> float:
@@ -1330,52 +1183,51 @@ def learning_rate(base: float, step: int, first_stage_end: int, settings: Settin
 
 
 class Schedule:
-    """Each row's first stage (jitter, surrogate) ends after first_stage_end[row]; it stops after last."""
-    # with --plateau, the first stage ends once the lowest loss has not fallen by that fraction over
-    # PLATEAU_WINDOW iterations, and a last stage as long, relative to it, as the paper's follows
+    """Each row's first stage (jitter, surrogate, the full rate) ends after first_stage_end[row], and the row
+    stops after last[row]. With --plateau, the first stage ends once the row's lowest loss has not fallen by
+    that fraction over PLATEAU_WINDOW iterations, and a last stage as long, relative to it, as the paper's
+    follows."""
 
-    def __init__(self, settings: Settings, chosen: list, device: torch.device):
-        self.settings, self.chosen, count = settings, chosen, len(chosen)  # chosen: each row's layer_settings
-        self.first_stage_end = [decay_iterations(settings)] * count
-        self.last = [settings.epochs] * count
+    def __init__(self, settings: Settings, chosen: dict, count: int, device: torch.device):
+        self.settings, self.chosen = settings, chosen  # chosen: the layer's settings
+        self.first_stage_end, self.last = [decay_iterations(settings)] * count, [settings.epochs] * count
         self.why = ["epochs"] * count  # why each row stops at its last iteration
         self.lowest = torch.full((count,), math.inf, device=device)  # Adam's loss oscillates
         self.before = [None] * count  # each row's lowest loss PLATEAU_WINDOW iterations ago
-        self.reached = dict.fromkeys(range(count), 0)  # each row's last iteration run so far
 
-    def rates(self, step: int, rows: list) -> list:
-        """The rate of each of `rows` at iteration `step`."""
-        return [learning_rate(self.chosen[row]["lr"], step, self.first_stage_end[row], self.settings)
-                for row in rows]
+    def first_stage(self, step: int) -> list:
+        """Whether each row is in its first stage at iteration `step`."""
+        return [step <= end for end in self.first_stage_end]
 
-    def record(self, step: int, rows: list, losses: torch.Tensor) -> None:
-        """Apply the plateau rule at iteration `step`, whose `rows` had `losses` before its update."""
-        watched = [index for index, row in enumerate(rows)
-                   if self.chosen[row]["plateau"] and step <= self.first_stage_end[row]]
-        if not watched:
+    def rates(self, step: int) -> list:
+        """Each row's rate at iteration `step`: 0 for a row that has stopped."""
+        return [learning_rate(self.chosen["lr"], step, end, self.settings) if step <= last else 0.0
+                for end, last in zip(self.first_stage_end, self.last)]
+
+    def plateau(self, step: int, losses: torch.Tensor) -> None:
+        """Apply the plateau rule at iteration `step`, whose rows had `losses` before its update."""
+        if not self.chosen["plateau"] or step > max(self.first_stage_end):
             return
-        positions = torch.tensor([rows[index] for index in watched], device=losses.device)
-        self.lowest[positions] = torch.minimum(self.lowest[positions], losses.detach()[watched])
+        torch.minimum(self.lowest, losses.detach(), out=self.lowest)
         if step % PLATEAU_WINDOW:
             return
-        now = self.lowest.tolist()  # .tolist() waits for a GPU: once a window
-        for row in (rows[index] for index in watched):
-            if self.before[row] is not None and step < self.first_stage_end[row] and \
-                    self.before[row] - now[row] < self.chosen[row]["plateau"] * abs(self.before[row]):
+        for row, lowest in enumerate(self.lowest.tolist()):  # .tolist() waits for a GPU: once a window
+            before, self.before[row] = self.before[row], lowest
+            if before is not None and step < self.first_stage_end[row] and step <= self.last[row] and \
+                    before - lowest < self.chosen["plateau"] * abs(before):
                 self.first_stage_end[row] = step
                 self.last[row] = min(self.last[row], step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
                 self.why[row] = "plateau" if self.last[row] < self.settings.epochs else "epochs"
-            self.before[row] = now[row]
 
-    def diverge(self, rows: list, step: int) -> None:
-        """Stop `rows`, whose loss was not finite at iteration `step`."""
+    def diverge(self, rows: list, iterations: list) -> None:
+        """Stop `rows`, whose loss was not finite: each at the iteration of its last finite image."""
         for row in rows:
-            self.last[row], self.why[row] = min(self.last[row], step), "diverged"
+            self.last[row], self.why[row] = iterations[row], "diverged"
 
-    def outcome(self, row: int) -> tuple:
-        """(How many iterations `row` ran, and why it stopped)."""
-        if self.why[row] != "diverged" and self.reached[row] < self.last[row]:
-            return self.reached[row], "interrupted"
+    def outcome(self, row: int, reached: int) -> tuple:
+        """(How many iterations `row` ran, and why it stopped), the loop having reached iteration `reached`."""
+        if self.why[row] != "diverged" and reached < self.last[row]:
+            return reached, "interrupted"
         return self.last[row], self.why[row]
 
 
@@ -1384,8 +1236,10 @@ def sample_seed(seed: int, sample: int) -> int:
     return (seed + sample * 0x9E3779B97F4A7C15) % 2 ** 64
 
 
-def check_references(model: nn.Module, references) -> None:
-    """UsageError unless `references` is an Nx3xHxW float tensor of the model's dtype and device."""
+def check_references(model: nn.Module, layer, references) -> None:
+    """UsageError unless `layer` is a module and `references` Nx3xHxW floats of the model's dtype and device."""
+    if not isinstance(layer, nn.Module):
+        raise UsageError(f"invert() takes one layer, a module of the model: got a {type(layer).__name__}")
     if not isinstance(references, torch.Tensor):
         raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
     shape = "x".join(map(str, references.shape))
@@ -1404,162 +1258,115 @@ def check_references(model: nn.Module, references) -> None:
                          f"{references.device}")
 
 
-def invert(model: nn.Module, layers, references: torch.Tensor, settings: Optional[Settings] = None, *,
-           callback: Optional[Callable] = None, units=None, activations: Optional[torch.Tensor] = None,
-           **overrides) -> Inversion:
-    """Optimise one image per row of `references` (N per row with samples=N) to match it at its layer.
+def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, settings: Optional[Settings] = None,
+           *, callback: Optional[Callable] = None, units=None, features=None, **overrides) -> Inversion:
+    """Optimise one image per row of `references` (`samples` per row) to match the row at `layer`.
 
-    `layers`: one module, or one per row; each row gives what it gives alone. `settings` or its fields as
-    keywords; None takes the objective's default. `callback(step, losses, images)`: every iteration's
-    terms per row (a stopped row keeps its last) and a function giving the images. Ctrl-C returns early;
-    a RowError names the rows that cannot be inverted at all. task="maximize" takes `units`, a channel
-    (or one per row); `activations` (N x the layer's output) replace the references' as the targets.
+    `settings`, or its fields as keywords, named as the flags; None takes the objective's default.
+    `callback(step, losses, images)` sees every iteration: each term per row (a row that has stopped keeps
+    its image), and a function that gives the images. Ctrl-C returns early. task="maximize" takes `units`,
+    a channel per row or one for all; `features`, a row per reference, replace the references' activations
+    at the layer. Bad input raises UsageError; rows that cannot be inverted, RowError (`.reasons`, by row).
     """
-    check_references(model, references)
+    check_references(model, layer, references)
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
+    check_task_inputs(settings, units is not None, features is not None)
     count, samples = len(references), settings.samples
-    repeat = lambda values: None if values is None else [value for value in values for _ in range(samples)]
-    layers = [layers] * count if isinstance(layers, nn.Module) else list(layers)
-    units = [units] * count if isinstance(units, int) else units
-    for name, values in (("layer", layers), ("unit", units), ("activation", activations)):
-        if values is not None and len(values) != count:
-            raise UsageError(f"invert() needs one {name} for every row of the references (a layer or unit "
-                             f"may be one for all): got {len(values)} for {count} rows")
-    if (units is None) == (settings.task == "maximize"):
-        raise UsageError("task='maximize' needs units (--units), and only it takes them")
+    if units is not None:
+        try:
+            units = [unit_index(unit) for unit in units]
+        except TypeError:  # one unit for every row
+            units = [unit_index(units)] * count
+        if len(units) != count:
+            raise UsageError(f"invert() needs one unit for every row of the references, or one for all: got "
+                             f"{len(units)} for {count} rows")
+        units = [unit for unit in units for _ in range(samples)]
+    if isinstance(features, torch.Tensor) and features.dim() == references.dim():
+        features = features.repeat_interleave(samples, 0)
     try:
-        return optimise_images(model, repeat(layers), references.repeat_interleave(samples, 0), settings,
-                               callback, repeat(units),
-                               None if activations is None else activations.repeat_interleave(samples, 0))
+        targets = Targets(model, layer, references.repeat_interleave(samples, 0), settings, units, features)
+        return optimise(model, layer, targets, references.repeat_interleave(samples, 0), settings, callback)
     except RowError as error:  # told by row of `references`, not by sample
-        raise RowError({row // settings.samples: reason for row, reason in error.reasons.items()}) from None
+        raise RowError({row // samples: reason for row, reason in error.reasons.items()}) from None
 
 
-def optimise_images(model: nn.Module, layers: list, references: torch.Tensor, settings: Settings,
-                    callback: Optional[Callable], units: Optional[list], activations) -> Inversion:
-    """invert()'s loop; rows sharing a canvas size are a group (with L-BFGS, each row one)."""
-    device, count = references.device, len(references)
-    targets = Targets(model, layers, references, settings, units, activations)
-    chosen = targets.row_settings
+def optimise(model: nn.Module, layer: nn.Module, targets: Targets, references: torch.Tensor,
+             settings: Settings, callback: Optional[Callable]) -> Inversion:
+    """invert()'s loop: every row of the batch, iteration after iteration, until each has stopped."""
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
-                  for row in range(count)]
-    groups = {}
-    for row, key in enumerate(range(count) if settings.optimizer == "lbfgs" else
-                              [row["jitter"] for row in chosen]):
-        groups.setdefault(key, []).append(row)
+                  for row in range(len(references))]
     photos = references if settings.task == "caricature" else None  # a caricature starts from its photo
-    canvases = [Canvases(settings, references.shape[-2:], chosen[rows[0]]["jitter"], rows, generators, device,
-                         photos) for rows in groups.values()]
-    members = [group.members for group in canvases]
-    schedule, latest = Schedule(settings, chosen, device), {}
-    with Surrogate(model, settings.task == "maximize") as surrogate, contextlib.suppress(KeyboardInterrupt):
+    canvas = Canvas(settings, references.shape[-2:], targets.chosen["jitter"], generators, references.device,
+                    photos)
+    descent = Descent(settings, canvas.variable)
+    schedule, reached = Schedule(settings, targets.chosen, len(references), references.device), 0
+    with Surrogate(model, layer, settings.task == "maximize") as surrogate, \
+            contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
-            ran = [iteration(model, settings, targets, group, schedule, surrogate, step)
-                   for group in canvases]
-            ran = [(rows, terms) for rows, terms in ran if rows]
-            if not ran:
+            if step > max(schedule.last):
                 break
+            terms = iteration(model, layer, settings, targets, canvas, descent, schedule, surrogate, step)
+            reached = step
             if callback is not None:
-                rows, parts = [row for rows, _ in ran for row in rows], [terms for _, terms in ran]
-                terms = parts[0] if len(parts) == 1 else {name: torch.cat([part[name] for part in parts])
-                                                          for name in parts[0]}
-                callback(step, record_latest(latest, terms, rows, count),
-                         lambda: in_order([group.current() for group in canvases], members))
-    return final_result(model, settings, targets, canvases, schedule)
+                callback(step, terms, canvas.current)
+    return final_result(model, layer, settings, targets, canvas, schedule, reached)
 
 
-def iteration(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, schedule: Schedule,
-              surrogate: Surrogate, step: int) -> tuple:
-    """One group's iteration `step`; (its rows that ran, their terms), or ([], None) if none did."""
-    rows = [row for row in canvases.members if step <= schedule.last[row]]
-    if not rows:
-        return [], None
-    if rows != targets.rows or rows != canvases.rows:  # rows that have stopped cost nothing more
-        canvases.use(rows)
-        targets.use(rows)
-    first = [step <= schedule.first_stage_end[row] for row in rows]  # jitter and surrogate gradients
-    canvases.set_rates(schedule.rates(step, rows))
-    surrogate.use(targets.layers_in_use(), [on and schedule.chosen[row]["surrogate"]
-                                            for row, on in zip(rows, first)])
-    terms = evaluate(model, settings, targets, canvases, first, surrogate.alive)[1]
-    losses = terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"]
+def iteration(model: nn.Module, layer: nn.Module, settings: Settings, targets: Targets, canvas: Canvas,
+              descent: Descent, schedule: Schedule, surrogate: Surrogate, step: int) -> dict:
+    """Iteration `step` of every row: render, forward, loss, backward, step, record; each term per row."""
+    first = schedule.first_stage(step)  # jitter and surrogate gradients
+    surrogate.use([on and targets.chosen["surrogate"] for on in first])
+    terms, losses, _ = evaluate(model, layer, settings, targets, canvas, first)
     total = losses.sum()
     check_every = 1 if total.device.type == "cpu" else GPU_CHECK_EVERY
-    due = step == 1 or step % check_every == 0 or any(step == schedule.last[row] for row in rows)
-    broken = canvases.check(losses, total) if due else []
-    canvases.step(total)
-    schedule.reached.update(dict.fromkeys(rows, step))
-    canvases.copy(broken, canvases.kept, canvases.variable)
-    schedule.record(step, rows, losses)
-    schedule.diverge(broken, step)  # after the plateau rule, which must not make it a plateau
-    return rows, terms
+    due = step == 1 or step % check_every == 0 or step in schedule.last
+    broken = canvas.keep_finite(losses, total, step) if due else []
+    canvas.variable.grad = None
+    total.backward()
+    descent.set_rates(schedule.rates(step))
+    descent.step()
+    canvas.image.after_step(canvas.variable)
+    canvas.restore(broken)
+    descent.forget(broken)
+    schedule.plateau(step, losses)
+    schedule.diverge(broken, canvas.last_finite_at)  # after the plateau rule, which must not make it one
+    return terms
 
 
-def evaluate(model: nn.Module, settings: Settings, targets: Targets, canvases: Canvases, jittering: list,
-             alive: Optional[list] = None) -> tuple:
-    """Render, forward, weigh: (the images the network saw, each term per row, the layers' outputs)."""
-    images, (whole, pixels) = canvases.render(jittering)
+def evaluate(model: nn.Module, layer: nn.Module, settings: Settings, targets: Targets, canvas: Canvas,
+             jittering: list) -> tuple:
+    """Render, forward, weigh: (each term per row, each row's loss, the layer's output)."""
+    images, whole, pixels = canvas.render(jittering)
     with autocast(settings.precision, images.device):
-        outputs = layer_batches(model, targets.layers_in_use(), images, alive)
-    terms = {"rec_loss": targets.feature_terms(outputs), **prior_terms(settings, whole, pixels)}
-    return images, terms, outputs
-
-
-def record_latest(latest: dict, terms: dict, rows: list, count: int) -> dict:
-    """Each term's latest value for every row, this iteration's for `rows`, as new tensors."""
-    if rows == list(range(count)):  # every row ran, in order: this iteration's terms, new
-        latest.update({name: values.detach() for name, values in terms.items()})
-        return dict(latest)
-    for name, values in terms.items():
-        kept = latest[name].clone() if name in latest else \
-            torch.full((count,), math.nan, device=values.device)
-        kept[rows] = values.detach()
-        latest[name] = kept
-    return dict(latest)
-
-
-def task_measures(task: str, rec_loss: float, C: float, photo: dict) -> dict:
-    """What a row's task reports from its data term: the feature error, projection, or unit's activation."""
-    if task == "invert":  # over the window and channels that count
-        return {"feature_error": rec_loss / C}
-    if task == "caricature":  # <phi(x), phi0> / ||phi0||^2
-        return {"projection": -rec_loss / C}
-    return {"unit_activation": -rec_loss * photo["typical"] / C, "layer_rms": photo["typical"],
-            "photo_activation": photo["photo_activation"], "photo_max": photo["photo_max"]}
+        output = layer_output(model, layer, images)
+    terms = {"rec_loss": targets.rec_loss(output), **prior_terms(settings, whole, pixels)}
+    return terms, terms["rec_loss"] + terms["alpha_loss"] + terms["tv_loss"], output
 
 
 @torch.no_grad()
-def final_result(model, settings: Settings, targets: Targets, canvases: list, schedule: Schedule
-                 ) -> Inversion:
-    """Every row's image at its canvas's middle, its losses and outcome; a last broken step undone."""
-    images, terms = [], []
-    for group in canvases:
-        group.use(group.members)
-        targets.use(group.members)
-        for _ in range(2):
-            seen, values, outputs = evaluate(model, settings, targets, group, [False] * len(group.members))
-            broken = group.check(values["rec_loss"] + values["alpha_loss"] + values["tv_loss"])
-            group.copy(broken, group.kept, group.variable)
-            for row in broken:
-                schedule.diverge([row], schedule.reached[row])
-            if not broken:
-                break
-        if settings.task == "caricature":
-            values["cosine"] = targets.cosines(outputs)
-        images.append(seen)
-        terms.append(values)
-    members = [group.members for group in canvases]
-    final = {name: in_order([values[name] for values in terms], members).tolist() for name in terms[0]}
-    losses = [{**{name: values[row] for name, values in final.items()},
-               **task_measures(settings.task, final["rec_loss"][row], targets.row_settings[row]["C"],
-                               targets.photo[row])} for row in range(len(targets.row_settings))]
-    outcomes = [schedule.outcome(row) for row in range(len(targets.row_settings))]
-    return Inversion(in_order(images, members).detach().clone(), losses, [done for done, _ in outcomes],
-                     [why for _, why in outcomes], settings, targets.row_settings)
+def final_result(model: nn.Module, layer: nn.Module, settings: Settings, targets: Targets, canvas: Canvas,
+                 schedule: Schedule, reached: int) -> Inversion:
+    """Every row's image at its canvas's middle, its losses and measures, and how it ended; a last step
+    that broke a row undone."""
+    count = len(schedule.last)
+    for _ in range(2):
+        terms, losses, output = evaluate(model, layer, settings, targets, canvas, [False] * count)
+        broken = [row for row, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
+        if not broken:
+            break
+        canvas.restore(broken)
+        schedule.diverge(broken, canvas.last_finite_at)
+    values = {name: term.tolist() for name, term in terms.items()}
+    losses = [{**{name: value[row] for name, value in values.items()}, **measures}
+              for row, measures in enumerate(targets.measures(values["rec_loss"], output))]
+    outcomes = [schedule.outcome(row, reached) for row in range(count)]
+    return Inversion(canvas.current(), losses, [done for done, _ in outcomes], [why for _, why in outcomes],
+                     settings, targets.chosen)
 
 
-# ---------------------------------------------------------------- planning: launchers, photos, names
+# ---------------------------------------------------------------- the job: launchers, photos and names
 
 
 def launcher_int(name: str, least: int = 0) -> Optional[int]:
@@ -1591,6 +1398,8 @@ def pick_device(spec: str) -> torch.device:
     if not present[device.type] or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}" + (" (from LOCAL_RANK)" if local is not None else "") +
                          f": no such device here ({torch.cuda.device_count()} CUDA device(s))")
+    if device.type == "cuda":  # under torchrun, each process its own: what allocates on "cuda" goes there
+        torch.cuda.set_device(device)
     return device
 
 
@@ -1632,8 +1441,8 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
     return (part, parts) if world is None else (part * world + rank, parts * world)
 
 
-def photo_paths(given: Sequence[str]) -> list:
-    """The photos named, as absolute paths: files, and folders' files Pillow reads (not hidden or ours)."""
+def photo_paths(given: list) -> list:
+    """The photos named, as absolute paths: files, and folders' files Pillow reads, not hidden nor ours."""
     Image.init()
     readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
                 and not (isinstance(Image.OPEN[kind][0], type)  # a stub opens nothing without a handler
@@ -1645,7 +1454,7 @@ def photo_paths(given: Sequence[str]) -> list:
             continue
         inside = [os.path.abspath(os.path.join(item, name)) for name in sorted(os.listdir(item))
                   if not name.startswith(".") and os.path.splitext(name)[1].lower() in readable]
-        inside = [path for path in inside if os.path.isfile(path) and not ours(path)]
+        inside = [path for path in inside if os.path.isfile(path) and not is_tool_output(path)]
         if not inside:
             raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
                              ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
@@ -1653,7 +1462,7 @@ def photo_paths(given: Sequence[str]) -> list:
     return list(dict.fromkeys(paths))
 
 
-def photo_names(paths: Sequence[str], room: int = 255) -> dict:
+def photo_names(paths: list, room: int = 255) -> dict:
     """Each photo's name in its outputs: its file stem; where stems are shared, after the fewest parent
     folders that tell them apart (cats/001.jpg, dogs/001.jpg: cats_001, dogs_001), then with the
     extension (001_jpg, 001_png), else numbered; a name over `room` bytes is cut, and a '~' and 8 hex
@@ -1684,14 +1493,60 @@ def photo_names(paths: Sequence[str], room: int = 255) -> dict:
     return names
 
 
-class Row(NamedTuple):
-    """One (photo, layer) pair of a job: one image, whose files are its PNG's name with other endings."""
+def is_tool_output(path) -> bool:
+    """Whether an image file is a picture this tool wrote: a PNG or GIF with its mark."""
+    with contextlib.suppress(Exception), Image.open(path) as opened:
+        return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
+    return False
 
-    image_path: str  # or, with --features, the saved activations' file
+
+class Input(NamedTuple):
+    """A photo, or saved features, as the job read it, once: its bytes' hash and its content, or why not."""
+
+    sha256: Optional[str]
+    error: Optional[str]
+    image: Optional[Image.Image] = None  # a photo resized and cropped as the network sees it, 8-bit
+    features: Optional[torch.Tensor] = None  # --features' tensor, as loaded: checked at the layer
+
+
+def read_input(path: str, size: int, features: bool) -> Input:
+    """Read a photo or saved features once: hash, decode and crop it (a resize too large for memory refused)."""
+    try:
+        data = read_bytes(path, "--features" if features else "--image_path")
+        if features:
+            return Input(hashlib.sha256(data).hexdigest(), None, features=load_features(data, path))
+        image = load_image(path, data)
+        # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
+        check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
+                     f"resizing {path} to --input_size {size}", "use a smaller --input_size")
+        return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
+    except UsageError as error:
+        return Input(None, str(error))
+
+
+def load_features(data: bytes, path: str):
+    """What a --features file holds, read with weights_only; UsageError if torch.save did not write it."""
+    if zipfile.is_zipfile(io.BytesIO(data)) and any(
+            entry.compress_type != zipfile.ZIP_STORED for entry in zipfile.ZipFile(io.BytesIO(data)).infolist()):
+        raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused unread")
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle beyond tensors, or not a torch file at all
+        raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
+            from None
+
+
+class Row(NamedTuple):
+    """One pre-image of the job: a photo (or saved features) at a layer (and a unit); its files are its
+    PNG's name with other endings."""
+
+    image_path: str
     layer_name: str
     png: Path
     montage: Optional[Path]  # the photo's montage of its layers, or (maximize) the layer's mosaic of units
-    unit: Optional[int] = None  # maximize's
+    unit: Optional[int] = None
 
     def file(self, ending: str) -> Path:
         return Path(str(self.png)[:-len(".png")] + ending)
@@ -1699,53 +1554,59 @@ class Row(NamedTuple):
     def sample(self, index: int) -> Path:
         return self.png if index == 0 else self.file(f"_sample{index + 1}.png")
 
+    def pictures(self, samples: int, gif: bool, field: bool) -> list:
+        """The pictures a finished row has: its samples, their mean and spread, its GIF and field."""
+        endings = ["_mean.png", "_spread.png"] * (samples > 1) + [".gif"] * gif + ["_field.png"] * field
+        return [*map(self.sample, range(samples)), *map(self.file, endings)]
 
-def existing_parent(folder: Path) -> Path:
-    """`folder` if it exists, else its nearest parent that does: where a write would create it."""
-    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+    def outputs(self, samples: int, gif: bool, field: bool) -> dict:
+        """Every path the row may write, True for a folder: its pictures, record, diverged image and frames
+        (its samples past the first as one pattern)."""
+        extra = [".json", ".diverged.png", *["_sample*.png"] * (samples > 1), *["_frames"] * gif]
+        paths = [*self.pictures(min(samples, 2), gif, field), *map(self.file, extra)]
+        return {path: path.name.endswith("_frames") for path in paths}
 
 
-def plan(args: argparse.Namespace) -> list:
+def kind_words(settings: Settings, features: bool) -> list:
+    """The words that tell a row's kind of pre-image apart in its names: none for a photo's inversion."""
+    return [word for word, applies in (("caricature", settings.task == "caricature"),
+                                       ("channel", settings.unit_scope == "channel"),
+                                       (f"window{settings.window}", settings.window),
+                                       (f"channels{settings.channels.replace(':', '-')}", settings.channels != "all"),
+                                       ("features", features)) if applies]
+
+
+def plan(args: argparse.Namespace, settings: Settings) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
-    paths = [os.path.abspath(args.features)] if args.features else photo_paths(args.image_path)
-    layers = list(dict.fromkeys(seed_form(name) for name in args.layer_name))
-    if args.units and "all" in args.units and len(args.units) > 1:
-        raise UsageError("--units takes unit indices or all, not both")
-    units = [None] if args.units is None else list(range(ALL_UNITS)) if args.units == ["all"] else \
-        list(dict.fromkeys(int(unit) for unit in args.units))
-    if (args.units is None) == (args.task == "maximize"):
-        raise UsageError("--task maximize needs --units, and only it takes them")
-    if args.features and args.task != "invert":
-        raise UsageError("--features works with --task invert: a caricature starts from a photo, and a "
-                         "unit's weight comes from one")
-    if args.features and (len(layers) > 1 or args.image_path != [str(DEFAULT_IMAGE)]):
+    if args.features and (len(args.layer_name) > 1 or args.image_path != [str(DEFAULT_IMAGE)]):
         raise UsageError("--features are one layer's activations, in place of a photo: give one --layer_name "
                          "and no --image_path")
+    if args.units and "all" in args.units and len(args.units) > 1:
+        raise UsageError("--units takes unit indices or all, not both")
+    paths = [os.path.abspath(args.features)] if args.features else photo_paths(args.image_path)
+    layers = list(dict.fromkeys(underscored(name) for name in args.layer_name))
+    units = [None] if args.units is None else list(range(ALL_UNITS)) if args.units == ["all"] else \
+        list(dict.fromkeys(args.units))
     several = len(paths) * len(layers) * len(units) > 1
     if args.output and (several or Path(args.output).suffix.lower() != ".png"):
         raise UsageError("--output names one file: with several layers, images or units, use --output_dir"
-                         if several
-                         else f"--output {args.output} must end in .png")
+                         if several else f"--output {args.output} must end in .png")
     if args.output:
         return [Row(paths[0], layers[0], Path(args.output), None, units[0])]
-    folder = Path(args.output_dir)
-    existing = existing_parent(folder.absolute())
+    folder, kind = Path(args.output_dir), "".join(f"_{word}" for word in kind_words(settings, bool(args.features)))
     try:
-        longest = os.pathconf(existing, "PC_NAME_MAX")
+        longest = os.pathconf(existing_parent(folder.absolute()), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
         longest = 255
     # room for the photo's name beside the longest endings: a sample's, or the diverged image's
-    tail = "_caricature" if args.task == "caricature" else f"_unit{max(units)}" if units != [None] else ""
-    room = longest - max(len(f"_sample{args.samples}.png"), len(".diverged.png")) - len(
-        os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}{tail}"))
+    unit = f"_unit{max(units)}" if units != [None] else ""
+    room = longest - max(len(f"_sample{settings.samples}.png"), len(".diverged.png")) - len(
+        os.fsencode(f"_{args.model}_{max(layers + ['montage'], key=len)}{kind}{unit}"))
     names = photo_names(paths, room)
 
-    task = "_caricature" if args.task == "caricature" else ""  # a unit's name has its _unitN
-
     def row(path: str, layer: str, unit: Optional[int]) -> Row:
-        stem = f"{names[path]}_{args.model}_{layer}{task}"
-        mosaic = folder / (f"{stem}_units.png" if unit is not None else
-                           f"{names[path]}_{args.model}{task}_montage.png")
+        stem = f"{names[path]}_{args.model}_{layer}{kind}"
+        mosaic = folder / (f"{stem}_units.png" if unit is not None else f"{names[path]}_{args.model}{kind}_montage.png")
         return Row(path, layer, folder / (stem + ("" if unit is None else f"_unit{unit}") + ".png"),
                    mosaic if len(units if unit is not None else layers) > 1 else None, unit)
     return [row(path, layer, unit) for path in paths for layer in layers for unit in units]
@@ -1759,20 +1620,23 @@ def in_shard(rows: list, part: int, parts: int) -> list:
     return [row for row, group in zip(rows, groups) if group in mine]
 
 
-def real(path) -> Path:
+def landing_path(path) -> Path:
     """`path` with its folder's links and `..` resolved, but not its own name: where a write to it lands."""
     return Path(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
 
 
-def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: list) -> None:
-    """UsageError before the work if an output is unwritable or would replace a photo or record."""
-    files = {real(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
-    endings = [".png", ".json", ".diverged.png", *([".gif", "_frames"] if args.save_every else []),
-               *(["_field.png"] if args.window else []),
-               *(["_mean.png", "_spread.png", "_sample*.png"] if args.samples > 1 else [])]
-    for row in rows:  # each file the rows write (True: a folder); samples past the first as one pattern
-        paths = [row.file(ending) for ending in endings] + ([row.montage] if row.montage else [])
-        files.update({real(path): path.name.endswith("_frames") for path in paths})
+def existing_parent(folder: Path) -> Path:
+    """`folder` if it exists, else its nearest parent that does: where a write would create it."""
+    return next(parent for parent in (folder, *folder.parents) if parent.exists())
+
+
+def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, previous: dict, photos: list) -> None:
+    """UsageError before the work if an output is unwritable or would replace a photo or another's record."""
+    files = {landing_path(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
+    for row in rows:
+        outputs = row.outputs(settings.samples, bool(args.save_every), bool(settings.window))
+        files.update({landing_path(path): folder for path, folder in outputs.items()})
+        files.update({landing_path(row.montage): False} if row.montage else {})
         other = (previous[row] or {}).get("image_path")
         if isinstance(other, str) and other != row.image_path:
             raise UsageError(f"{row.file('.json')} holds the result of another photo, {other}: "
@@ -1780,11 +1644,11 @@ def check_outputs(args: argparse.Namespace, rows: list, previous: dict, photos: 
 
     def written(path: Path) -> Optional[bool]:  # None if the job does not write `path`; else if as a folder
         stem, _, number = path.name.removesuffix(".png").rpartition("_sample")
-        sample = path.name.endswith(".png") and number.isdigit() and 2 <= int(number) <= args.samples
+        sample = path.name.endswith(".png") and number.isdigit() and 2 <= int(number) <= settings.samples
         return files.get(path.with_name(f"{stem}_sample*.png") if sample else path)
 
     for photo in photos:
-        if any(written(path) is not None for path in (real(photo), Path(os.path.realpath(photo)))):
+        if any(written(path) is not None for path in (landing_path(photo), Path(os.path.realpath(photo)))):
             raise UsageError(f"the outputs would overwrite the input photo {photo}: use another --output_dir")
     for folder in dict.fromkeys(path.parent for path in files):
         existing = existing_parent(folder)
@@ -1817,34 +1681,24 @@ def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Opt
             "unit": row.unit, "features": bool(args.features), "settings": dataclasses.asdict(settings)}
 
 
+def same_row(record: Optional[dict], wanted: dict, but: tuple = ()) -> bool:
+    """Whether `record` is of the row whose identity is `wanted` (but for the keys in `but`), and done."""
+    return record is not None and record.get("status") == "done" and all(
+        record.get(key) == value for key, value in wanted.items() if key not in but)
+
+
 def natural(text: str) -> list:
     """A sort key that puts features_4 before features_12."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def finished(record: Optional[dict], wanted: dict, row: Row, samples: int, gif: bool) -> bool:
-    """Whether --resume may skip a row: its record is done and of the same identity, its pictures there."""
-    return (record is not None and record.get("status") == "done" and wanted["image_sha256"] is not None
-            and all(record.get(key) == value for key, value in wanted.items())
-            and all(row.sample(index).is_file() for index in range(samples))
-            and all(row.file(ending).is_file() for ending in ("_mean.png", "_spread.png") if samples > 1)
-            and (row.file(".gif").is_file() or not gif)
-            and (row.file("_field.png").is_file() or not wanted["settings"]["window"]))
-
-
-def index_line(record: dict, name: str) -> Optional[dict]:
-    """The index's line for the record in file `name`, None if not one; old records read as meant."""
-    old = record.get("args") if "status" not in record and isinstance(record.get("args"), dict) else None
-    if old is not None:
-        settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-        record = {**record, "model": old.get("model"), "png": name.removesuffix(".json") + ".png",
-                  "status": "done" if record.get("stopped") in ("epochs", "plateau") else "interrupted",
-                  "precision": settings.get("precision", "")}
-    line = {column: record.get(column, "") for column in INDEX_COLUMNS}
-    if not all(isinstance(line[key], str) and line[key] for key in ("image_path", "layer_name", "status",
-                                                                   "model")):
+def index_line(record: dict) -> Optional[dict]:
+    """A record's line in the index, its values that are not tables; None if it is not a row's record."""
+    if not all(isinstance(record.get(key), str) and record[key] for key in ("image_path", "layer_name",
+                                                                           "status", "model")):
         return None
-    return {column: "" if value is None else encodable(str(value)) for column, value in line.items()}
+    return {key: "" if value is None else encodable(str(value)) for key, value in record.items()
+            if not isinstance(value, dict) and key != "samples"}
 
 
 def encodable(text: str) -> str:
@@ -1864,14 +1718,15 @@ def write_index(folder: Path, cache: dict) -> None:
                 if entry.name.endswith(".json") and entry.is_file():
                     key = (entry.stat().st_mtime_ns, entry.stat().st_size)
                     if cache.get(entry.name, (None,))[0] != key:
-                        cache[entry.name] = key, index_line(read_record(Path(entry.path)) or {}, entry.name)
+                        cache[entry.name] = key, index_line(read_record(Path(entry.path)) or {})
             present = [line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)]
             lines = sorted(present, key=lambda line: (line["image_path"], line["model"],
-                                                      natural(line["layer_name"]), natural(line["unit"])))
+                                                      natural(line["layer_name"]), line.get("kind", ""),
+                                                      natural(line.get("unit", ""))))
 
             def write(file):
                 text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
-                table = csv.DictWriter(text, INDEX_COLUMNS)
+                table = csv.DictWriter(text, list(dict.fromkeys(key for line in lines for key in line)))
                 table.writeheader()
                 table.writerows(lines)
                 text.flush()
@@ -1918,51 +1773,25 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
                          f"{max(free, 0) / 2**30:.1f} GiB free on {device}: {helps}")
 
 
-def row_bytes(model: nn.Module, layer: nn.Module, size: int, stride: int, settings: Settings, frames: int,
-              device: torch.device) -> float:
-    """Estimated bytes of one row at `layer`, from a forward pass at a small size scaled by area."""
-    probe, elements = min(size, 64), []
-    leaves = [module for module in model.modules() if not any(module.children())]
-
-    def count(module, inputs, output):
-        elements.append(output.numel() if isinstance(output, torch.Tensor) else 0)
-
-    try:
-        with forward_hooks({leaf: count for leaf in leaves}), torch.no_grad():
-            output = layer_batches(model, [layer], torch.zeros(1, 3, probe, probe, device=device))[0][2]
-        activations = sum(elements) + output.numel()
-    except FORWARD_ERRORS:  # a model that refuses the probe size
-        activations = 0
-    canvas = 3 * (size + layer_settings(settings, stride)["jitter"]) ** 2
-    state = {"sgd": 1, "adam": 2, "lbfgs": 2 * LBFGS_HISTORY + 2}[settings.optimizer]
-    # float32: each activation thrice (values, gradients, a copy), the reference and target, the canvas
-    # about 16 times (variable, gradient, optimizer state, finite copy, render, priors), the GIF's frames
-    return (12 * activations * (size / probe) ** 2 + 24 * size * size + 4 * (16 + state) * canvas
-            + frames * canvas)
+def row_bytes(activations: int, size: int, jitter: int, settings: Settings, frames: int) -> float:
+    """Estimated bytes of one row: float32 activations thrice (values, gradients, a copy), the reference and
+    target, the canvas about 16 times (variable, gradient, optimizer state, finite copy, render, priors)."""
+    canvas = 3 * (size + jitter) ** 2
+    return 12 * activations + 24 * size * size + 4 * (16 + 2) * canvas + frames * canvas
 
 
-def plan_batches(args: argparse.Namespace, rows: list, model: nn.Module, layers: dict, strides: dict,
-                 settings: Settings, device: torch.device) -> list:
-    """Consecutive runs of rows within --batch_size and a share of free memory; refuses one too big alone."""
-    frames = settings.epochs // args.save_every if args.save_every else 0
-    costs = {name: settings.samples * row_bytes(model, layer, args.input_size, strides[layer], settings,
-                                                 frames, device) for name, layer in layers.items()}
-    for name, cost in costs.items():
-        check_memory(cost, device, f"inverting {name} at --input_size {args.input_size}"
-                     + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
-                     "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0"
-                     + (", or another --optimizer" if settings.optimizer == "lbfgs" else ""))
-    free = available_memory(device)
-    budget = math.inf if free is None else MEMORY_SHARE * free
-    most = max(1, (BATCH_CAP[device.type == "cuda"] if args.batch_size == "auto" else args.batch_size)
-               // settings.samples)
-    runs, used = [[]], 0.0
-    for row in rows:
-        if runs[-1] and (len(runs[-1]) == most or used + costs[row.layer_name] > budget):
-            runs, used = runs + [[]], 0.0
-        runs[-1].append(row)
-        used += costs[row.layer_name]
-    return runs if runs[0] else []
+def plan_batches(rows: list, costs: dict, most: int, budget: float) -> list:
+    """Rows of one layer at a time in runs of at most `most` rows and `budget` bytes (costs: per layer)."""
+    runs = []
+    for layer in dict.fromkeys(row.layer_name for row in rows):
+        runs.append([])
+        used = 0.0
+        for row in (row for row in rows if row.layer_name == layer):
+            if runs[-1] and (len(runs[-1]) == most or used + costs[layer] > budget):
+                runs, used = runs + [[]], 0.0
+            runs[-1].append(row)
+            used += costs[layer]
+    return runs
 
 
 # ---------------------------------------------------------------- saving
@@ -2001,102 +1830,170 @@ def save_json(path: Path, record: dict) -> None:
     write_atomically(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
-# ---------------------------------------------------------------- the job
+def save_pictures(row: Row, result: Inversion, mine: range, frames: list, field: Optional[list]) -> dict:
+    """Save a finished row's pictures (samples, mean and spread, field, GIF); what its record adds."""
+    pictures = [deprocess(result.images[at][None]) for at in mine]
+    for sample, picture in enumerate(pictures):
+        save_png(row.sample(sample), picture)
+    added = {}
+    if field is not None:  # the window's receptive field, drawn on a copy
+        drawn = pictures[0].copy()
+        ImageDraw.Draw(drawn).rectangle([field[0], field[1], field[2] - 1, field[3] - 1], outline="red")
+        save_png(row.file("_field.png"), drawn)
+        added["field_box"] = field
+    if len(mine) > 1:
+        mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
+        save_png(row.file("_mean.png"), mean)
+        save_png(row.file("_spread.png"), spread_picture)
+        added.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
+                     spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
+                                                        "stopped": result.stopped[at]} for at in mine])
+    if frames:
+        movie = frames + pictures[:1]
+        write_atomically(row.file(".gif"), lambda file: movie[0].save(
+            file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0, comment=MARK))
+    return added
 
 
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is a device's, or a CPU allocator's, out of memory."""
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        text in str(error) for text in ("out of memory", "can't allocate memory"))
+
+
+@torch.no_grad()
+def top1(model: nn.Module, photos: Optional[torch.Tensor], images: torch.Tensor, precision: str) -> list:
+    """Per row, a classifier's top-1 class of its pre-image, and of its photo with that class's probability
+    for the pre-image (a pre-image that still means the photo); nothing for a model that does not classify."""
+    try:
+        with autocast(precision, images.device):
+            scores = [model(batch).float() for batch in ([photos] if photos is not None else []) + [images]]
+    except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit, or memory
+        if out_of_memory(error):
+            print(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})", file=sys.stderr)
+        return [{}] * len(images)
+    except AttributeError:  # a model that returns something else than a tensor
+        return [{}] * len(images)
+    if not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
+        return [{}] * len(images)
+    *photo, preimage = (score.softmax(1) for score in scores)
+    got = preimage.argmax(1).tolist()
+    if not photo:
+        return [{"preimage_top1": label} for label in got]
+    wanted = photo[0].argmax(1)
+    probability = preimage.gather(1, wanted[:, None])[:, 0].tolist()
+    return [{"photo_top1": photo_label, "preimage_top1": label, "top1_agree": photo_label == label,
+             "photo_probability": round(chance, 6)}
+            for photo_label, label, chance in zip(wanted.tolist(), got, probability)]
+
+
+# ---------------------------------------------------------------- the job
+
+
+def probe_layer(model: nn.Module, layer: nn.Module, size: int, precision: str, device: torch.device) -> tuple:
+    """(The layer's output for a blank image, its channel axis, the activations a forward pass to it makes):
+    the model checked at this input size before the work; UsageError if it cannot run or is not finite."""
+    blank, counted = torch.zeros(1, 3, size, size, device=device), []
+
+    def count(module, inputs, output):
+        counted.append(output.numel() if isinstance(output, torch.Tensor) else 0)
+
+    leaves = [module for module in model.modules() if not any(module.children())]
+    with forward_hooks(dict.fromkeys(leaves, count)):
+        output = checked_output(model, layer, blank, precision)
+    if not torch.isfinite(output).all():
+        raise UsageError(not_finite("a blank image", precision))
+    return output, channel_axis(model, layer, output, (size, size), precision), sum(counted) + output.numel()
 
 
 class Job:
-    """The command line's rows, planned and checked before the work, then inverted batch by batch."""
+    """The command line's work: its rows planned and checked before any of it, then inverted and saved a
+    batch at a time, the rows of a batch of one layer."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device, self.failed, self.index_cache = args, device, {}, {}  # failed: row -> why
-        self.fields, self.saved = {}, {}  # each layer's receptive field of --window; --features' activations
         # the cheap checks come first, so that a typo fails before a model loads or downloads
         self.settings = settings = resolve(settings_from_args(args), device)
-        job = plan(args)
-        everyone = list(dict.fromkeys(row.image_path for row in job))
+        check_task_inputs(settings, args.units is not None, bool(args.features))
+        planned = plan(args, settings)
+        everyone = list(dict.fromkeys(row.image_path for row in planned))
         self.shard = shard_of(args.shard, len(everyone))
-        self.rows = rows = in_shard(job, *self.shard)
-        self.by_photo, self.by_montage = {}, {}  # each photo's rows, each montage's
-        for row in rows:
-            self.by_photo.setdefault(row.image_path, []).append(row)
-            self.by_montage.setdefault(row.montage, []).append(row)
+        self.rows = in_shard(planned, *self.shard)
         weights, weights_data = weights_identity(args.model, args.weights)
-        self.photos = {path: read_photo(path, args.input_size, bool(args.features))
-                       for path in dict.fromkeys(row.image_path for row in rows)}
-        self.previous = previous = {row: read_record(row.file(".json")) for row in rows}
-        check_outputs(args, rows, previous, everyone)
-        self.wanted = {row: identity(row, args, settings, self.photos[row.image_path].sha256, weights)
-                       for row in rows}
-        self.done = {row for row in rows if args.resume and finished(previous[row], self.wanted[row], row,
-                                                                     settings.samples, args.save_every)}
-        self.todo = [row for row in rows if row not in self.done]
-        runnable, self.runs = [row for row in self.todo if self.photos[row.image_path].error is None], []
-        if runnable:
-            self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(device)
-            self.layers = {row.layer_name: resolve_layer(self.model, row.layer_name)[1] for row in runnable}
-            outputs = check_model(self.model, list(self.layers.values()), args.input_size, device,
-                                  settings.precision)
-            self.check_parts(runnable, outputs)
-            strides = {layer: layer_stride((args.input_size,) * 2, out) for layer, out in outputs.items()}
-            self.runs = plan_batches(args, runnable, self.model, self.layers, strides, settings, device)
-            self.fields = {name: receptive_field(self.model, layer, args.input_size, settings, device)
-                           for name, layer in self.layers.items()} if settings.window else {}
-        self.bar = tqdm(total=len(rows), initial=len(self.done), unit="image", dynamic_ncols=True,
+        paths = list(dict.fromkeys(row.image_path for row in self.rows))
+        check_memory(3 * args.input_size ** 2 * len(paths), torch.device("cpu"), f"holding {len(paths)} photos "
+                     f"at --input_size {args.input_size}", "use a smaller --input_size, or split the photos over shards "
+                     "(--shard, or a SLURM job array)")
+        self.inputs = {path: read_input(path, args.input_size, bool(args.features)) for path in paths}
+        previous = {row: read_record(row.file(".json")) for row in self.rows}
+        check_outputs(args, settings, self.rows, previous, everyone)
+        self.wanted = {row: identity(row, args, settings, self.inputs[row.image_path].sha256, weights)
+                       for row in self.rows}
+        # a finished record of a row whose photo cannot be read now (an NFS hiccup) is not overwritten
+        self.finished = {row for row in self.rows if same_row(previous[row], self.wanted[row], ("image_sha256",))}
+        self.done = {row for row in self.finished if args.resume and same_row(previous[row], self.wanted[row])
+                     and all(path.is_file() for path in self.pictures(row))}
+        runnable = [row for row in self.rows if row not in self.done and not self.inputs[row.image_path].error]
+        self.batches = self.prepare(runnable, weights_data) if runnable else []
+        self.todo = [row for row in self.rows if row not in self.done]
+        self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", dynamic_ncols=True,
                         disable=args.quiet)
 
+    def pictures(self, row: Row) -> list:
+        """The pictures of `row` when it is finished."""
+        return row.pictures(self.settings.samples, bool(self.args.save_every), bool(self.settings.window))
+
+    def prepare(self, rows: list, weights_data: Optional[bytes]) -> list:
+        """Load the model and check each layer against what its rows ask of it, before any work; the batches."""
+        args, settings = self.args, self.settings
+        self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(self.device)
+        self.layers, self.fields, self.saved, costs = {}, {}, {}, {}
+        frames = settings.epochs // args.save_every if args.save_every else 0
+        for name in dict.fromkeys(row.layer_name for row in rows):
+            layer = self.layers[name] = resolve_layer(self.model, name)[1]
+            output, axis, activations = probe_layer(self.model, layer, args.input_size, settings.precision,
+                                                    self.device)
+            part_mask(output, settings.window, settings.channels, axis)  # refuses a part that does not fit
+            units = as_grid(output, axis).shape[1]
+            if args.units == ["all"]:  # the first ALL_UNITS units, or all of a layer that has fewer
+                self.rows = [row for row in self.rows if row.layer_name != name or row.unit < units]
+            check_units([row.unit for row in self.rows if row.layer_name == name and row.unit is not None], units)
+            for path in dict.fromkeys(row.image_path for row in rows) if args.features else ():
+                self.saved[path] = checked_features(self.inputs[path].features, output, f"--features {path}")
+            if settings.window:
+                self.fields[name] = receptive_field(self.model, layer, args.input_size, settings, axis, self.device)
+            jitter = layer_settings(settings, layer_stride((args.input_size,) * 2, as_grid(output, axis)))["jitter"]
+            costs[name] = settings.samples * row_bytes(activations, args.input_size, jitter, settings, frames)
+            check_memory(costs[name], self.device, f"inverting {name} at --input_size {args.input_size}"
+                         + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
+                         "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0")
+        free = available_memory(self.device)
+        most = max(1, (BATCH_CAP[self.device.type == "cuda"] if args.batch_size == "auto" else args.batch_size)
+                   // settings.samples)
+        kept = set(self.rows)
+        return plan_batches([row for row in rows if row in kept], costs, most,
+                            math.inf if free is None else MEMORY_SHARE * free)
+
     def record(self, row: Row, **fields) -> dict:
-        """A row's record: what identifies it, where it ran, and `fields`."""
-        return {**self.wanted[row], "weights": self.args.weights, "precision": self.settings.precision,
-                "device": str(self.device), "png": row.png.name, **fields}
+        """A row's record: what identifies it, its kind, where it ran, and `fields`."""
+        kind = " ".join([self.settings.task, *kind_words(self.settings, bool(self.args.features))])
+        return {**self.wanted[row], "kind": kind, "weights": self.args.weights,
+                "precision": self.settings.precision, "device": str(self.device), "png": row.png.name, **fields}
 
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
-        its photo could not be read and its record is of a finished run of this row (an NFS hiccup must
-        not undo a week's work)."""
+        its photo cannot be read now and a finished record of it is there."""
         self.failed[row] = reason
         if len(self.rows) > 1:
-            self.bar.write(shown(f"invert.py: {row.image_path} at {row.layer_name}: {status}: {reason}"),
-                           sys.stderr)
-        kept = self.previous[row] or {}
-        same = all(kept.get(key) == value for key, value in self.wanted[row].items() if key != "image_sha256")
-        if not (self.photos[row.image_path].error and kept.get("status") == "done" and same):
+            where = row.layer_name + (f" unit {row.unit}" if row.unit is not None else "")
+            self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"), sys.stderr)
+        if not (self.inputs[row.image_path].error and row in self.finished):
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
-    def photo(self, path: str) -> torch.Tensor:
-        """A photo preprocessed, read again unless planning kept it; its rows record what was read. Saved
-        activations (--features) are kept as read at planning, and their photo is blank."""
-        data = self.photos[path].data or read_bytes(path)
-        for row in self.by_photo[path]:
-            self.wanted[row]["image_sha256"] = hashlib.sha256(data).hexdigest()
-        if self.args.features:
-            return torch.zeros(1, 3, self.args.input_size, self.args.input_size)
-        return load_photo(path, self.args.input_size, data)
-
-    def check_parts(self, rows: list, outputs: dict) -> None:
-        """UsageError before the work where saved activations or a unit do not fit their layer."""
-        self.saved = {}  # --features: the activations, batched as the layer's output
-        for row in rows:
-            output = outputs[self.layers[row.layer_name]]
-            part_mask(output, self.settings.window, self.settings.channels)  # refuses a misfit part now
-            if self.args.features:
-                features = fitted(load_features(self.photos[row.image_path].data, row.image_path), output)
-                if len(features) != 1:
-                    raise UsageError(f"--features {row.image_path} holds {len(features)} rows of "
-                                     "activations: save one image's")
-                saved = [(None, [0], features.to(output.device))]
-                self.saved[row.image_path] = refuse_unsound(saved, "fp32")[0][2]
-            if row.unit is not None:
-                unit_directions(output, [row.unit], self.settings.unit_scope)
-
-    def callback(self, rows: list, frames: list) -> tuple:
+    def progress(self, rows: list, frames: list) -> tuple:
         """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
         epochs, every, samples = self.settings.epochs, self.args.stdout_epochs, self.settings.samples
-        labels = [shown(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
+        labels = [printable(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
                   if len(rows) * samples > 1 else "" for row in rows for sample in range(samples)]
         bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False,
                    disable=self.args.quiet)
@@ -2115,23 +2012,20 @@ class Job:
 
         return report, bar
 
-    def optimise(self, rows: list) -> bool:
-        """Invert a batch of rows and save what each gives; return whether Ctrl-C stopped it."""
-        photos = {}
-        for row in rows:
-            try:
-                if row.image_path not in photos:
-                    photos[row.image_path] = self.photo(row.image_path)
-            except UsageError as error:
-                self.fail(row, str(error))
+    def run_batch(self, rows: list) -> bool:
+        """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it."""
         while rows := [row for row in rows if row not in self.failed]:
-            frames, count, started = [[] for _ in rows], self.settings.samples, time.perf_counter()
-            report, bar = self.callback(rows, frames)
-            short = None  # what ran out of memory, if it did
-            references = torch.cat([photos[row.image_path] for row in rows]).to(self.device)
+            frames, started = [[] for _ in rows], time.perf_counter()
+            report, bar = self.progress(rows, frames)
+            size = self.args.input_size
+            references = torch.cat([torch.zeros(1, 3, size, size) if self.args.features else
+                                    normalise(self.inputs[row.image_path].image) for row in rows]).to(self.device)
+            keywords = {"units": [row.unit for row in rows]} if self.settings.task == "maximize" else \
+                {"features": torch.cat([self.saved[row.image_path] for row in rows])} if self.args.features else {}
             try:
-                result = invert(self.model, [self.layers[row.layer_name] for row in rows], references,
-                                self.settings, callback=report, **self.targets(rows))
+                result = invert(self.model, self.layers[rows[0].layer_name], references, self.settings,
+                                callback=report, **keywords)
+                short = None
             except RowError as error:  # those rows fail; the others run again without them
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
@@ -2144,46 +2038,9 @@ class Job:
                 bar.close()
             if short is not None:
                 return self.alone(rows, short)
-            seconds = time.perf_counter() - started
-            timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
-                          ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
-            classes = self.top1(references, result.images[::count])
-            for index, row in enumerate(rows):
-                self.save(row, result, range(index * count, (index + 1) * count), frames[index],
-                          self.record(row, **timing, **classes[index], torch_version=torch.__version__,
-                                      torchvision_version=torchvision.__version__))
+            self.save_batch(rows, result, references, frames, time.perf_counter() - started)
             return "interrupted" in result.stopped
         return False
-
-    def targets(self, rows: list) -> dict:
-        """invert()'s keywords for what the rows aim at, besides their photos: units, saved activations."""
-        if self.settings.task == "maximize":
-            return {"units": [row.unit for row in rows]}
-        return {"activations": torch.cat([self.saved[row.image_path] for row in rows])} if self.saved else {}
-
-    @torch.no_grad()
-    def top1(self, photos: torch.Tensor, images: torch.Tensor) -> list:
-        """Per row, the classifier's top-1 class of its photo and pre-image, and the photo's class's
-        probability for the pre-image (a pre-image that still means the photo); nothing for other models."""
-        try:
-            with autocast(self.settings.precision, self.device):
-                scores = [self.model(batch.to(self.device)) for batch in (photos, images)]
-            scores = [score.float() for score in scores if isinstance(score, torch.Tensor)]
-        except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit, or memory
-            if out_of_memory(error):
-                self.bar.write(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})",
-                               sys.stderr)
-            return [{}] * len(images)
-        if len(scores) < 2 or not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
-            return [{}] * len(images)
-        photo, preimage = (score.softmax(1) for score in scores)
-        wanted, got = photo.argmax(1), preimage.argmax(1)
-        probability = preimage.gather(1, wanted[:, None])[:, 0]
-        if self.settings.task == "maximize" or self.args.features:  # no photo to agree with
-            return [{"preimage_top1": label} for label in got.tolist()]
-        return [{"photo_top1": photo_label, "preimage_top1": label, "top1_agree": photo_label == label,
-                 "photo_probability": round(chance, 6)}
-                for photo_label, label, chance in zip(wanted.tolist(), got.tolist(), probability.tolist())]
 
     def alone(self, rows: list, short: str) -> bool:
         """After running out of memory, each row alone (failed if one is too many); whether Ctrl-C stopped."""
@@ -2192,82 +2049,70 @@ class Job:
         if len(rows) == 1:
             self.fail(rows[0], f"out of memory on {self.device} ({short})")
             return False
-        return any(self.optimise([row]) for row in rows)  # any() stops at the first interrupted row
+        return any(self.run_batch([row]) for row in rows)  # any() stops at the first interrupted row
 
-    def save(self, row: Row, result: Inversion, mine: range, frames: list, record: dict) -> None:
-        """Save a row's pictures and then its record; or where a sample diverged, its last finite image."""
-        broken, first = [at for at in mine if result.stopped[at] == "diverged"], mine.start
-        if broken:
-            save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
-            self.fail(row, f"the loss became non-finite at iteration {result.iterations[broken[0]]}: --lr "
-                      f"{result.layer_settings[broken[0]]['lr']:g} is too large for this layer; try a "
-                      f"smaller --lr; the last finite image is {row.file('.diverged.png').name}", "diverged")
-            return
-        pictures = [deprocess(result.images[at][None]) for at in mine]
-        for sample, picture in enumerate(pictures):
-            save_png(row.sample(sample), picture)
-        if row.layer_name in self.fields:  # the window's receptive field, drawn on a copy
-            field, box = pictures[0].copy(), self.fields[row.layer_name]
-            ImageDraw.Draw(field).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline="red")
-            record["field_box"] = box
-            save_png(row.file("_field.png"), field)
-        record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
-                      layer_settings=result.layer_settings[first], **result.losses[first],
-                      iterations=result.iterations[first], stopped=result.stopped[first])
-        if len(mine) > 1:
-            mean, spread_picture, spread = mean_and_spread(result.images[first:mine.stop])
-            save_png(row.file("_mean.png"), mean)
-            save_png(row.file("_spread.png"), spread_picture)
-            samples = [{**result.losses[at], "iterations": result.iterations[at],
-                        "stopped": result.stopped[at]} for at in mine]
-            record.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
-                          spread=round(spread, 3), samples=samples)
-        if self.args.save_every:
-            movie = frames + pictures[:1]
-            write_atomically(row.file(".gif"), lambda file: movie[0].save(
-                file, format="GIF", save_all=True, append_images=movie[1:], duration=100, loop=0,
-                comment=MARK))
-        save_json(row.file(".json"), record)
-        if record["status"] == "done":
-            self.done.add(row)
-        self.bar.update()
-        if not self.args.quiet:
-            measure = {"invert": "feature_error", "caricature": "projection"}.get(self.settings.task,
-                                                                                  "unit_activation")
-            self.bar.write(shown(f"saved {row.png} and {row.file('.json').name}: {measure} "
-                                 f"{record[measure]:.4f}"
-                                 + (f", spread {spread:.1f} grey levels" if len(mine) > 1 else "")))
+    def save_batch(self, rows: list, result: Inversion, references: torch.Tensor, frames: list,
+                   seconds: float) -> None:
+        """Save each row of a batch: its pictures and then its record; or, where a sample diverged, its
+        last finite image."""
+        count, settings = self.settings.samples, self.settings
+        timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
+                      ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
+        photos = None if settings.task == "maximize" or self.args.features else references
+        classes = top1(self.model, photos, result.images[::count], settings.precision)
+        for index, row in enumerate(rows):
+            mine = range(index * count, (index + 1) * count)
+            record = self.record(row, **timing, **classes[index], torch_version=torch.__version__,
+                                 torchvision_version=torchvision.__version__)
+            broken = [at for at in mine if result.stopped[at] == "diverged"]
+            if broken:
+                save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
+                self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: --lr "
+                          f"{result.layer_settings['lr']:g} is too large for this layer; try a smaller --lr; "
+                          f"{row.file('.diverged.png').name} is that iteration's image", "diverged")
+                continue
+            record.update(save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name)))
+            record.update(status="interrupted" if result.stopped[mine.start] == "interrupted" else "done",
+                          layer_settings=result.layer_settings, **result.losses[mine.start],
+                          iterations=result.iterations[mine.start], stopped=result.stopped[mine.start])
+            save_json(row.file(".json"), record)
+            self.done.update([row] if record["status"] == "done" else [])
+            self.bar.update()
+            measure = {"invert": "feature_error", "caricature": "projection"}.get(settings.task, "unit_activation")
+            if not self.args.quiet:
+                self.bar.write(printable(f"saved {row.png} and {row.file('.json').name}: {measure} "
+                                         f"{record[measure]:.4f}" + (f", spread {record['spread']:.1f} grey "
+                                                                     "levels" if count > 1 else "")))
 
     def montages(self, rows: list) -> None:
         """Write each montage among `rows` whose rows are all done, from their pictures: a photo's layers
         after the photo, or (maximize) a layer's mosaic of units."""
         units = self.settings.task == "maximize"
         for path in dict.fromkeys(row.montage for row in rows if row.montage):
-            mine = self.by_montage[path]
+            mine = [row for row in self.rows if row.montage == path]
             names = [f"unit {row.unit}" if units else row.layer_name for row in mine]
-            shown_files = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
+            tiles = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
                 (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)
                 for kind in ("mean", "spread")]
-            with contextlib.suppress(UsageError, OSError):  # a photo or picture gone since: rows say so
+            with contextlib.suppress(OSError, UsageError):  # a picture gone since: its row says so
                 if all(row in self.done for row in mine):
-                    tiles = [(label, Image.open(picture).convert("RGB")) for label, picture in shown_files]
-                    photo = None if units or self.args.features else deprocess(self.photo(mine[0].image_path))
-                    save_png(path, montage(photo, tiles))
+                    photo = None if units or self.args.features else self.inputs[mine[0].image_path].image
+                    save_png(path, montage(photo, [(label, Image.open(file).convert("RGB")) for label, file in tiles]))
 
     def run(self) -> int:
         """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code."""
+        folder, interrupted, unindexed = None if self.args.output else Path(self.args.output_dir), False, None
         indexed = started = time.perf_counter()
-        interrupted, folder, unindexed = False, None if self.args.output else Path(self.args.output_dir), None
         if not self.rows:
             print(f"invert.py: this process's part, {self.shard[0]} of {self.shard[1]} (from --shard or the "
                   "launcher's variables), has no photos", file=sys.stderr)
         try:
             for row in self.todo:
-                if self.photos[row.image_path].error is not None:
-                    self.fail(row, self.photos[row.image_path].error)
+                if self.inputs[row.image_path].error is not None:
+                    self.fail(row, self.inputs[row.image_path].error)
             self.montages([row for row in self.done if row.montage and not row.montage.exists()])
-            for batch in self.runs:
-                interrupted = self.optimise(batch)
+            for batch in self.batches:
+                interrupted = self.run_batch(batch)
                 self.montages(batch)
                 if folder and time.perf_counter() - indexed > INDEX_EVERY:
                     write_index(folder, self.index_cache)
@@ -2281,21 +2126,30 @@ class Job:
                     write_index(folder, self.index_cache)
             except UsageError as error:  # told after what stopped the run, if anything did
                 unindexed = error
-        if interrupted:
-            print("interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
+        return self.exit_code(interrupted, unindexed, time.perf_counter() - started)
+
+    def exit_code(self, interrupted: bool, unindexed: Optional[UsageError], seconds: float) -> int:
+        """Tell what failed, if anything: 130 if interrupted, whatever else happened; 2 if a row failed."""
         told = [] if unindexed is None else [str(unindexed)]
         if self.failed:
             (row, reason), count = next(iter(self.failed.items())), len(self.failed)
             told.insert(0, reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
                         f"{row.image_path} at {row.layer_name} first: {reason}"
-                        + ("; see index.csv" if folder and unindexed is None else ""))
+                        + ("; see index.csv" if not self.args.output and unindexed is None else ""))
+        if interrupted:
+            for line in told:
+                print(f"invert.py: error: {printable(line)}", file=sys.stderr)
+            print("invert.py: interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
+            return 130
         if told:
             raise UsageError("; and ".join(told))
         before = len(self.rows) - len(self.todo)
-        if not self.args.quiet and not interrupted:
-            print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
-                  + (f", {before} done before" if before else ""))
-        return 130 if interrupted else 0
+        if not self.args.quiet:
+            print(f"{len(self.todo)} inversion(s) in {seconds:.1f} s" + (f", {before} done before" if before else ""))
+        return 0
+
+
+# ---------------------------------------------------------------- the command line
 
 
 def run(args: argparse.Namespace) -> int:
@@ -2307,7 +2161,7 @@ def run(args: argparse.Namespace) -> int:
     return list_layers(args, device) if args.list_layers else Job(args, device).run()
 
 
-# ---------------------------------------------------------------- command line
+
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -2337,6 +2191,25 @@ def shard_spec(text: str) -> tuple:
     return part, parts
 
 
+def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
+    """(seed-form name, dotted name, module type, output shape) of every submodule at this input size."""
+    named = [(name, module) for name, module in model.named_modules() if name]
+    shapes = {}
+
+    def record(module, inputs, output):  # returns None, so the output passes on unchanged
+        shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
+                          else type(output).__name__)
+
+    unused = "not run in eval mode"
+    try:
+        with forward_hooks({module: record for _, module in named}), torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    except FORWARD_ERRORS:  # the layers before the failure still have their shapes
+        unused = f"not reached: the model fails at --input_size {size}"
+    return [(underscored(name), name, type(module).__name__, shapes.get(module, unused))
+            for name, module in named]
+
+
 def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     """Print every layer of the model with its output shape at --input_size."""
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
@@ -2345,14 +2218,14 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     return 0
 
 
-def unit_spec(text: str) -> str:
-    """An argparse type for --units: a channel index or 'all'."""
-    if text != "all" and not text.isdigit():
+def unit_spec(text: str) -> Union[int, str]:
+    """An argparse type for --units: a unit (channel) index, or 'all'."""
+    if text != "all" and not re.fullmatch(r"[0-9]+", text):
         raise argparse.ArgumentTypeError(f"must be a unit (channel) index >= 0 or all, got {text}")
-    return text
+    return text if text == "all" else int(text)
 
 
-def given(text: str) -> str:
+def non_empty(text: str) -> str:
     """An argparse type for names and paths: any text but the empty one ('' would mean the current folder)."""
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
@@ -2367,26 +2240,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "of photos (Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     inputs = parser.add_argument_group("what to invert")
-    inputs.add_argument("--image_path", nargs="+", type=given, default=[str(DEFAULT_IMAGE)],
+    inputs.add_argument("--image_path", nargs="+", type=non_empty, default=[str(DEFAULT_IMAGE)],
                         help="the photos to invert (any format Pillow reads, a pipe too), and folders of "
                              "them (the images directly inside, by name, less the pictures invert.py "
                              "wrote); outputs are named by file stem, with parent folders where two photos "
                              "share one, cut with a hash where too long")
-    inputs.add_argument("--model", type=given, default="alexnet",
+    inputs.add_argument("--model", type=non_empty, default="alexnet",
                         help="a torchvision classification model name")
-    inputs.add_argument("--weights", type=given, default="DEFAULT",
+    inputs.add_argument("--weights", type=non_empty, default="DEFAULT",
                         help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
                              "a path to a state-dict file, or 'none' for random weights")
     inputs.add_argument("--input_size", type=positive_int, default=227,
                         help="side of the square input, in pixels")
-    inputs.add_argument("--layer_name", nargs="+", type=given, default=["avgpool"],
+    inputs.add_argument("--layer_name", nargs="+", type=non_empty, default=["avgpool"],
                         help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
                              "(PyTorch's); each (photo, layer) pair is one image")
     inputs.add_argument("--units", nargs="+", type=unit_spec, default=None,
                         help=f"--task maximize: the units (channels) to maximise, one image each, or 'all': "
                              f"the first {ALL_UNITS}; a layer's are also one mosaic, "
                              "<stem>_<model>_<layer>_units.png")
-    inputs.add_argument("--features", type=given, default=None, metavar="FILE.pt",
+    inputs.add_argument("--features", type=non_empty, default=None, metavar="FILE.pt",
                         help="invert a saved activation tensor (torch.save, CxHxW or 1xCxHxW) of "
                              "--layer_name at --input_size, in place of a photo's")
     inputs.add_argument("--list_layers", action="store_true",
@@ -2405,9 +2278,9 @@ def add_running_flags(running) -> None:
     """The command line's flags for the device, the outputs, the progress and the job."""
     running.add_argument("--device", default="auto",
                          help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    running.add_argument("--output", type=given, default=None,
+    running.add_argument("--output", type=non_empty, default=None,
                          help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
-    running.add_argument("--output_dir", type=given, default="outputs",
+    running.add_argument("--output_dir", type=non_empty, default="outputs",
                          help="folder for outputs, created if missing; it may be a folder of the photos")
     running.add_argument("--save_every", type=non_negative_int, default=0,
                          help="also save every N-th iteration as <name>_frames/iteration_N.png, and "
@@ -2447,7 +2320,7 @@ def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
     except UsageError as error:
-        print(f"invert.py: error: {shown(error)}", file=sys.stderr)
+        print(f"invert.py: error: {printable(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("invert.py: interrupted", file=sys.stderr)

@@ -175,7 +175,7 @@ def test_divergence_stops_at_once_and_writes_only_the_diverged_png(tmp_path, cap
                         "--output", str(output)])
     err = capsys.readouterr().err
     assert code == 2 and "--lr 1e+09 is too large" in err and "Traceback" not in err
-    iteration = int(err.split("at iteration ")[1].split(":")[0])
+    iteration = int(err.split("after iteration ")[1].split(":")[0])
     assert iteration < 20
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.diverged.png", "x.json"]
     assert json.loads((tmp_path / "x.json").read_text())["status"] == "diverged"  # --resume redoes it

@@ -37,13 +37,13 @@ def test_the_objective_decides_its_defaults_and_flags_override_them():
     assert (seed.optimizer, seed.param, seed.lr, seed.lambda_alpha, seed.C, seed.decay_epochs) == \
            ("sgd", "pixel", 100.0, 1e-5, 1.0, 200)
     paper = invert.resolve(invert.Settings(epochs=70), cpu)
-    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", "auto", None)
+    assert (paper.optimizer, paper.param, paper.lr, paper.decay_epochs) == ("adam", "fft", "auto", "auto")
     assert invert.decay_iterations(paper) == 60  # six sevenths of --epochs, decided where it is used
     assert paper.C == invert.OBJECTIVE_DEFAULTS["paper"]["C"]
     mixed = invert.resolve(invert.Settings(objective="seed", optimizer="adam", C=7.0), cpu)
     assert (mixed.optimizer, mixed.param, mixed.lr, mixed.C) == ("adam", "pixel", 0.1, 7.0)
     assert invert.resolve(seed, cpu) == seed  # resolving twice changes nothing
-    assert [name for name, value in dataclasses.asdict(paper).items() if value is None] == ["decay_epochs"]
+    assert None not in dataclasses.asdict(paper).values()  # each setting decided, or 'auto'
     assert paper.precision in ("fp32", "bf16")
     with pytest.raises(invert.UsageError, match="--optimizer 'adagrad'"):
         invert.resolve(invert.Settings(optimizer="adagrad"), cpu)
@@ -63,7 +63,7 @@ def test_help_documents_every_flag_and_default(capsys):
             assert f"(default: {field.default})" in text, field.name
     assert "sgd with --objective seed, adam with --objective paper" in text
     assert "1e-05 with --objective seed, 1 with --objective paper" in text
-    assert "6/7 of --epochs with --objective paper" in text
+    assert "the paper's first stage, 6/7 of --epochs" in text and "auto with --objective paper" in text
     assert "100 for seed + sgd + pixel" in text and "auto for paper + adam + fft" in text
 
 
@@ -157,18 +157,18 @@ def test_fourier_images_use_fast_fft_lengths():
 def test_jitter_keeps_the_image_shape_and_auto_settings_follow_the_stride(tiny):
     reference = torch.randn(1, 3, 17, 15)
     result = invert.invert(tiny, tiny[3], reference, jitter=3, epochs=6)
-    assert result.images.shape == reference.shape and result.layer_settings[0]["jitter"] == 3
+    assert result.images.shape == reference.shape and result.layer_settings["jitter"] == 3
     strided = nn.Sequential(nn.Conv2d(3, 4, 16, stride=16)).eval().requires_grad_(False)
     result = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), jitter="auto", epochs=2)
-    assert result.layer_settings[0]["jitter"] == 3 and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
-    assert result.layer_settings[0]["C"] == invert.PAPER_C * (4 / 16) ** 2 and result.settings.C == "auto"
-    assert result.layer_settings[0]["lr"] == invert.AUTO_LR / 2 and result.settings.lr == "auto"
-    shallow = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings[0]
+    assert result.layer_settings["jitter"] == 3 and result.settings.jitter == "auto"  # 4 offsets: 0 to 3
+    assert result.layer_settings["C"] == invert.PAPER_C * (4 / 16) ** 2 and result.settings.C == "auto"
+    assert result.layer_settings["lr"] == invert.AUTO_LR / 2 and result.settings.lr == "auto"
+    shallow = invert.invert(tiny, tiny[3], torch.randn(1, 3, 16, 16), epochs=2).layer_settings
     assert (shallow["C"], shallow["surrogate"], shallow["lr"]) == (invert.PAPER_C, True, invert.AUTO_LR)
     assert result.images.shape == (1, 3, 64, 64)
-    assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings[0]["jitter"] == 0
+    assert invert.invert(strided, strided[0], torch.randn(1, 3, 64, 64), epochs=2).layer_settings["jitter"] == 0
     # a non-square input: the stride is still 16 (a 4x2 output of 64x32), not 64 / 2
-    tall = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 32), epochs=2).layer_settings[0]
+    tall = invert.invert(strided, strided[0], torch.randn(1, 3, 64, 32), epochs=2).layer_settings
     assert tall["C"] == invert.PAPER_C * (4 / 16) ** 2
 
 
@@ -284,7 +284,8 @@ def test_a_row_that_diverges_leaves_its_batch_mates_as_they_would_be_alone(tiny)
     model = nn.Sequential(tiny, Bomb()).eval()
     references = torch.randn(2, 3, 16, 16)
     together = invert.invert(model, model[1], references, epochs=12)
-    assert together.stopped == ["epochs", "diverged"] and together.iterations == [12, 6]
+    # the second row's loss is infinite at iteration 6: it is returned as it was at iteration 5
+    assert together.stopped == ["epochs", "diverged"] and together.iterations == [12, 5]
     assert torch.isfinite(together.images).all()
     lonely = nn.Sequential(tiny, Bomb()).eval()
     alone = invert.invert(lonely, lonely[1], references[:1], epochs=12)
@@ -295,7 +296,7 @@ def test_a_row_that_diverges_where_it_also_stalls_is_diverged(tiny):
     # the plateau rule looks at iteration 20 too, where the second row's loss is first infinite
     model = nn.Sequential(tiny, Bomb(after=19)).eval()
     result = invert.invert(model, model[1], torch.randn(2, 3, 16, 16), epochs=40, plateau=0.99, lr=1e-9)
-    assert result.stopped[1] == "diverged" and result.iterations[1] == 20
+    assert result.stopped[1] == "diverged" and result.iterations[1] == 19
 
 
 def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo, tmp_path, cli):
@@ -311,8 +312,8 @@ def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo
 
 def test_the_python_api_refuses_what_the_command_line_refuses(tiny):
     reference = torch.randn(2, 3, 16, 16)
-    with pytest.raises(invert.UsageError, match="one layer for every row"):
-        invert.invert(tiny, [tiny[1], tiny[3], tiny[1]], reference, epochs=2)
+    with pytest.raises(invert.UsageError, match="takes one layer, a module of the model: got a list"):
+        invert.invert(tiny, [tiny[1], tiny[3]], reference, epochs=2)
     for keywords, flag in [({"momentum": 1.0}, "--momentum"), ({"alpha": 0.5}, "--alpha"),
                            ({"epochs": 2.5}, "--epochs"), ({"jitter": "big"}, "--jitter")]:
         with pytest.raises(invert.UsageError, match=flag):
@@ -360,22 +361,19 @@ def test_surrogate_gradients_keep_every_forward_value_and_each_row_gets_what_it_
     dense = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
     made = {"pooled": pooled_network(), "pool layer": pooled_network(), "no pooling": tiny,
             "dense": dense.eval().requires_grad_(False)}
-    model = made.get(name) or invert.random_model(name).eval().requires_grad_(False)
-    layers = {"pooled": lambda: [model[7], model[4]],
-              "pool layer": lambda: [model[7], model[5]],  # a max-pool that is one row's layer, another's path
-              "alexnet": lambda: [model.features[9], model.features[4]],
-              "vgg11_bn": lambda: [model.features[17], model.features[6]],  # rows leave the chain at their layer
-              "resnet18": lambda: [model.layer3[1].relu, model.layer2[0].relu],  # a ReLU used twice a block
-              "no pooling": lambda: [model[3], model[1]],
-              "dense": lambda: [model[4], model[2]]}[name]()  # 2-D outputs: a row's mask must not broadcast
+    model = made.get(name) or torchvision.models.get_model(name).eval().requires_grad_(False)
+    layer = {"pooled": lambda: model[7], "pool layer": lambda: model[5],  # a max-pool as the layer
+             "alexnet": lambda: model.features[9], "vgg11_bn": lambda: model.features[17],
+             "resnet18": lambda: model.layer3[1].relu,  # a ReLU used twice a block
+             "no pooling": lambda: model[3], "dense": lambda: model[4]}[name]()  # 2-D outputs
     reference = torch.randn(2, 3, 64, 64)
     inplace = [module.inplace for module in model.modules() if isinstance(module, nn.ReLU)]
-    true, plain = one_step(model, layers, reference, surrogate="off")[1:]
-    surrogate, losses = one_step(model, layers, reference, surrogate="on")[1:]
+    true, plain = one_step(model, layer, reference, surrogate="off")[1:]
+    surrogate, losses = one_step(model, layer, reference, surrogate="on")[1:]
     assert torch.equal(losses, plain)  # the forward unchanged
-    assert not torch.allclose(surrogate[0], true[0])  # the deeper row's gradient passes a ReLU or pool
-    for row in range(2):  # each row of the batch, its own layer's gradient the true one, as alone
-        alone = one_step(model, layers[row], reference[row:row + 1], surrogate="on")[1][0]
+    assert not torch.allclose(surrogate[0], true[0])  # the gradient passes a ReLU or pool below the layer
+    for row in range(2):  # each row of the batch gets what it gets alone
+        alone = one_step(model, layer, reference[row:row + 1], surrogate="on")[1][0]
         assert torch.allclose(surrogate[row], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item()), row
     assert not any(module._forward_hooks for module in model.modules())  # nothing left on the model
     assert inplace == [module.inplace for module in model.modules() if isinstance(module, nn.ReLU)]
@@ -397,6 +395,13 @@ def test_surrogate_gradients_are_the_leaky_relus_and_the_average_pools():
     assert not torch.allclose(gradient, true, rtol=1e-2)
     own = [one_step(model, model[0], reference, surrogate=on)[1] for on in ("on", "off")]
     assert torch.equal(*own)  # a layer's own ReLU gives the true gradient
+    # and a layer's own max-pool its true gradient, below a ReLU that leaks
+    start, gradient, _ = one_step(model, model[1], reference, surrogate="on")
+    relu = nn.functional.relu(start).requires_grad_()
+    target = model[1](nn.functional.relu(reference))
+    pooled, = torch.autograd.grad((model[1](relu) - target).square().sum() / target.square().sum(), relu)
+    expected = torch.where(start > 0, pooled, invert.SURROGATE_LEAK * pooled)
+    assert torch.allclose(gradient, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():
@@ -414,11 +419,11 @@ def test_the_first_stage_takes_surrogate_gradients_and_the_last_the_true_ones():
     result = invert.invert(model, model[7], reference, param="pixel", epochs=12, decay_epochs=8, plateau=0.0,
                            lambda_alpha=0.0, lambda_tv=0.0, precision="fp32")  # exact values: fp32 on every CPU
     handle.remove()
-    assert result.layer_settings[0]["surrogate"] and len(seen) == 12
+    assert result.layer_settings["surrogate"] and len(seen) == 12
     target = model(reference)
     for step, (image, gradient) in enumerate(seen, start=1):
         image.requires_grad_()
-        error = result.layer_settings[0]["C"] * (model(image) - target).square().sum() / target.square().sum()
+        error = result.layer_settings["C"] * (model(image) - target).square().sum() / target.square().sum()
         true, = torch.autograd.grad(error, image)
         assert torch.allclose(gradient, true, rtol=1e-4, atol=1e-6 * true.abs().max().item()) == (step > 8), step
 
@@ -455,38 +460,30 @@ def test_both_layer_name_forms_resolve_to_the_same_module():
     assert "features_4" in str(caught.value) and "classifier_6" in str(caught.value)
 
 
-def full_forward_activations(model: nn.Module, layers: list, x: torch.Tensor) -> list:
-    """Each row's layer output in a plain run of the whole model, classifier included."""
-    recorded = {}
-
-    def record(module, inputs, output):  # returns None, so the output passes on unchanged
-        recorded.setdefault(module, output.clone())
-
-    handles = [layer.register_forward_hook(record) for layer in set(layers)]
+def full_forward_activation(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output in a plain run of the whole model, classifier included."""
+    recorded = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: recorded.append(output.clone()))
     with torch.no_grad():
         model(x)
-    for handle in handles:
-        handle.remove()
-    return [recorded[layer][row:row + 1] for row, layer in enumerate(layers)]
+    handle.remove()
+    return recorded[0]
 
 
 @pytest.mark.parametrize("name", ["alexnet", "resnet18"])
 def test_truncated_forward_matches_the_full_models_activations(name):
     torch.manual_seed(0)
-    model = invert.random_model(name).eval().requires_grad_(False)
-    modules = ([model.features[index] for index in (3, 0, 8, 3)] if name == "alexnet"  # one per row
-               else [model.layer1[0].conv1, model.layer2, model.layer1[0].conv1, model.layer3[1].relu])
-    x = torch.randn(4, 3, 64, 64)
-    expected = full_forward_activations(model, modules, x)
-    with torch.no_grad():
-        outputs = [None] * len(modules)
-        for _, rows, batch in invert.layer_batches(model, modules, x):
-            for index, row in enumerate(rows):
-                outputs[row] = batch[index:index + 1]
-    for output, wanted in zip(outputs, expected):
+    model = torchvision.models.get_model(name).eval().requires_grad_(False)
+    modules = ([model.features[index] for index in (3, 0, 8)] if name == "alexnet"
+               else [model.layer1[0].conv1, model.layer2, model.layer3[1].relu])
+    x = torch.randn(2, 3, 64, 64)
+    for module in modules:
+        expected = full_forward_activation(model, module, x)
+        with torch.no_grad():
+            output = invert.layer_output(model, module, x)
         # alexnet's features_0 and features_3 are convolutions followed by in-place ReLUs
-        assert output.shape == wanted.shape and torch.allclose(output, wanted, atol=1e-6)
-    assert outputs[0].min() < 0
+        assert output.shape == expected.shape and torch.allclose(output, expected, atol=1e-6)
+        assert name == "resnet18" or output.min() < 0
     assert not any(module._forward_hooks for module in model.modules())  # the hooks are removed again
 
 
@@ -497,9 +494,9 @@ class Refuses(nn.Module):
         raise RuntimeError("this layer must never run")
 
 
-def test_nothing_after_the_deepest_chosen_layer_runs(tiny):
+def test_nothing_after_the_chosen_layer_runs(tiny):
     model = nn.Sequential(*tiny, Refuses()).eval()  # e.g. a classifier head that refuses this input size
-    result = invert.invert(model, [model[1], model[3]], torch.randn(2, 3, 16, 16), epochs=3)
+    result = invert.invert(model, model[3], torch.randn(2, 3, 16, 16), epochs=3)
     assert result.iterations == [3, 3] and torch.isfinite(result.images).all()
 
 
@@ -758,33 +755,31 @@ def test_unsound_weights_are_named_before_the_work(photo, tmp_path, cli):
 
 
 @pytest.mark.parametrize("settings", [dict(SEED, jitter="auto", epochs=3), dict(optimizer="sgd", lr=0.003, epochs=3),
-                                      dict(optimizer="sgd", lr=0.0003, epochs=40, plateau=0.1)],
+                                      dict(optimizer="sgd", lr=0.0003, epochs=40, plateau=0.05)],
                          ids=["seed-pixel-auto-jitter", "paper-fft", "paper-fft-plateau"])
 def test_batched_rows_match_single_calls(settings):
     torch.manual_seed(0)
-    model = invert.random_model("squeezenet1_1").eval().requires_grad_(False)
-    # rows 0 and 2 share a layer of stride 2, where the plateau rule applies; rows 1 and 3 have
-    # deeper layers, and with auto jitter row 3 has a canvas of its own
-    layers = [model.features[1], model.features[3], model.features[1], model.features[6]]
-    references = torch.randn(4, 3, 64, 64)
+    model = torchvision.models.get_model("squeezenet1_1").eval().requires_grad_(False)
+    # a layer of stride 2, where the plateau rule applies; else one of stride 8, where auto jitter is 1
+    layer = model.features[1] if "plateau" in settings else model.features[6]
+    references = torch.randn(3, 3, 64, 64) * torch.tensor([0.7, 1.0, 2.0]).view(-1, 1, 1, 1)
     # SGD, whose step is linear in the gradient: Adam's first step is lr * sign(gradient), which
     # turns a rounding difference in a near-zero gradient into a full step; and rates at which this
     # random network's optimisation is stable, since an unstable one amplifies rounding differences
     settings = {**settings, "precision": "fp32"}  # exact values: fp32 on every CPU
-    together = invert.invert(model, layers, references, **settings)
-    for row, layer in enumerate(layers):
+    together = invert.invert(model, layer, references, **settings)
+    for row in range(len(references)):
         alone = invert.invert(model, layer, references[row:row + 1], **settings)
         # a batched convolution or FFT adds in another order: equal to float rounding, not bit for bit
         # (at most 3.5e-4, a fiftieth of a grey level, on an AMX CPU: tests/README.md)
         assert torch.allclose(together.images[row], alone.images[0], atol=1e-3)
         assert together.losses[row]["feature_error"] == pytest.approx(alone.losses[0]["feature_error"], rel=1e-5)
-        assert together.layer_settings[row] == alone.layer_settings[0]
         # each row's plateau ends its own first stage, whatever its batch-mates do
         assert (together.iterations[row], together.stopped[row]) == (alone.iterations[0], alone.stopped[0])
-    jitters = {chosen["jitter"] for chosen in together.layer_settings}
-    assert (len(jitters) > 1) == (settings.get("jitter") == "auto")
-    if "plateau" in settings:  # rows that stop at different iterations, and a deep one that runs them all
-        assert len(set(together.iterations)) > 1 and "epochs" in together.stopped
+    assert together.layer_settings == alone.layer_settings
+    assert together.layer_settings["jitter"] == (1 if settings.get("jitter") == "auto" else 0)
+    if "plateau" in settings:  # rows that stop at different iterations (40, 35, 24): the first ones held still
+        assert len(set(together.iterations)) == 3 and together.stopped.count("plateau") == 2
 
 
 def test_a_rows_arithmetic_does_not_depend_on_its_batch():
@@ -815,8 +810,7 @@ def test_layers_and_images_combine_with_a_montage_per_image(photo, tmp_path, cli
     # three tiles (the original and two layers) in a 2x2 grid of 64-pixel tiles with 16-pixel labels
     assert grid.size == (2 * 64, 2 * (64 + 16))
     tiles = [grid.crop((left, top, left + 64, top + 64)) for top in (0, 80) for left in (0, 64)]
-    original = invert.deprocess(invert.preprocess(invert.load_image(photo), 64))
-    assert tiles[0].tobytes() == original.tobytes()
+    assert tiles[0].tobytes() == invert.crop(invert.load_image(photo), 64).tobytes()  # the photo as the network sees it
     assert tiles[1].tobytes() == Image.open(out / "photo_squeezenet1_1_features_3.png").tobytes()
     assert tiles[2].tobytes() == Image.open(out / "photo_squeezenet1_1_features_6.png").tobytes()
     assert tiles[3].getextrema() == ((255, 255),) * 3  # the unused cell stays blank
@@ -879,21 +873,21 @@ def test_token_and_upsampling_layers_take_their_settings_from_their_grid():
     tokens = nn.Sequential(Tokens()).eval().requires_grad_(False)
     result = invert.invert(tokens, tokens[0], torch.randn(1, 3, 32, 32), epochs=2, jitter="auto")
     # stride 8, as a 4x4 grid over 32 pixels: C = 100 (4 / 8)^2 and the authors' jitter round(8 / 4) - 1
-    assert (result.layer_settings[0]["C"], result.layer_settings[0]["jitter"]) == (25.0, 1)
+    assert (result.layer_settings["C"], result.layer_settings["jitter"]) == (25.0, 1)
     channels_last = nn.Sequential(nn.Conv2d(3, 96, 4, stride=4), Permute()).eval().requires_grad_(False)
     result = invert.invert(channels_last, channels_last[1], torch.randn(1, 3, 32, 32), epochs=2)
-    assert result.layer_settings[0]["C"] == 100.0  # (N, 8, 8, 96), as Swin's: stride 4
+    assert result.layer_settings["C"] == 100.0  # (N, 8, 8, 96), as Swin's: stride 4
     upsampling = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
     result = invert.invert(upsampling.requires_grad_(False), upsampling[1], torch.randn(1, 3, 16, 16), epochs=2)
-    assert result.layer_settings[0]["C"] == 100.0 and result.iterations == [2]  # stride 1, not 0
+    assert result.layer_settings["C"] == 100.0 and result.iterations == [2]  # stride 1, not 0
 
 
 def test_a_results_settings_passed_back_follow_the_new_keywords(tiny):
     reference = torch.randn(1, 3, 16, 16)
     first = invert.invert(tiny, tiny[3], reference, epochs=7, plateau=0.0)
-    assert first.layer_settings[0]["decay_epochs"] == 6  # the paper's first stage: six sevenths
+    assert first.layer_settings["decay_epochs"] == 6  # the paper's first stage: six sevenths
     again = invert.invert(tiny, tiny[3], reference, first.settings, epochs=14)
-    assert again.layer_settings[0]["decay_epochs"] == 12 and again.settings.plateau == 0.0
+    assert again.layer_settings["decay_epochs"] == 12 and again.settings.plateau == 0.0
 
 
 def test_a_model_that_changes_its_input_in_place_sees_a_copy():
@@ -986,10 +980,10 @@ def test_activations_from_elsewhere_are_inverted_as_the_photos_own():
     reference = torch.randn(2, 3, 10, 10)
     fast = dict(epochs=3, precision="fp32")
     direct = invert.invert(model, model[1], reference, **fast)
-    saved = invert.invert(model, model[1], torch.zeros_like(reference), activations=model(reference), **fast)
+    saved = invert.invert(model, model[1], torch.zeros_like(reference), features=model(reference), **fast)
     assert torch.equal(direct.images, saved.images)
-    with pytest.raises(invert.UsageError, match="the saved activations are 4x7x7, but the layer gives 4x8x8"):
-        invert.invert(model, model[1], reference, activations=torch.zeros(2, 4, 7, 7))
+    with pytest.raises(invert.UsageError, match="features: the saved activations are 4x7x7, but the layer gives 4x8x8"):
+        invert.invert(model, model[1], reference, features=torch.zeros(2, 4, 7, 7))
 
 
 def test_the_tasks_refuse_what_they_cannot_take():
@@ -997,14 +991,14 @@ def test_the_tasks_refuse_what_they_cannot_take():
     nn.init.zeros_(model[0].weight[2:])  # channels 2 and 3 are always 0 after the ReLU
     nn.init.constant_(model[0].bias[2:], -1.0)
     reference = torch.randn(1, 3, 10, 10)
-    for keywords, message in [(dict(task="maximize"), "needs units"), (dict(units=[1]), "needs units"),
+    for keywords, message in [(dict(task="maximize"), "maximize needs --units"), (dict(units=[1]), "needs --units"),
                               (dict(task="maximize", units=[4]), "has 4 units"),
                               (dict(task="maximize", units=[1], window=2), "--window and --channels are for"),
                               (dict(window=9), "--window 9: the layer's grid is 8x8"),
                               (dict(channels="2:9"), "--channels 2:9: the layer has 4 channels"),
                               (dict(channels="3:2"), "--channels must be all or A:B"),
                               (dict(task="draw"), "--task 'draw' is not one of"),
-                              (dict(channels="2:4", window=2), "all zero for this photo")]:
+                              (dict(channels="2:4", window=2), "for this photo are all zero in --window/--channels")]:
         with pytest.raises(invert.UsageError, match=message):
             invert.invert(model, model[1], reference, epochs=1, **keywords)
 

@@ -13,9 +13,8 @@ From Python, on any nn.Module:
     photo = preprocess(load_image("reference_images/astronaut.jpg"), 227)
     result = invert(model, model.features[4], photo, objective="seed", epochs=100)
 
-The file reads top to bottom: the settings, images, layers, surrogate gradients, the losses, the image's
-parameterisations and the inversion itself, invert(); then the command line's jobs of many photos and
-layers, and the command line.
+Sections, in order: settings, images, layers, surrogate gradients, losses, parameterisations, the data
+term's targets and the inversion, invert(); then the job of many photos, and the command line.
 """
 import argparse
 import contextlib
@@ -68,12 +67,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The paper's pixel scales in its mean-subtracted 0-255 units (IJCV 2016): B, a typical pixel's RGB
 # norm (the box constraint is 2B), and V, a typical difference between neighbouring pixels.
 PAPER_B, PAPER_V = 80.0, 80.0 / 6.5
-# --C auto: the paper's weight of the feature term, kept up to this layer stride, then falling
-# with the stride's square (measured on the trained stand-in: tests/README.md)
-PAPER_C, FULL_C_STRIDE = 100.0, 4
-# --C auto with --task maximize: the unit's activation at 1 is within 3 % of the stride rule's, with
-# a cleaner background (tests/README.md)
-MAXIMIZE_C = 1.0
+# --C auto: the paper's weight of the feature term up to this layer stride, then falling with the
+# stride's square; 1 for --task maximize (both measured on the trained stand-in: tests/README.md)
+PAPER_C, FULL_C_STRIDE, MAXIMIZE_C = 100.0, 4, 1.0
 # The plateau rule ends runs early only at layers of this stride or less: deeper layers' losses stall
 # at the first stage's rate while their pictures still gain from the last stage (tests/README.md).
 PLATEAU_STRIDE = 2
@@ -114,8 +110,7 @@ FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 LAYOUT_PROBE = 32
 # --units all: the first this many units (channels) of the layer, or all of a layer that has fewer
 ALL_UNITS = 25
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+SIXTEEN_BIT_MODES, TRANSPARENT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I"), ("RGBA", "LA", "PA", "RGBa", "La")
 # --batch_size auto: rows per batch at most (on a CPU, a GPU), beyond which a batch no longer gains per
 # image (tests/README.md), and the share of the free memory a batch may take by the estimate
 BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
@@ -204,22 +199,19 @@ def setting(default, help: str, **argparse_options):
 class Settings:
     """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
-    task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
-                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
-                        "maximize: drive one unit of the layer (--units) as high as the priors allow, "
-                        "-phi_unit(x) / rms(phi0), phi0 the photo's (with --surrogate on, the layer's own "
-                        "ReLUs leak too in the first stage, so that a unit that starts off can rise)",
-                        choices=TASKS)
+    task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo and "
+                        "push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
+                        "maximize: drive a unit of the layer (--units) as high as the priors allow, "
+                        "-phi_unit(x) / rms(phi0)", choices=TASKS)
     window: int = setting(0, "invert and caricature: only the central KxK positions of the layer's grid (of "
                           "tokens, for a ViT) count in the data term; 0: all", type=non_negative_int)
-    channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term "
-                            "(of a ViT's grid tokens: a part never holds its class token)",
+    channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term",
                             type=channel_group)
     unit_scope: str = setting("neuron", "maximize: a unit is its channel's neuron at the centre of the grid, "
                               "or its whole channel (the mean)", choices=UNIT_SCOPES)
-    objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas "
-                             "1e-5); paper: the IJCV 2016 normalised loss with box constraint and two "
-                             "stages (see the README)", choices=OBJECTIVES)
+    objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas 1e-5); "
+                             "paper: the IJCV 2016 normalised loss with box constraint and two stages",
+                             choices=OBJECTIVES)
     optimizer: Optional[str] = setting(None, "sgd: SGD with momentum; adam: Adam with --momentum as beta1",
                                        choices=OPTIMIZERS)
     param: Optional[str] = setting(None, "pixel: optimise pixels; fft: optimise a decorrelated-colour "
@@ -228,48 +220,42 @@ class Settings:
     beta: float = setting(2.0, "exponent of the total-variation prior", type=exponent)
     lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=weight)
     lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=weight)
-    C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); "
-                                         f"'auto': {PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, "
-                                         f"then {PAPER_C:g} * ({FULL_C_STRIDE} / stride)^2, so that the "
-                                         f"priors weigh more where the layer keeps less ({MAXIMIZE_C:g} for "
-                                         "--task maximize)", type=positive_weight.or_auto())
-    jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on "
-                                      "each axis, until the first learning-rate decay; 'auto' is the "
-                                      "authors' choice, a quarter of the layer's stride less one",
-                                      type=non_negative_int.or_auto())
+    C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); 'auto': "
+                                         f"{PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, then {PAPER_C:g} * "
+                                         f"({FULL_C_STRIDE} / stride)^2, so that the priors weigh more where the "
+                                         f"layer keeps less ({MAXIMIZE_C:g} to maximize)", type=positive_weight.or_auto())
+    jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on each axis, "
+                                      "in the first stage; 'auto' is the authors' choice, a quarter of the "
+                                      "layer's stride less one", type=non_negative_int.or_auto())
     epochs: int = setting(200, "optimisation iterations: exactly this many with --plateau 0, else at most",
                           type=positive_int)
-    plateau: Optional[float] = setting(None, f"end an image's first stage once its lowest loss has not "
-                                       f"fallen by this fraction over the last {PLATEAU_WINDOW} iterations, "
-                                       f"at layers of stride {PLATEAU_STRIDE} or less; a last stage at "
-                                       f"--decay_factor times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as "
-                                       "long as the first, follows, and the image is done. 0 runs exactly "
-                                       "--epochs iterations", type=below_one)
-    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes "
-                                       "through each max-pool below the inverted layer as an average "
-                                       "pool's would, and through each ReLU as a leaky ReLU's would; "
-                                       "forward values, and so the feature error, stay the network's "
-                                       "own. Deep layers gain most (see the README)", choices=SURROGATES)
-    lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and "
-                                          f"{AUTO_LR / 2:g} at layers of stride {AUTO_LR_STRIDE} or more",
-                                          type=positive_float.or_auto())
+    plateau: Optional[float] = setting(None, f"end an image's first stage once its lowest loss has not fallen by "
+                                       f"this fraction over {PLATEAU_WINDOW} iterations, at layers of stride "
+                                       f"{PLATEAU_STRIDE} or less; a last stage at --decay_factor times the rate, "
+                                       f"{(1 - FIRST_STAGE) / FIRST_STAGE} as long, follows. 0: --epochs exactly",
+                                       type=below_one)
+    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes through "
+                                       "each max-pool below the layer as an average pool's would, and each "
+                                       "ReLU as a leaky ReLU's (the layer's own too, to maximize); forward "
+                                       "values stay the network's own. Deep layers gain most", choices=SURROGATES)
+    lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and {AUTO_LR / 2:g} at "
+                                          f"layers of stride {AUTO_LR_STRIDE} or more", type=positive_float.or_auto())
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
     decay_epochs: Union[int, str, None] = setting(None, f"iterations between learning-rate decays; 'auto': "
                                                   f"the paper's first stage, {FIRST_STAGE} of --epochs",
                                                   type=positive_int.or_auto())
-    precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where "
-                             "the hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, "
-                             "else fp32; fp16 needs CUDA)", choices=PRECISIONS)
-    samples: int = setting(1, "pre-images per (photo, layer), each from its own starting noise: what they "
-                           "share is what the layer keeps, where they differ what it discards. The "
-                           "command line also writes their mean and their spread", type=positive_int)
+    precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where the "
+                             "hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, else fp32; fp16 "
+                             "needs CUDA)", choices=PRECISIONS)
+    samples: int = setting(1, "pre-images per (photo, layer), each from its own starting noise: what they share "
+                           "is what the layer keeps, where they differ what it discards", type=positive_int)
     seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=seed_int)
 
 
 def resolve(settings: Settings, device: torch.device) -> Settings:
-    """The settings checked as argparse checks flags, each None replaced by the objective's default and the
-    precision chosen for `device`; a setting of one task is refused with another."""
+    """The settings checked as the flags are, each None replaced by the objective's default, the precision
+    chosen for `device`; a setting of one task is refused with another."""
     for field in dataclasses.fields(Settings):
         value = getattr(settings, field.name)
         choices, kind = field.metadata.get("choices"), field.metadata.get("type")
@@ -303,23 +289,11 @@ def native_bf16(device: torch.device) -> bool:
 
 def decay_iterations(settings: Settings) -> int:
     """The iterations between learning-rate decays: --decay_epochs, or 'auto' the paper's first stage."""
-    return settings.decay_epochs if settings.decay_epochs != "auto" else max(1, round(settings.epochs *
-                                                                                        FIRST_STAGE))
-
-
-def default_help(name: str) -> str:
-    """How a setting whose default is None gets its value, in words for --help."""
-    def words(value):
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    if name == "lr":
-        return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
-    return ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][name])} with --objective {objective}"
-                     for objective in OBJECTIVES)
+    return max(1, round(settings.epochs * FIRST_STAGE)) if settings.decay_epochs == "auto" else settings.decay_epochs
 
 
 def check_task_inputs(settings: Settings, units: bool, features: bool) -> None:
-    """Refuse units where the task is not maximize (and their lack where it is), saved features but to invert."""
+    """Refuse units but to maximize (and their lack to maximize), and saved features but to invert."""
     if units != (settings.task == "maximize"):
         raise UsageError("--task maximize needs --units, and only it takes them")
     if features and settings.task != "invert":
@@ -329,13 +303,10 @@ def check_task_inputs(settings: Settings, units: bool, features: bool) -> None:
 
 def unit_index(value) -> int:
     """A unit (channel) index given as any integer: Python's, numpy's, or a 0-d integer tensor."""
-    try:
-        index = operator.index(value)  # refuses floats and text
-    except TypeError:
-        index = None
-    if index is None or isinstance(value, bool) or index < 0:
-        raise UsageError(f"--units takes unit (channel) indices, integers >= 0: got {value!r}")
-    return index
+    with contextlib.suppress(TypeError):  # floats and text have no integer value
+        if not isinstance(value, bool) and operator.index(value) >= 0:
+            return operator.index(value)
+    raise UsageError(f"--units takes unit (channel) indices, integers >= 0: got {value!r}")
 
 
 # ---------------------------------------------------------------- images
@@ -347,8 +318,7 @@ def read_bytes(path, flag: str = "--image_path") -> bytes:
         return Path(path).read_bytes()
     except (OSError, MemoryError) as error:
         why = {FileNotFoundError: ": no such file", IsADirectoryError: " is a directory, not a file",
-               PermissionError: ": permission denied"}.get(type(error),
-                                                           f" cannot be read ({one_line(error)})")
+               PermissionError: ": permission denied"}.get(type(error), f" cannot be read ({one_line(error)})")
         raise UsageError(f"{flag} {path}{why}") from None
 
 
@@ -398,145 +368,7 @@ def deprocess(tensor: torch.Tensor) -> Image.Image:
     return transforms.functional.to_pil_image(displayed(tensor)[0])
 
 
-def mean_and_spread(samples: torch.Tensor) -> tuple:
-    """A row's samples' mean picture, spread picture (per-pixel std in grey levels) and mean spread."""
-    pictures = displayed(samples)
-    spread = 255 * pictures.std(0, correction=0).mean(0)
-    shade = (255 * spread / SPREAD_WHITE).clamp(0, 255).round().byte()  # rounded: its scale is read off
-    return (transforms.functional.to_pil_image(pictures.mean(0)), transforms.functional.to_pil_image(shade),
-            spread.mean().item())
-
-
-def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
-    """A grid of labelled tiles: the original first (if any), then each (label, picture) in order."""
-    tiles = [("original", original), *tiles] if original else tiles
-    side, label_height = tiles[0][1].width, 16
-    columns = math.ceil(math.sqrt(len(tiles)))
-    rows = math.ceil(len(tiles) / columns)
-    grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, (label, picture) in enumerate(tiles):
-        left, top = (index % columns) * side, (index // columns) * (side + label_height)
-        grid.paste(picture.resize((side, side)), (left, top))
-        draw.text((left + 4, top + side + 2), label, fill="black")
-    return grid
-
-
-# ---------------------------------------------------------------- models and layers
-
-
-def pretrained_weights(name: str, weights: str):
-    """torchvision's weights `weights` (DEFAULT or an enum name) of `name`; None for 'none' or a file."""
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(names)}"
-        raise UsageError(f"unknown --model {name!r}; {hint}")
-    enum = torchvision.models.get_model_weights(name)
-    if weights.lower() == "none" or weights not in enum.__members__ and looks_like_path(weights):
-        return None  # a weights name wins over a file or folder of that name: ./DEFAULT names the file
-    if weights not in enum.__members__:
-        raise UsageError(f"--weights {weights!r} is not a file, 'none', or one of {name}'s weights: "
-                         f"{', '.join(enum.__members__)}")
-    return enum[weights]
-
-
-def looks_like_path(weights: str) -> bool:
-    """Whether --weights names a file rather than a torchvision weights enum member."""
-    return os.sep in weights or "/" in weights or Path(weights).suffix != "" or Path(weights).exists()
-
-
-def weights_identity(name: str, weights: str) -> tuple:
-    """(The weights' identity in records: a file's sha256, torchvision's URL or 'none'; a file's bytes)."""
-    chosen = pretrained_weights(name, weights)
-    if chosen is not None or weights.lower() == "none":
-        return "none" if chosen is None else chosen.url, None
-    data = read_bytes(weights, "--weights")
-    return "sha256:" + hashlib.sha256(data).hexdigest(), data
-
-
-def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
-    """Torchvision model `name`, frozen, with DEFAULT, enum, state-dict-file (or `data`) or no weights."""
-    chosen = pretrained_weights(name, weights)
-    if chosen is not None:
-        model = load_pretrained(name, chosen, progress)
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # googlenet's and inception_v3's init notice
-            model = torchvision.models.get_model(name, weights=None)
-    if weights.lower() == "none":
-        print(f"warning: --weights none: {name} is randomly initialised, so the result does not "
-              "show what a trained network sees", file=sys.stderr)
-    elif chosen is None:
-        load_state_dict_file(model, name, Path(weights), data)
-    return model.eval().requires_grad_(False)
-
-
-def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
-    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME; read safely first."""
-    file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / file
-    damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
-    cached = checkpoint.exists()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stdout if progress else io.StringIO()):
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # of a file refused anyway
-            chosen.get_state_dict(progress=progress, check_hash=True, weights_only=True)
-    except Exception as error:  # a refused download (URLError is an OSError), a bad hash, a damaged file
-        if cached:
-            raise UsageError(damaged.format(one_line(error))) from None
-        raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
-                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache under "
-                         "TORCH_HOME), or pass --weights PATH to a state-dict file, or --weights none for "
-                         "random weights") from None
-    try:
-        return torchvision.models.get_model(name, weights=chosen, progress=progress)
-    except Exception as error:  # read safely a moment ago: changed since
-        raise UsageError(damaged.format(one_line(error))) from None
-
-
-def load_state_dict_file(model: nn.Module, name: str, path: Path, data: Optional[bytes] = None) -> None:
-    """Load a state-dict file (or its bytes) into `model`, weights_only; UsageError if it misfits."""
-    data = read_bytes(path, "--weights") if data is None else data
-    try:
-        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(f"--weights {path} was refused: it holds Python objects beyond tensors, and "
-                         "only plain state dicts are loaded (a pickle could run code)") from None
-    except Exception as error:  # torch.load raises many types for files that are not checkpoints
-        raise UsageError(f"--weights {path} is not a PyTorch state-dict file ({one_line(error)})") from None
-    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
-                                              for key, value in state.items()):
-        raise UsageError(f"--weights {path} is not a state dict (a mapping of names to tensors)")
-    expected = model.state_dict()
-    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
-        ("missing keys", sorted(expected.keys() - state.keys())),
-        ("unexpected keys", sorted(state.keys() - expected.keys())),
-        ("shape mismatches", sorted(key for key in expected.keys() & state.keys()
-                                    if expected[key].shape != state[key].shape))) if keys]
-    if problems:  # a DataParallel checkpoint's "module." prefix shows in the first two
-        raise UsageError(f"--weights {path} does not fit {name}: {', '.join(problems)}")
-    model.load_state_dict(state)
-
-
-def underscored(name: str) -> str:
-    """The original design's spelling of a dotted module name: features.4 -> features_4."""
-    return name.replace(".", "_")
-
-
-def resolve_layer(model: nn.Module, layer_name: str) -> tuple:
-    """Return (dotted name, module) for `features_4`, `features.4`, `layer3.1.conv2` and the like."""
-    dotted = [name for name, _ in model.named_modules() if name]
-    # a module's real name wins over another module's underscored spelling
-    spellings = {**{underscored(name): name for name in reversed(dotted)}, **{name: name for name in dotted}}
-    if layer_name not in spellings:
-        valid = [underscored(name) for name in dotted]
-        close = difflib.get_close_matches(layer_name, valid, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UsageError(f"unknown --layer_name {layer_name!r}; {hint}valid names: {', '.join(valid)}")
-    return spellings[layer_name], model.get_submodule(spellings[layer_name])
+# ---------------------------------------------------------------- layers
 
 
 @contextlib.contextmanager
@@ -564,11 +396,10 @@ def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> to
 
     with forward_hooks({layer: hook}), contextlib.suppress(_LayerReached):
         model(images.clone())  # a copy: a network may change its input in place (a first in-place ReLU)
-    if not outputs:
-        raise UsageError("the chosen layer is not used in the model's forward pass")
-    if not isinstance(outputs[0], torch.Tensor):
-        raise UsageError(f"the chosen layer returns a {type(outputs[0]).__name__}, not a tensor; choose "
-                         "another (see --list_layers)")
+    if not outputs or not isinstance(outputs[0], torch.Tensor):
+        raise UsageError("the chosen layer is not used in the model's forward pass" if not outputs else
+                         f"the chosen layer returns a {type(outputs[0]).__name__}, not a tensor; choose another "
+                         "(see --list_layers)")
     return outputs[0]
 
 
@@ -585,9 +416,8 @@ def checked_output(model: nn.Module, layer: nn.Module, images: torch.Tensor, pre
         with torch.no_grad(), autocast(precision, images.device):
             return layer_output(model, layer, images).float()
     except FORWARD_ERRORS as error:  # e.g. a kernel larger than what is left of a small input
-        shape = "x".join(map(str, images.shape[1:]))
-        raise UsageError(f"the model cannot compute this layer for a {shape} input: change --input_size "
-                         f"({one_line(error)})") from None
+        raise UsageError(f"the model cannot compute this layer for a {'x'.join(map(str, images.shape[1:]))} "
+                         f"input: change --input_size ({one_line(error)})") from None
 
 
 def not_finite(what: str, precision: str) -> str:
@@ -624,9 +454,8 @@ def as_grid(tensor: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def layer_stride(size: tuple, grid: torch.Tensor) -> int:
-    """How many input pixels one step of the layer's grid spans (the whole input for a layer without a grid,
-    and 1 for a layer larger than its input)."""
-    return max(1, size[0] // grid.shape[-2])
+    """How many input pixels a step of the layer's grid spans: the whole input for a layer without one."""
+    return max(1, size[0] // grid.shape[-2])  # and at least 1, for a layer larger than its input
 
 
 # ---------------------------------------------------------------- surrogate gradients
@@ -647,8 +476,7 @@ class SurrogateBackward(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         saved, *mask = ctx.saved_tensors
         if ctx.relu and ctx.extra is None and not mask:  # one fused pass instead of three
-            leaky = torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True)
-            return leaky, None, None, None, None
+            return torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True), None, None, None, None
         if ctx.relu:  # ReLU6 passes the gradient only below 6
             passing = saved > 0 if ctx.extra is None else (saved > 0) & (saved < ctx.extra)
             slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
@@ -692,25 +520,17 @@ class Surrogate:
     def use(self, asking: list) -> None:
         """From now on, which rows of the batch take the surrogate gradients: a boolean each."""
         if asking != self.asking:
-            self.asking, self.masks = asking, {}
+            self.asking, self.masks = asking, {}  # masks: by the output's dimensions, made once
             for module, inplace in zip(self.relus, self.inplace):
                 module.inplace = inplace and not any(asking)
 
-    def mask(self, output: torch.Tensor):
-        """Which rows take it, shaped for `output`: an Nx1... 0/1 tensor (made once), True for all, or None."""
-        if not any(self.asking):
-            return None
-        if output.dim() not in self.masks:
+    def hook(self, module: nn.Module, inputs: tuple, output):
+        if isinstance(output, tuple) or not torch.is_grad_enabled() or not any(self.asking):
+            return None  # a tuple: return_indices, left as it is
+        if output.dim() not in self.masks:  # the rows that take it: True for all, or an Nx1... 0/1 tensor
             self.masks[output.dim()] = True if all(self.asking) else torch.tensor(
                 self.asking, device=output.device).view(-1, *[1] * (output.dim() - 1))
-        return self.masks[output.dim()]
-
-    def hook(self, module: nn.Module, inputs: tuple, output):
-        if isinstance(output, tuple) or not torch.is_grad_enabled():
-            return None  # a tuple: return_indices, left as it is
-        mask = self.mask(output)
-        if mask is None:
-            return None
+        mask = self.masks[output.dim()]
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             return SurrogateBackward.apply(inputs[0], output, mask, True,
                                            6.0 if isinstance(module, nn.ReLU6) else None)
@@ -834,15 +654,13 @@ def initial_noise(objective: str, shape: tuple, generator: torch.Generator) -> t
 
 def fft_size(length: int) -> int:
     """The smallest length >= `length` with no prime factor above 7, for which FFTs are fast."""
-    size = length
-    while True:
-        rest = size
+    def rest(size: int) -> int:  # what is left of `size` after its factors 2, 3, 5 and 7
         for prime in (2, 3, 5, 7):
-            while rest % prime == 0:
-                rest //= prime
-        if rest == 1:
-            return size
-        size += 1
+            while size % prime == 0:
+                size //= prime
+        return size
+
+    return next(size for size in itertools.count(length) if rest(size) == 1)
 
 
 class PixelImage:
@@ -931,13 +749,12 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
         raise UsageError(f"{source}: the saved activations are {shapes[0]}, but the layer gives {shapes[1]} "
                          "at this input size")
     if len(batched) != len(output):
-        raise UsageError(f"{source} holds {len(batched)} rows of activations for {len(output)} images")
+        raise UsageError(f"{source} holds {len(batched)} rows of activations, for {len(output)} image(s)")
     values = batched.detach().double()
     if not torch.isfinite(values).all():
         raise UsageError(f"{source} holds values that are not finite (NaN or inf)")
     if values.square().flatten(1).sum(1).max().item() > torch.finfo(torch.float32).max:
-        raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}, whose squares "
-                         "overflow float32")
+        raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}: their squares overflow")
     return values.float()
 
 
@@ -959,17 +776,6 @@ def part_mask(output: torch.Tensor, window: int, channels: str, axis: int) -> Op
     return mask
 
 
-def unit_directions(output: torch.Tensor, units: list, scope: str, axis: int) -> torch.Tensor:
-    """Per row, 1 at its unit (a channel's centre neuron, or the whole channel) of the layer, 0 elsewhere."""
-    directions = torch.zeros_like(output)
-    grids = as_grid(directions, axis)
-    check_units(units, grids.shape[1])
-    for row, unit in enumerate(units):
-        middle = (grids.shape[-2] // 2, grids.shape[-1] // 2)
-        grids[(row, unit, *middle) if scope == "neuron" else (row, unit)] = 1
-    return directions
-
-
 def check_units(units: list, count: int) -> None:
     """UsageError for a unit beyond the layer's `count` units (channels)."""
     for unit in units:
@@ -984,41 +790,44 @@ def layer_settings(settings: Settings, stride: int) -> dict:
             PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
             "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
-            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
-            else settings.lr}
+            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto" else settings.lr}
 
 
 class Targets:
-    """What the rows aim at, at their layer: each row's target (its unit's direction, for maximize), weight
+    """What the rows aim at, at their layer: each row's target (its unit's direction, to maximize), weight
     and mask, and the settings the layer's stride decides."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, references: torch.Tensor, settings: Settings,
                  units: Optional[list] = None, features: Optional[torch.Tensor] = None):
         output = checked_output(model, layer, references, settings.precision)
-        self.axis = channel_axis(model, layer, output, references.shape[-2:], settings.precision)
-        self.chosen = layer_settings(settings, layer_stride(references.shape[-2:], as_grid(output, self.axis)))
-        self.task, self.mask = settings.task, part_mask(output, settings.window, settings.channels, self.axis)
+        axis = channel_axis(model, layer, output, references.shape[-2:], settings.precision)
+        self.chosen = layer_settings(settings, layer_stride(references.shape[-2:], as_grid(output, axis)))
+        self.task, self.mask = settings.task, part_mask(output, settings.window, settings.channels, axis)
         if features is not None:  # saved activations in place of the references'
             output = checked_features(features, output, "features")
-        unsound = {row: not_finite("this photo", settings.precision)
-                   for row, finite in enumerate(torch.isfinite(output).flatten(1).all(1).tolist()) if not finite}
+        finite = torch.isfinite(output).flatten(1).all(1).tolist()
         masked = output if self.mask is None else output * self.mask
         squares = per_row(masked.nan_to_num().square())
         where = " in --window/--channels" if self.mask is not None else ""
-        unsound.update({row: f"the layer's activations for this photo are all zero{where}: there is nothing "
-                        "to invert" for row, total in enumerate(squares.tolist()) if not total and row not in unsound})
+        unsound = {row: not_finite("this photo", settings.precision) if not ok else f"the layer's activations "
+                   f"for this photo are all zero{where}: there is nothing to invert"
+                   for row, (ok, total) in enumerate(zip(finite, squares.tolist())) if not ok or not total}
         if unsound:
             raise RowError(unsound)
         if settings.task != "maximize":
             self.data, self.weights = masked, self.chosen["C"] / squares  # C / ||target||^2
             return
+        self.data, grids = torch.zeros_like(output), as_grid(output, axis)
+        check_units(units, grids.shape[1])
+        middle = (grids.shape[-2] // 2, grids.shape[-1] // 2) if settings.unit_scope == "neuron" else ()
+        for row, unit in enumerate(units):  # 1 at the unit: its channel's centre neuron, or the whole channel
+            as_grid(self.data, axis)[(row, unit, *middle)] = 1
         # a unit's weight: C over the photo's typical activation at the layer, so one C serves every layer
-        self.data = unit_directions(output, units, settings.unit_scope, self.axis)
         rms = (squares / output[0].numel()).sqrt()
         self.weights = self.chosen["C"] / (per_row(self.data) * rms)
-        peaks = [as_grid(output, self.axis)[row, unit].max().item() for row, unit in enumerate(units)]
-        self.unit_stats = [{"layer_rms": scale, "photo_activation": value, "photo_max": peak} for value, scale, peak
-                           in zip((per_row(output * self.data) / per_row(self.data)).tolist(), rms.tolist(), peaks)]
+        activations = (per_row(output * self.data) / per_row(self.data)).tolist()
+        self.unit_stats = [{"layer_rms": scale, "photo_activation": value, "photo_max": grids[row, unit].max().item()}
+                           for row, (unit, value, scale) in enumerate(zip(units, activations, rms.tolist()))]
 
     def rec_loss(self, output: torch.Tensor) -> torch.Tensor:
         """Each row's data term for the layer's `output`."""
@@ -1038,24 +847,6 @@ class Targets:
                 for loss, stats in zip(rec_loss, self.unit_stats)]
 
 
-def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Settings, axis: int,
-                    device: torch.device) -> list:
-    """[left, top, right, bottom) of the input pixels that the window's activations depend on, from their
-    gradient, with leaky ReLUs and average pools so that every path that can carry one does."""
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    with Surrogate(model, layer, own=True) as surrogate, torch.enable_grad():
-        images.requires_grad_()
-        surrogate.use([True, True])
-        output = layer_output(model, layer, images)
-        mask = part_mask(output, settings.window, settings.channels, axis)
-        gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
-    reached = gradient.abs().sum((0, 1)) > 0
-    if not reached.any():
-        raise UsageError("the window's activations do not depend on the input: no receptive field to draw")
-    rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
-    return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
-
-
 # ---------------------------------------------------------------- the inversion
 
 
@@ -1072,16 +863,15 @@ class Inversion(NamedTuple):
 
 class Canvas:
     """The batch's images: one variable of their parameterisation, each row on a canvas `jitter` wider than
-    the image (the image its middle) and drawing from its own generator, and the last finite copy of each."""
+    its image (the image its middle), drawing from its own generator; and each row's last finite copy."""
 
     def __init__(self, settings: Settings, size: tuple, jitter: int, generators: list, device: torch.device,
                  photos: Optional[torch.Tensor] = None):
         self.size, self.jitter, self.generators = tuple(size), jitter, generators
-        self.image = PARAMETERISATIONS[settings.param]((size[0] + jitter, size[1] + jitter), device,
-                                                       settings.objective)
-        middle = jitter // 2  # a caricature starts from its photo, at the canvas's middle
-        framed = photos if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2,
-                                                                 "replicate")
+        canvas = (size[0] + jitter, size[1] + jitter)
+        self.image, middle = PARAMETERISATIONS[settings.param](canvas, device, settings.objective), jitter // 2
+        # a caricature starts from its photo, at the canvas's middle
+        framed = None if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2, "replicate")
         self.variable = torch.cat([self.image.initial(generator, None if framed is None else framed[row:row + 1])
                                    for row, generator in enumerate(generators)]).requires_grad_()
         self.last_finite = self.variable.detach().clone()
@@ -1112,18 +902,16 @@ class Canvas:
         """Copy the rows whose losses are finite as their last finite images; return the others."""
         # waits for a GPU: only when due; a finite sum, the common case, in one op
         finite = [True] * len(losses) if math.isfinite(total.item()) else torch.isfinite(losses).tolist()
-        broken = [row for row, ok in enumerate(finite) if not ok]
+        good, broken = [row for row, ok in enumerate(finite) if ok], [row for row, ok in enumerate(finite) if not ok]
         if broken and step == 1:
             raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
                             "cause: the model gives non-finite values for this image (unsound weights?), or "
                             "a weight such as --C is too large" for row in broken})
-        good = [row for row, ok in enumerate(finite) if ok]
         if not broken:
             self.last_finite.copy_(self.variable)
         elif good:
             self.last_finite[good] = self.variable[good]
-        for row in good:
-            self.last_finite_at[row] = step
+        self.last_finite_at = [step if ok else at for ok, at in zip(finite, self.last_finite_at)]
         return broken
 
     @torch.no_grad()
@@ -1184,9 +972,7 @@ def learning_rate(base: float, step: int, first_stage_end: int, settings: Settin
 
 class Schedule:
     """Each row's first stage (jitter, surrogate, the full rate) ends after first_stage_end[row], and the row
-    stops after last[row]. With --plateau, the first stage ends once the row's lowest loss has not fallen by
-    that fraction over PLATEAU_WINDOW iterations, and a last stage as long, relative to it, as the paper's
-    follows."""
+    stops after last[row]; the plateau rule may end a row's first stage early (see --plateau)."""
 
     def __init__(self, settings: Settings, chosen: dict, count: int, device: torch.device):
         self.settings, self.chosen = settings, chosen  # chosen: the layer's settings
@@ -1240,22 +1026,17 @@ def check_references(model: nn.Module, layer, references) -> None:
     """UsageError unless `layer` is a module and `references` Nx3xHxW floats of the model's dtype and device."""
     if not isinstance(layer, nn.Module):
         raise UsageError(f"invert() takes one layer, a module of the model: got a {type(layer).__name__}")
-    if not isinstance(references, torch.Tensor):
-        raise UsageError(f"invert() needs the references as a tensor, got a {type(references).__name__}")
-    shape = "x".join(map(str, references.shape))
-    if references.dim() != 4:
-        hint = "; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else ""
-        raise UsageError(f"invert() needs the references as Nx3xHxW images, got a {references.dim()}-D "
-                         f"tensor of shape {shape}{hint}")
-    if len(references) == 0 or references.shape[1] != 3:
-        raise UsageError(f"invert() needs the references as Nx3xHxW images with at least one row and 3 "
-                         f"colour channels, got shape {shape}")
     weight = next(model.parameters(), references)  # a model without parameters takes any float
-    kind = (references.dtype, references.device)
-    if not references.is_floating_point() or kind != (weight.dtype, weight.device):
-        raise UsageError(f"invert() needs references of the model's dtype and device, {weight.dtype} on "
-                         f"{weight.device}, normalised as preprocess() makes them: got {references.dtype} on "
-                         f"{references.device}")
+    if isinstance(references, torch.Tensor) and references.dim() == 4 and len(references) and \
+            references.shape[1] == 3 and references.is_floating_point() and \
+            (references.dtype, references.device) == (weight.dtype, weight.device):
+        return
+    got = f"a {type(references).__name__}" if not isinstance(references, torch.Tensor) else \
+        f"a {references.dim()}-D tensor of shape {'x'.join(map(str, references.shape))}, {references.dtype} " \
+        f"on {references.device}" + ("; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else "")
+    raise UsageError(f"invert() needs the references as Nx3xHxW images, at least one, of the model's dtype "
+                     f"and device, {weight.dtype} on {weight.device}, normalised as preprocess() makes them: "
+                     f"got {got}")
 
 
 def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, settings: Optional[Settings] = None,
@@ -1278,8 +1059,7 @@ def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, setting
         except TypeError:  # one unit for every row
             units = [unit_index(units)] * count
         if len(units) != count:
-            raise UsageError(f"invert() needs one unit for every row of the references, or one for all: got "
-                             f"{len(units)} for {count} rows")
+            raise UsageError(f"invert() needs a unit per row of the references, or one: got {len(units)} for {count}")
         units = [unit for unit in units for _ in range(samples)]
     if isinstance(features, torch.Tensor) and features.dim() == references.dim():
         features = features.repeat_interleave(samples, 0)
@@ -1296,13 +1076,11 @@ def optimise(model: nn.Module, layer: nn.Module, targets: Targets, references: t
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(len(references))]
-    photos = references if settings.task == "caricature" else None  # a caricature starts from its photo
     canvas = Canvas(settings, references.shape[-2:], targets.chosen["jitter"], generators, references.device,
-                    photos)
-    descent = Descent(settings, canvas.variable)
-    schedule, reached = Schedule(settings, targets.chosen, len(references), references.device), 0
-    with Surrogate(model, layer, settings.task == "maximize") as surrogate, \
-            contextlib.suppress(KeyboardInterrupt):
+                    references if settings.task == "caricature" else None)
+    descent, reached = Descent(settings, canvas.variable), 0
+    schedule = Schedule(settings, targets.chosen, len(references), references.device)
+    with Surrogate(model, layer, settings.task == "maximize") as surrogate, contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
             if step > max(schedule.last):
                 break
@@ -1366,36 +1144,173 @@ def final_result(model: nn.Module, layer: nn.Module, settings: Settings, targets
                      settings, targets.chosen)
 
 
-# ---------------------------------------------------------------- the job: launchers, photos and names
+# ---------------------------------------------------------------- the job: the model and its layers by name
+
+
+def pretrained_weights(name: str, weights: str):
+    """torchvision's weights `weights` (DEFAULT or another name) of model `name`; None for 'none' or a file."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(names)}"
+        raise UsageError(f"unknown --model {name!r}; {hint}")
+    members = torchvision.models.get_model_weights(name).__members__
+    if weights in members:  # a weights name wins over a file or folder of that name: ./DEFAULT is the file
+        return members[weights]
+    if weights.lower() == "none" or os.sep in weights or "/" in weights or Path(weights).suffix or \
+            Path(weights).exists():
+        return None
+    raise UsageError(f"--weights {weights!r} is not a file, 'none', or one of {name}'s weights: "
+                     f"{', '.join(members)}")
+
+
+def weights_identity(name: str, weights: str) -> tuple:
+    """(The weights' identity in records: torchvision's URL, 'none' or a file's sha256; the file's bytes)."""
+    chosen = pretrained_weights(name, weights)
+    if chosen is not None or weights.lower() == "none":
+        return "none" if chosen is None else chosen.url, None
+    data = read_bytes(weights, "--weights")
+    return "sha256:" + hashlib.sha256(data).hexdigest(), data
+
+
+def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
+    """Torchvision model `name`, frozen, with torchvision's weights, a state-dict file's (`data`) or none."""
+    chosen = pretrained_weights(name, weights)
+    if chosen is not None:
+        return load_pretrained(name, chosen, progress).eval().requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # googlenet's and inception_v3's notice on init
+        model = torchvision.models.get_model(name, weights=None)
+    if weights.lower() == "none":
+        print(f"warning: --weights none: {name} is randomly initialised, so the result does not show what a "
+              "trained network sees", file=sys.stderr)
+    else:
+        load_state_dict_file(model, name, weights, data or read_bytes(weights, "--weights"))
+    return model.eval().requires_grad_(False)
+
+
+def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
+    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME; read safely first."""
+    checkpoint = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(chosen.url).path))
+    damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
+    cached = checkpoint.exists()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stdout if progress else io.StringIO()):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # of a file refused anyway
+            chosen.get_state_dict(progress=progress, check_hash=True, weights_only=True)
+        return torchvision.models.get_model(name, weights=chosen, progress=progress)
+    except Exception as error:  # a refused download (URLError is an OSError), a bad hash, a damaged file
+        if cached or checkpoint.exists():
+            raise UsageError(damaged.format(one_line(error))) from None
+        raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
+                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache under "
+                         "TORCH_HOME), or pass --weights PATH to a state-dict file, or --weights none for "
+                         "random weights") from None
+
+
+def load_state_dict_file(model: nn.Module, name: str, path: str, data: bytes) -> None:
+    """Load a state-dict file's bytes into `model`, weights_only; UsageError if they misfit."""
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"--weights {path} was refused: it holds Python objects beyond tensors, and "
+                         "only plain state dicts are loaded (a pickle could run code)") from None
+    except Exception as error:  # torch.load raises many types for files that are not checkpoints
+        raise UsageError(f"--weights {path} is not a PyTorch state-dict file ({one_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                              for key, value in state.items()):
+        raise UsageError(f"--weights {path} is not a state dict (a mapping of names to tensors)")
+    expected = model.state_dict()
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in (
+        ("missing keys", sorted(expected.keys() - state.keys())),
+        ("unexpected keys", sorted(state.keys() - expected.keys())),
+        ("shape mismatches", sorted(key for key in expected.keys() & state.keys()
+                                    if expected[key].shape != state[key].shape))) if keys]
+    if problems:  # a DataParallel checkpoint's "module." prefix shows in the first two
+        raise UsageError(f"--weights {path} does not fit {name}: {', '.join(problems)}")
+    model.load_state_dict(state)
+
+
+def underscored(name: str) -> str:
+    """The original design's spelling of a dotted module name: features.4 -> features_4."""
+    return name.replace(".", "_")
+
+
+def resolve_layer(model: nn.Module, layer_name: str) -> nn.Module:
+    """The module that `features_4`, `features.4`, `layer3.1.conv2` or the like names."""
+    dotted = [name for name, _ in model.named_modules() if name]
+    # a module's real name wins over another module's underscored spelling
+    spellings = {**{underscored(name): name for name in reversed(dotted)}, **{name: name for name in dotted}}
+    if layer_name not in spellings:
+        valid = [underscored(name) for name in dotted]
+        close = difflib.get_close_matches(layer_name, valid, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UsageError(f"unknown --layer_name {layer_name!r}; {hint}valid names: {', '.join(valid)}")
+    return model.get_submodule(spellings[layer_name])
+
+
+def probe_layer(model: nn.Module, layer: nn.Module, size: int, precision: str, device: torch.device) -> tuple:
+    """(The layer's output for a blank image, its channel axis, the activations a forward pass to it makes);
+    UsageError if the model cannot run at this size or is not finite."""
+    blank, counted = torch.zeros(1, 3, size, size, device=device), []
+
+    def count(module, inputs, output):
+        counted.append(output.numel() if isinstance(output, torch.Tensor) else 0)
+
+    leaves = [module for module in model.modules() if not any(module.children())]
+    with forward_hooks(dict.fromkeys(leaves, count)):
+        output = checked_output(model, layer, blank, precision)
+    if not torch.isfinite(output).all():
+        raise UsageError(not_finite("a blank image", precision))
+    return output, channel_axis(model, layer, output, (size, size), precision), sum(counted) + output.numel()
+
+
+def receptive_field(model: nn.Module, layer: nn.Module, size: int, settings: Settings, axis: int,
+                    device: torch.device) -> list:
+    """[left, top, right, bottom) of the input pixels that the window's activations depend on, from their
+    gradient, with leaky ReLUs and average pools so that every path that can carry one does."""
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with Surrogate(model, layer, own=True) as surrogate, torch.enable_grad():
+        images.requires_grad_()
+        surrogate.use([True, True])
+        output = layer_output(model, layer, images)
+        mask = part_mask(output, settings.window, settings.channels, axis)
+        gradient, = torch.autograd.grad((output.float() * mask).sum(), images)
+    reached = gradient.abs().sum((0, 1)) > 0
+    if not reached.any():
+        raise UsageError("the window's activations do not depend on the input: no receptive field to draw")
+    rows, columns = (reached.any(dim).nonzero()[:, 0].tolist() for dim in (1, 0))
+    return [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
+
+
+# ---------------------------------------------------------------- launchers, photos and names
 
 
 def launcher_int(name: str, least: int = 0) -> Optional[int]:
     """Environment variable `name` as an integer >= `least`, None if unset."""
     text = os.environ.get(name)
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"the environment variable {name}={text!r} is not an integer") from None
-    if value < least:
-        raise UsageError(f"the environment variable {name}={value} is below {least}")
-    return value
+    if text is not None and not re.fullmatch(r"\s*[-+]?[0-9]+\s*", text):
+        raise UsageError(f"the environment variable {name}={text!r} is not an integer")
+    if text is not None and int(text) < least:
+        raise UsageError(f"the environment variable {name}={int(text)} is below {least}")
+    return None if text is None else int(text)
 
 
 def pick_device(spec: str) -> torch.device:
-    """--device as a torch.device that exists here; under torchrun, auto is cuda:$LOCAL_RANK."""
+    """--device as a torch.device that is here; under torchrun, auto is cuda:$LOCAL_RANK."""
     local = launcher_int("LOCAL_RANK")
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         spec += f":{local}" if spec == "cuda" and local is not None else ""
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     try:
         device = torch.device(spec)
-        assert device.type in present
+        assert device.type in ("cpu", "cuda", "mps")
     except (RuntimeError, AssertionError):
         raise UsageError(f"--device {spec!r} is not supported: use auto, cpu, cuda, cuda:N or mps") from None
-    if not present[device.type] or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if device.type == "mps" and not torch.backends.mps.is_available() or \
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}" + (" (from LOCAL_RANK)" if local is not None else "") +
                          f": no such device here ({torch.cuda.device_count()} CUDA device(s))")
     if device.type == "cuda":  # under torchrun, each process its own: what allocates on "cuda" goes there
@@ -1429,9 +1344,8 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
                              f"{low + (parts - 1) * step}, step {step})")
     if (world is None) != (rank is None) or (local is not None and world is None):
         have = "WORLD_SIZE" if world is not None else "RANK" if rank is not None else "LOCAL_RANK"
-        lacking = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
-        raise UsageError(f"the environment variable {lacking} is not set, but {have} is: torchrun sets "
-                         "RANK, WORLD_SIZE and LOCAL_RANK together")
+        raise UsageError(f"the environment variable {'RANK' if have == 'WORLD_SIZE' else 'WORLD_SIZE'} is not "
+                         f"set, but {have} is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
     for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
         if value is not None and value >= world:
             raise UsageError(f"the environment variable {name}={value} is not below WORLD_SIZE={world}")
@@ -1442,19 +1356,24 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
 
 
 def photo_paths(given: list) -> list:
-    """The photos named, as absolute paths: files, and folders' files Pillow reads, not hidden nor ours."""
+    """The photos named, as absolute paths: files, and folders' files that Pillow reads but hidden ones and
+    the pictures this tool wrote."""
     Image.init()
     readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
                 and not (isinstance(Image.OPEN[kind][0], type)  # a stub opens nothing without a handler
                          and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile))}
+
+    def ours(path: str) -> bool:
+        with contextlib.suppress(Exception), Image.open(path) as opened:
+            return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
+        return False
+
     paths = []
     for item in given:
-        if not os.path.isdir(item):
-            paths.append(os.path.abspath(item))
-            continue
-        inside = [os.path.abspath(os.path.join(item, name)) for name in sorted(os.listdir(item))
-                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in readable]
-        inside = [path for path in inside if os.path.isfile(path) and not is_tool_output(path)]
+        inside = [os.path.join(item, name) for name in sorted(os.listdir(item)) if not name.startswith(".")
+                  and os.path.splitext(name)[1].lower() in readable] if os.path.isdir(item) else [item]
+        inside = [os.path.abspath(path) for path in inside if not os.path.isdir(item) or
+                  os.path.isfile(path) and not ours(path)]
         if not inside:
             raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
                              ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
@@ -1493,13 +1412,6 @@ def photo_names(paths: list, room: int = 255) -> dict:
     return names
 
 
-def is_tool_output(path) -> bool:
-    """Whether an image file is a picture this tool wrote: a PNG or GIF with its mark."""
-    with contextlib.suppress(Exception), Image.open(path) as opened:
-        return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
-    return False
-
-
 class Input(NamedTuple):
     """A photo, or saved features, as the job read it, once: its bytes' hash and its content, or why not."""
 
@@ -1510,37 +1422,33 @@ class Input(NamedTuple):
 
 
 def read_input(path: str, size: int, features: bool) -> Input:
-    """Read a photo or saved features once: hash, decode and crop it (a resize too large for memory refused)."""
+    """Read a photo, or saved features, once: hash it, then decode and crop it, or load it weights_only."""
     try:
         data = read_bytes(path, "--features" if features else "--image_path")
-        if features:
-            return Input(hashlib.sha256(data).hexdigest(), None, features=load_features(data, path))
-        image = load_image(path, data)
-        # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
-        check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
-                     f"resizing {path} to --input_size {size}", "use a smaller --input_size")
-        return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
+        if not features:
+            image = load_image(path, data)
+            # Resize scales the shorter side to `size` before the crop: a long strip becomes very long
+            check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
+                         f"resizing {path} to --input_size {size}", "use a smaller --input_size")
+            return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
+        if zipfile.is_zipfile(io.BytesIO(data)) and any(entry.compress_type != zipfile.ZIP_STORED
+                                                        for entry in zipfile.ZipFile(io.BytesIO(data)).infolist()):
+            raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused unread")
+        try:
+            with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
+                warnings.simplefilter("ignore", UserWarning)
+                loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as error:  # a pickle beyond tensors, or not a torch file at all
+            raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
+                from None
+        return Input(hashlib.sha256(data).hexdigest(), None, features=loaded)
     except UsageError as error:
         return Input(None, str(error))
 
 
-def load_features(data: bytes, path: str):
-    """What a --features file holds, read with weights_only; UsageError if torch.save did not write it."""
-    if zipfile.is_zipfile(io.BytesIO(data)) and any(
-            entry.compress_type != zipfile.ZIP_STORED for entry in zipfile.ZipFile(io.BytesIO(data)).infolist()):
-        raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused unread")
-    try:
-        with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle beyond tensors, or not a torch file at all
-        raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
-            from None
-
-
 class Row(NamedTuple):
-    """One pre-image of the job: a photo (or saved features) at a layer (and a unit); its files are its
-    PNG's name with other endings."""
+    """One pre-image of the job, a photo (or saved features) at a layer (and a unit); its files: its PNG's name
+    with other endings."""
 
     image_path: str
     layer_name: str
@@ -1612,19 +1520,6 @@ def plan(args: argparse.Namespace, settings: Settings) -> list:
     return [row(path, layer, unit) for path in paths for layer in layers for unit in units]
 
 
-def in_shard(rows: list, part: int, parts: int) -> list:
-    """The rows of groups part, part + parts, ...: the rows of one montage (a photo's layers, or a layer's
-    units), else of one photo, stay together."""
-    groups = [row.montage or row.image_path for row in rows]
-    mine = set(list(dict.fromkeys(groups))[part::parts])
-    return [row for row, group in zip(rows, groups) if group in mine]
-
-
-def landing_path(path) -> Path:
-    """`path` with its folder's links and `..` resolved, but not its own name: where a write to it lands."""
-    return Path(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-
-
 def existing_parent(folder: Path) -> Path:
     """`folder` if it exists, else its nearest parent that does: where a write would create it."""
     return next(parent for parent in (folder, *folder.parents) if parent.exists())
@@ -1632,11 +1527,14 @@ def existing_parent(folder: Path) -> Path:
 
 def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, previous: dict, photos: list) -> None:
     """UsageError before the work if an output is unwritable or would replace a photo or another's record."""
-    files = {landing_path(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
+    def landing(path) -> Path:  # its folder's links and `..` resolved, not its own name: where a write lands
+        return Path(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+    files = {landing(Path(args.output_dir) / INDEX): False} if rows and not args.output else {}
     for row in rows:
         outputs = row.outputs(settings.samples, bool(args.save_every), bool(settings.window))
-        files.update({landing_path(path): folder for path, folder in outputs.items()})
-        files.update({landing_path(row.montage): False} if row.montage else {})
+        files.update({landing(path): folder for path, folder in outputs.items()})
+        files.update({landing(row.montage): False} if row.montage else {})
         other = (previous[row] or {}).get("image_path")
         if isinstance(other, str) and other != row.image_path:
             raise UsageError(f"{row.file('.json')} holds the result of another photo, {other}: "
@@ -1648,7 +1546,7 @@ def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, prev
         return files.get(path.with_name(f"{stem}_sample*.png") if sample else path)
 
     for photo in photos:
-        if any(written(path) is not None for path in (landing_path(photo), Path(os.path.realpath(photo)))):
+        if any(written(path) is not None for path in (landing(photo), Path(os.path.realpath(photo)))):
             raise UsageError(f"the outputs would overwrite the input photo {photo}: use another --output_dir")
     for folder in dict.fromkeys(path.parent for path in files):
         existing = existing_parent(folder)
@@ -1681,48 +1579,35 @@ def identity(row: Row, args: argparse.Namespace, settings: Settings, sha256: Opt
             "unit": row.unit, "features": bool(args.features), "settings": dataclasses.asdict(settings)}
 
 
-def same_row(record: Optional[dict], wanted: dict, but: tuple = ()) -> bool:
-    """Whether `record` is of the row whose identity is `wanted` (but for the keys in `but`), and done."""
+def finished(record: Optional[dict], wanted: dict, but: tuple = ()) -> bool:
+    """Whether `record` is a finished one of the row whose identity is `wanted` (but for the keys `but`)."""
     return record is not None and record.get("status") == "done" and all(
         record.get(key) == value for key, value in wanted.items() if key not in but)
 
 
-def natural(text: str) -> list:
-    """A sort key that puts features_4 before features_12."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-
-
-def index_line(record: dict) -> Optional[dict]:
-    """A record's line in the index, its values that are not tables; None if it is not a row's record."""
-    if not all(isinstance(record.get(key), str) and record[key] for key in ("image_path", "layer_name",
-                                                                           "status", "model")):
-        return None
-    return {key: "" if value is None else encodable(str(value)) for key, value in record.items()
-            if not isinstance(value, dict) and key != "samples"}
-
-
 def encodable(text: str) -> str:
-    """`text` if it can be written as UTF-8 with its undecodable bytes as they were, else escaped."""
-    try:
-        text.encode("utf-8", "surrogateescape")
-        return text
-    except UnicodeEncodeError:  # a lone surrogate that no file name gives, e.g. from a damaged record
-        return text.encode("utf-8", "backslashreplace").decode()
+    """`text` as UTF-8 can hold it: a file name's undecodable bytes as they were, other lone surrogates escaped."""
+    return "".join(ascii(char)[1:-1] if "\ud800" <= char < "\udc80" or "\udd00" <= char <= "\udfff" else char
+                   for char in text)
 
 
 def write_index(folder: Path, cache: dict) -> None:
-    """Rebuild folder/index.csv from all its records under a lock; `cache` keeps unchanged records' lines."""
+    """Rebuild folder/index.csv under a lock: a line per record there, its values but tables; `cache` keeps
+    the lines of records that did not change."""
     try:
         with filelock.FileLock(str(folder / f"{INDEX}.lock")):
             for entry in os.scandir(folder):
                 if entry.name.endswith(".json") and entry.is_file():
                     key = (entry.stat().st_mtime_ns, entry.stat().st_size)
                     if cache.get(entry.name, (None,))[0] != key:
-                        cache[entry.name] = key, index_line(read_record(Path(entry.path)) or {})
-            present = [line for name, (_, line) in cache.items() if line and os.path.exists(folder / name)]
-            lines = sorted(present, key=lambda line: (line["image_path"], line["model"],
-                                                      natural(line["layer_name"]), line.get("kind", ""),
-                                                      natural(line.get("unit", ""))))
+                        cache[entry.name] = key, {name: "" if value is None else encodable(str(value)) for
+                                                  name, value in (read_record(Path(entry.path)) or {}).items()
+                                                  if not isinstance(value, dict) and name != "samples"}
+            lines = [line for name, (_, line) in cache.items() if os.path.exists(folder / name) and all(
+                line.get(key) for key in ("image_path", "layer_name", "status", "model"))]
+            lines.sort(key=lambda line: [[int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+                                         for text in (line["image_path"], line["model"], line["layer_name"],
+                                                      line.get("kind", ""), line.get("unit", ""))])
 
             def write(file):
                 text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
@@ -1773,24 +1658,15 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
                          f"{max(free, 0) / 2**30:.1f} GiB free on {device}: {helps}")
 
 
-def row_bytes(activations: int, size: int, jitter: int, settings: Settings, frames: int) -> float:
-    """Estimated bytes of one row: float32 activations thrice (values, gradients, a copy), the reference and
-    target, the canvas about 16 times (variable, gradient, optimizer state, finite copy, render, priors)."""
-    canvas = 3 * (size + jitter) ** 2
-    return 12 * activations + 24 * size * size + 4 * (16 + 2) * canvas + frames * canvas
-
-
 def plan_batches(rows: list, costs: dict, most: int, budget: float) -> list:
-    """Rows of one layer at a time in runs of at most `most` rows and `budget` bytes (costs: per layer)."""
+    """Runs of one layer's rows, each of at most `most` rows and `budget` bytes (`costs`: a row's, by layer)."""
     runs = []
     for layer in dict.fromkeys(row.layer_name for row in rows):
         runs.append([])
-        used = 0.0
         for row in (row for row in rows if row.layer_name == layer):
-            if runs[-1] and (len(runs[-1]) == most or used + costs[layer] > budget):
-                runs, used = runs + [[]], 0.0
+            if runs[-1] and (len(runs[-1]) == most or (len(runs[-1]) + 1) * costs[layer] > budget):
+                runs.append([])
             runs[-1].append(row)
-            used += costs[layer]
     return runs
 
 
@@ -1830,8 +1706,29 @@ def save_json(path: Path, record: dict) -> None:
     write_atomically(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
+def mean_and_spread(samples: torch.Tensor) -> tuple:
+    """A row's samples' mean picture, spread picture (per-pixel std in grey levels) and mean spread."""
+    pictures = displayed(samples)
+    spread = 255 * pictures.std(0, correction=0).mean(0)
+    shade = (255 * spread / SPREAD_WHITE).clamp(0, 255).round().byte()  # rounded: its scale is read off
+    return (transforms.functional.to_pil_image(pictures.mean(0)), transforms.functional.to_pil_image(shade),
+            spread.mean().item())
+
+
+def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
+    """A grid of labelled tiles: the original first (if any), then each (label, picture) in order."""
+    tiles = [("original", original), *tiles] if original else tiles
+    side, label_height, columns = tiles[0][1].width, 16, math.ceil(math.sqrt(len(tiles)))
+    grid = Image.new("RGB", (columns * side, math.ceil(len(tiles) / columns) * (side + label_height)), "white")
+    for index, (label, picture) in enumerate(tiles):
+        left, top = (index % columns) * side, (index // columns) * (side + label_height)
+        grid.paste(picture.resize((side, side)), (left, top))
+        ImageDraw.Draw(grid).text((left + 4, top + side + 2), label, fill="black")
+    return grid
+
+
 def save_pictures(row: Row, result: Inversion, mine: range, frames: list, field: Optional[list]) -> dict:
-    """Save a finished row's pictures (samples, mean and spread, field, GIF); what its record adds."""
+    """Save a finished row's pictures (samples, their mean and spread, field, GIF); what its record adds."""
     pictures = [deprocess(result.images[at][None]) for at in mine]
     for sample, picture in enumerate(pictures):
         save_png(row.sample(sample), picture)
@@ -1864,23 +1761,20 @@ def out_of_memory(error: BaseException) -> bool:
 @torch.no_grad()
 def top1(model: nn.Module, photos: Optional[torch.Tensor], images: torch.Tensor, precision: str) -> list:
     """Per row, a classifier's top-1 class of its pre-image, and of its photo with that class's probability
-    for the pre-image (a pre-image that still means the photo); nothing for a model that does not classify."""
+    for the pre-image (whether it still means the photo); nothing for a model that does not classify."""
     try:
         with autocast(precision, images.device):
-            scores = [model(batch).float() for batch in ([photos] if photos is not None else []) + [images]]
+            scores = [model(batch) for batch in ([] if photos is None else [photos]) + [images]]
     except FORWARD_ERRORS as error:  # a model whose whole forward this input does not suit, or memory
         if out_of_memory(error):
             print(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})", file=sys.stderr)
         return [{}] * len(images)
-    except AttributeError:  # a model that returns something else than a tensor
+    if not all(isinstance(score, torch.Tensor) and score.dim() == 2 and score.shape[1] > 1 for score in scores):
         return [{}] * len(images)
-    if not all(score.dim() == 2 and score.shape[1] > 1 for score in scores):
-        return [{}] * len(images)
-    *photo, preimage = (score.softmax(1) for score in scores)
-    got = preimage.argmax(1).tolist()
+    *photo, preimage = (score.float().softmax(1) for score in scores)
     if not photo:
-        return [{"preimage_top1": label} for label in got]
-    wanted = photo[0].argmax(1)
+        return [{"preimage_top1": label} for label in preimage.argmax(1).tolist()]
+    wanted, got = photo[0].argmax(1), preimage.argmax(1).tolist()
     probability = preimage.gather(1, wanted[:, None])[:, 0].tolist()
     return [{"photo_top1": photo_label, "preimage_top1": label, "top1_agree": photo_label == label,
              "photo_probability": round(chance, 6)}
@@ -1890,89 +1784,102 @@ def top1(model: nn.Module, photos: Optional[torch.Tensor], images: torch.Tensor,
 # ---------------------------------------------------------------- the job
 
 
-def probe_layer(model: nn.Module, layer: nn.Module, size: int, precision: str, device: torch.device) -> tuple:
-    """(The layer's output for a blank image, its channel axis, the activations a forward pass to it makes):
-    the model checked at this input size before the work; UsageError if it cannot run or is not finite."""
-    blank, counted = torch.zeros(1, 3, size, size, device=device), []
+def progress(rows: list, settings: Settings, args: argparse.Namespace, frames: list) -> tuple:
+    """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
+    epochs, every, samples = settings.epochs, args.stdout_epochs, settings.samples
+    labels = [printable(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
+              if len(rows) * samples > 1 else "" for row in rows for sample in range(samples)]
+    bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False, disable=args.quiet)
 
-    def count(module, inputs, output):
-        counted.append(output.numel() if isinstance(output, torch.Tensor) else 0)
+    def report(step: int, losses: dict, images: Callable) -> None:
+        bar.update()
+        if not args.quiet and (step % every == 0 or step == epochs):  # .tolist() waits for a GPU
+            values = {name: value.tolist() for name, value in losses.items()}
+            for index, label in enumerate(labels):
+                text = "  ".join(f"{name} {value[index]:.4g}" for name, value in values.items())
+                bar.write(f"iteration {step:>5}/{epochs}  {label}{text}")
+        if args.save_every and step % args.save_every == 0:
+            for row, kept, image in zip(rows, frames, images()[::samples]):
+                kept.append(deprocess(image[None]))
+                save_png(row.file("_frames") / f"iteration_{step:05d}.png", kept[-1])
 
-    leaves = [module for module in model.modules() if not any(module.children())]
-    with forward_hooks(dict.fromkeys(leaves, count)):
-        output = checked_output(model, layer, blank, precision)
-    if not torch.isfinite(output).all():
-        raise UsageError(not_finite("a blank image", precision))
-    return output, channel_axis(model, layer, output, (size, size), precision), sum(counted) + output.numel()
+    return report, bar
 
 
-class Job:
-    """The command line's work: its rows planned and checked before any of it, then inverted and saved a
-    batch at a time, the rows of a batch of one layer."""
+class Plan:
+    """The command line's job as planned and checked before any of the work: its rows in this shard, their
+    photos read once, what resume keeps, the model and its layers, and the batches (of one layer each)."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        self.args, self.device, self.failed, self.index_cache = args, device, {}, {}  # failed: row -> why
+        self.args, self.device = args, device
         # the cheap checks come first, so that a typo fails before a model loads or downloads
         self.settings = settings = resolve(settings_from_args(args), device)
         check_task_inputs(settings, args.units is not None, bool(args.features))
         planned = plan(args, settings)
         everyone = list(dict.fromkeys(row.image_path for row in planned))
         self.shard = shard_of(args.shard, len(everyone))
-        self.rows = in_shard(planned, *self.shard)
+        groups = [row.montage or row.image_path for row in planned]  # a montage's rows, else a photo's, stay together
+        mine = set(list(dict.fromkeys(groups))[self.shard[0]::self.shard[1]])
+        self.rows = [row for row, group in zip(planned, groups) if group in mine]
         weights, weights_data = weights_identity(args.model, args.weights)
         paths = list(dict.fromkeys(row.image_path for row in self.rows))
         check_memory(3 * args.input_size ** 2 * len(paths), torch.device("cpu"), f"holding {len(paths)} photos "
-                     f"at --input_size {args.input_size}", "use a smaller --input_size, or split the photos over shards "
-                     "(--shard, or a SLURM job array)")
+                     f"at --input_size {args.input_size}", "use a smaller --input_size, or split the photos over "
+                     "shards (--shard, or a SLURM job array)")
         self.inputs = {path: read_input(path, args.input_size, bool(args.features)) for path in paths}
         previous = {row: read_record(row.file(".json")) for row in self.rows}
         check_outputs(args, settings, self.rows, previous, everyone)
         self.wanted = {row: identity(row, args, settings, self.inputs[row.image_path].sha256, weights)
                        for row in self.rows}
-        # a finished record of a row whose photo cannot be read now (an NFS hiccup) is not overwritten
-        self.finished = {row for row in self.rows if same_row(previous[row], self.wanted[row], ("image_sha256",))}
-        self.done = {row for row in self.finished if args.resume and same_row(previous[row], self.wanted[row])
-                     and all(path.is_file() for path in self.pictures(row))}
+        # a finished record of a row whose photo cannot be read now (an NFS hiccup) is kept
+        self.kept = {row for row in self.rows if finished(previous[row], self.wanted[row], ("image_sha256",))}
+        self.done = {row for row in self.kept if args.resume and finished(previous[row], self.wanted[row]) and all(
+            path.is_file() for path in row.pictures(settings.samples, bool(args.save_every), bool(settings.window)))}
         runnable = [row for row in self.rows if row not in self.done and not self.inputs[row.image_path].error]
         self.batches = self.prepare(runnable, weights_data) if runnable else []
         self.todo = [row for row in self.rows if row not in self.done]
-        self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", dynamic_ncols=True,
-                        disable=args.quiet)
-
-    def pictures(self, row: Row) -> list:
-        """The pictures of `row` when it is finished."""
-        return row.pictures(self.settings.samples, bool(self.args.save_every), bool(self.settings.window))
 
     def prepare(self, rows: list, weights_data: Optional[bytes]) -> list:
         """Load the model and check each layer against what its rows ask of it, before any work; the batches."""
-        args, settings = self.args, self.settings
+        args, settings, size = self.args, self.settings, self.args.input_size
         self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(self.device)
         self.layers, self.fields, self.saved, costs = {}, {}, {}, {}
         frames = settings.epochs // args.save_every if args.save_every else 0
         for name in dict.fromkeys(row.layer_name for row in rows):
-            layer = self.layers[name] = resolve_layer(self.model, name)[1]
-            output, axis, activations = probe_layer(self.model, layer, args.input_size, settings.precision,
-                                                    self.device)
+            layer = self.layers[name] = resolve_layer(self.model, name)
+            output, axis, activations = probe_layer(self.model, layer, size, settings.precision, self.device)
+            grid = as_grid(output, axis)
             part_mask(output, settings.window, settings.channels, axis)  # refuses a part that does not fit
-            units = as_grid(output, axis).shape[1]
             if args.units == ["all"]:  # the first ALL_UNITS units, or all of a layer that has fewer
-                self.rows = [row for row in self.rows if row.layer_name != name or row.unit < units]
-            check_units([row.unit for row in self.rows if row.layer_name == name and row.unit is not None], units)
+                self.rows = [row for row in self.rows if row.layer_name != name or row.unit < grid.shape[1]]
+            check_units([row.unit for row in self.rows if row.layer_name == name and row.unit is not None],
+                        grid.shape[1])
             for path in dict.fromkeys(row.image_path for row in rows) if args.features else ():
                 self.saved[path] = checked_features(self.inputs[path].features, output, f"--features {path}")
             if settings.window:
-                self.fields[name] = receptive_field(self.model, layer, args.input_size, settings, axis, self.device)
-            jitter = layer_settings(settings, layer_stride((args.input_size,) * 2, as_grid(output, axis)))["jitter"]
-            costs[name] = settings.samples * row_bytes(activations, args.input_size, jitter, settings, frames)
-            check_memory(costs[name], self.device, f"inverting {name} at --input_size {args.input_size}"
-                         + (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
+                self.fields[name] = receptive_field(self.model, layer, size, settings, axis, self.device)
+            # float32: each activation thrice (values, gradients, a copy), the photo and target, the canvas
+            # 18 times (variable, gradient, optimizer state, finite copy, render, priors), the GIF's frames
+            canvas = 3 * (size + layer_settings(settings, layer_stride((size, size), grid))["jitter"]) ** 2
+            costs[name] = settings.samples * (12 * activations + 24 * size * size + (72 + frames) * canvas)
+            check_memory(costs[name], self.device, f"inverting {name} at --input_size {size}" +
+                         (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
                          "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0")
-        free = available_memory(self.device)
-        most = max(1, (BATCH_CAP[self.device.type == "cuda"] if args.batch_size == "auto" else args.batch_size)
-                   // settings.samples)
-        kept = set(self.rows)
-        return plan_batches([row for row in rows if row in kept], costs, most,
+        free, cap = available_memory(self.device), BATCH_CAP[self.device.type == "cuda"]
+        most = max(1, (cap if args.batch_size == "auto" else args.batch_size) // settings.samples)
+        return plan_batches([row for row in rows if row in set(self.rows)], costs, most,
                             math.inf if free is None else MEMORY_SHARE * free)
+
+
+
+class Job(Plan):
+    """The work: each batch inverted and saved, the rows that fail recorded, the montages and the index."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        super().__init__(args, device)
+        self.failed, self.index_cache = {}, {}  # failed: row -> why
+        self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", dynamic_ncols=True,
+                        disable=args.quiet)
 
     def record(self, row: Row, **fields) -> dict:
         """A row's record: what identifies it, its kind, where it ran, and `fields`."""
@@ -1987,102 +1894,73 @@ class Job:
         if len(self.rows) > 1:
             where = row.layer_name + (f" unit {row.unit}" if row.unit is not None else "")
             self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"), sys.stderr)
-        if not (self.inputs[row.image_path].error and row in self.finished):
+        if not (self.inputs[row.image_path].error and row in self.kept):
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
-    def progress(self, rows: list, frames: list) -> tuple:
-        """invert()'s callback for a batch, and its bar: the losses now and then, and the frames."""
-        epochs, every, samples = self.settings.epochs, self.args.stdout_epochs, self.settings.samples
-        labels = [printable(f"{row.png.stem}{f' sample {sample + 1}' if samples > 1 else ''}  ")
-                  if len(rows) * samples > 1 else "" for row in rows for sample in range(samples)]
-        bar = tqdm(total=epochs, unit="it", dynamic_ncols=True, position=1, leave=False,
-                   disable=self.args.quiet)
-
-        def report(step: int, losses: dict, images: Callable) -> None:
-            bar.update()
-            if not self.args.quiet and (step % every == 0 or step == epochs):  # .tolist() waits for a GPU
-                values = {name: value.tolist() for name, value in losses.items()}
-                for index, label in enumerate(labels):
-                    text = "  ".join(f"{name} {value[index]:.4g}" for name, value in values.items())
-                    bar.write(f"iteration {step:>5}/{epochs}  {label}{text}")
-            if self.args.save_every and step % self.args.save_every == 0:
-                for row, kept, image in zip(rows, frames, images()[::samples]):
-                    kept.append(deprocess(image[None]))
-                    save_png(row.file("_frames") / f"iteration_{step:05d}.png", kept[-1])
-
-        return report, bar
-
     def run_batch(self, rows: list) -> bool:
-        """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it."""
+        """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it. Rows that
+        cannot be inverted fail and the others run again; after running out of memory, each runs alone."""
         while rows := [row for row in rows if row not in self.failed]:
-            frames, started = [[] for _ in rows], time.perf_counter()
-            report, bar = self.progress(rows, frames)
-            size = self.args.input_size
+            frames, started, size = [[] for _ in rows], time.perf_counter(), self.args.input_size
+            report, bar = progress(rows, self.settings, self.args, frames)
             references = torch.cat([torch.zeros(1, 3, size, size) if self.args.features else
                                     normalise(self.inputs[row.image_path].image) for row in rows]).to(self.device)
             keywords = {"units": [row.unit for row in rows]} if self.settings.task == "maximize" else \
                 {"features": torch.cat([self.saved[row.image_path] for row in rows])} if self.args.features else {}
             try:
-                result = invert(self.model, self.layers[rows[0].layer_name], references, self.settings,
-                                callback=report, **keywords)
-                short = None
-            except RowError as error:  # those rows fail; the others run again without them
+                result, short = invert(self.model, self.layers[rows[0].layer_name], references, self.settings,
+                                       callback=report, **keywords), None
+            except RowError as error:
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
                 continue
-            except RuntimeError as error:  # out of memory: the estimate was wrong, or others share the device
+            except RuntimeError as error:  # the estimate was wrong, or others share the device
                 if not out_of_memory(error):
                     raise
                 short = one_line(error)  # the batch's tensors go with the error, outside this block
             finally:
                 bar.close()
-            if short is not None:
-                return self.alone(rows, short)
-            self.save_batch(rows, result, references, frames, time.perf_counter() - started)
-            return "interrupted" in result.stopped
+            if short is None:
+                self.save(rows, result, references, frames, time.perf_counter() - started)
+                return "interrupted" in result.stopped
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) == 1:
+                self.fail(rows[0], f"out of memory on {self.device} ({short})")
+                return False
+            return any(self.run_batch([row]) for row in rows)  # any() stops at the first interrupted row
         return False
 
-    def alone(self, rows: list, short: str) -> bool:
-        """After running out of memory, each row alone (failed if one is too many); whether Ctrl-C stopped."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if len(rows) == 1:
-            self.fail(rows[0], f"out of memory on {self.device} ({short})")
-            return False
-        return any(self.run_batch([row]) for row in rows)  # any() stops at the first interrupted row
-
-    def save_batch(self, rows: list, result: Inversion, references: torch.Tensor, frames: list,
-                   seconds: float) -> None:
-        """Save each row of a batch: its pictures and then its record; or, where a sample diverged, its
-        last finite image."""
+    def save(self, rows: list, result: Inversion, references: torch.Tensor, frames: list, seconds: float) -> None:
+        """Save each row of a batch, its pictures and then its record; where a sample diverged, its last
+        finite image."""
         count, settings = self.settings.samples, self.settings
         timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
                       ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
         photos = None if settings.task == "maximize" or self.args.features else references
         classes = top1(self.model, photos, result.images[::count], settings.precision)
         for index, row in enumerate(rows):
-            mine = range(index * count, (index + 1) * count)
-            record = self.record(row, **timing, **classes[index], torch_version=torch.__version__,
-                                 torchvision_version=torchvision.__version__)
+            mine, first = range(index * count, (index + 1) * count), index * count
             broken = [at for at in mine if result.stopped[at] == "diverged"]
             if broken:
                 save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
-                self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: --lr "
-                          f"{result.layer_settings['lr']:g} is too large for this layer; try a smaller --lr; "
-                          f"{row.file('.diverged.png').name} is that iteration's image", "diverged")
+                self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: "
+                          f"--lr {result.layer_settings['lr']:g} is too large for this layer; try a smaller "
+                          f"--lr; {row.file('.diverged.png').name} is that iteration's image", "diverged")
                 continue
-            record.update(save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name)))
-            record.update(status="interrupted" if result.stopped[mine.start] == "interrupted" else "done",
-                          layer_settings=result.layer_settings, **result.losses[mine.start],
-                          iterations=result.iterations[mine.start], stopped=result.stopped[mine.start])
+            record = self.record(row, **timing, **classes[index], torch_version=torch.__version__,
+                                 torchvision_version=torchvision.__version__,
+                                 **save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name)))
+            record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
+                          layer_settings=result.layer_settings, **result.losses[first],
+                          iterations=result.iterations[first], stopped=result.stopped[first])
             save_json(row.file(".json"), record)
             self.done.update([row] if record["status"] == "done" else [])
             self.bar.update()
             measure = {"invert": "feature_error", "caricature": "projection"}.get(settings.task, "unit_activation")
             if not self.args.quiet:
-                self.bar.write(printable(f"saved {row.png} and {row.file('.json').name}: {measure} "
-                                         f"{record[measure]:.4f}" + (f", spread {record['spread']:.1f} grey "
-                                                                     "levels" if count > 1 else "")))
+                self.bar.write(printable(f"saved {row.png} and {row.file('.json').name}: {measure} {record[measure]:.4f}"
+                                         + (f", spread {record['spread']:.1f} grey levels" if count > 1 else "")))
 
     def montages(self, rows: list) -> None:
         """Write each montage among `rows` whose rows are all done, from their pictures: a photo's layers
@@ -2094,14 +1972,15 @@ class Job:
             tiles = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
                 (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)
                 for kind in ("mean", "spread")]
-            with contextlib.suppress(OSError, UsageError):  # a picture gone since: its row says so
+            with contextlib.suppress(OSError):  # a picture gone since: its row says so
                 if all(row in self.done for row in mine):
                     photo = None if units or self.args.features else self.inputs[mine[0].image_path].image
                     save_png(path, montage(photo, [(label, Image.open(file).convert("RGB")) for label, file in tiles]))
 
     def run(self) -> int:
-        """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code."""
-        folder, interrupted, unindexed = None if self.args.output else Path(self.args.output_dir), False, None
+        """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code: 0
+        done, 2 if a row failed, 130 interrupted (whatever else happened)."""
+        folder, interrupted, told = None if self.args.output else Path(self.args.output_dir), False, []
         indexed = started = time.perf_counter()
         if not self.rows:
             print(f"invert.py: this process's part, {self.shard[0]} of {self.shard[1]} (from --shard or the "
@@ -2125,43 +2004,26 @@ class Job:
                 if folder and folder.is_dir():
                     write_index(folder, self.index_cache)
             except UsageError as error:  # told after what stopped the run, if anything did
-                unindexed = error
-        return self.exit_code(interrupted, unindexed, time.perf_counter() - started)
-
-    def exit_code(self, interrupted: bool, unindexed: Optional[UsageError], seconds: float) -> int:
-        """Tell what failed, if anything: 130 if interrupted, whatever else happened; 2 if a row failed."""
-        told = [] if unindexed is None else [str(unindexed)]
+                told.append(str(error))
         if self.failed:
             (row, reason), count = next(iter(self.failed.items())), len(self.failed)
             told.insert(0, reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
                         f"{row.image_path} at {row.layer_name} first: {reason}"
-                        + ("; see index.csv" if not self.args.output and unindexed is None else ""))
+                        + ("; see index.csv" if folder and len(told) == 0 else ""))
         if interrupted:
-            for line in told:
-                print(f"invert.py: error: {printable(line)}", file=sys.stderr)
-            print("invert.py: interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
+            print("".join(f"invert.py: error: {printable(line)}\n" for line in told) + "invert.py: interrupted: "
+                  "saved what it had; rerun with --resume to finish", file=sys.stderr)
             return 130
         if told:
             raise UsageError("; and ".join(told))
         before = len(self.rows) - len(self.todo)
         if not self.args.quiet:
-            print(f"{len(self.todo)} inversion(s) in {seconds:.1f} s" + (f", {before} done before" if before else ""))
+            print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
+                  + (f", {before} done before" if before else ""))
         return 0
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def run(args: argparse.Namespace) -> int:
-    """The command line's work: list the layers, or plan and check the job, then run it; the exit code."""
-    device = pick_device(args.device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # and every CUDA device's
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the same PNG again
-    return list_layers(args, device) if args.list_layers else Job(args, device).run()
-
-
-
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -2180,127 +2042,82 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def default_help(name: str) -> str:
+    """How a setting whose default is None gets its value, in words for --help."""
+    def words(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    if name == "lr":
+        return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
+    return ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][name])} with --objective {objective}"
+                     for objective in OBJECTIVES)
+
+
 def shard_spec(text: str) -> tuple:
     """--shard K/N: the K-th (0 to N-1) of N parts."""
-    try:
-        part, parts = (int(number) for number in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be K/N, such as 0/4, got {text}") from None
-    if not 0 <= part < parts:
-        raise argparse.ArgumentTypeError(f"must be K/N with K from 0 to N-1, got {text}")
-    return part, parts
-
-
-def layer_shapes(model: nn.Module, size: int, device: torch.device) -> list:
-    """(seed-form name, dotted name, module type, output shape) of every submodule at this input size."""
-    named = [(name, module) for name, module in model.named_modules() if name]
-    shapes = {}
-
-    def record(module, inputs, output):  # returns None, so the output passes on unchanged
-        shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
-                          else type(output).__name__)
-
-    unused = "not run in eval mode"
-    try:
-        with forward_hooks({module: record for _, module in named}), torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=device))
-    except FORWARD_ERRORS:  # the layers before the failure still have their shapes
-        unused = f"not reached: the model fails at --input_size {size}"
-    return [(underscored(name), name, type(module).__name__, shapes.get(module, unused))
-            for name, module in named]
-
-
-def list_layers(args: argparse.Namespace, device: torch.device) -> int:
-    """Print every layer of the model with its output shape at --input_size."""
-    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    for row in layer_shapes(model, args.input_size, device):
-        print("  ".join(f"{cell:<24}" for cell in row).rstrip())
-    return 0
+    if not re.fullmatch(r"[0-9]+/[0-9]+", text) or not int(text.split("/")[0]) < int(text.split("/")[1]):
+        raise argparse.ArgumentTypeError(f"must be K/N with K from 0 to N-1, such as 0/4, got {text}")
+    return tuple(map(int, text.split("/")))
 
 
 def unit_spec(text: str) -> Union[int, str]:
-    """An argparse type for --units: a unit (channel) index, or 'all'."""
+    """--units: a unit (channel) index, or 'all'."""
     if text != "all" and not re.fullmatch(r"[0-9]+", text):
         raise argparse.ArgumentTypeError(f"must be a unit (channel) index >= 0 or all, got {text}")
     return text if text == "all" else int(text)
 
 
 def non_empty(text: str) -> str:
-    """An argparse type for names and paths: any text but the empty one ('' would mean the current folder)."""
+    """Names and paths: any text but the empty one ('' would mean the current folder)."""
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse the command line: its inputs and outputs, then one flag per field of Settings."""
-    parser = _ArgumentParser(
-        prog="invert.py", formatter_class=_HelpFormatter,
-        description="Recover images whose activations at layers of a torchvision CNN match those "
-                    "of photos (Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
-        epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
-    inputs = parser.add_argument_group("what to invert")
-    inputs.add_argument("--image_path", nargs="+", type=non_empty, default=[str(DEFAULT_IMAGE)],
-                        help="the photos to invert (any format Pillow reads, a pipe too), and folders of "
-                             "them (the images directly inside, by name, less the pictures invert.py "
-                             "wrote); outputs are named by file stem, with parent folders where two photos "
-                             "share one, cut with a hash where too long")
-    inputs.add_argument("--model", type=non_empty, default="alexnet",
-                        help="a torchvision classification model name")
-    inputs.add_argument("--weights", type=non_empty, default="DEFAULT",
-                        help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), "
-                             "a path to a state-dict file, or 'none' for random weights")
-    inputs.add_argument("--input_size", type=positive_int, default=227,
-                        help="side of the square input, in pixels")
-    inputs.add_argument("--layer_name", nargs="+", type=non_empty, default=["avgpool"],
-                        help="the layer(s) to invert: features_4 (the seed's form) or features.4 "
-                             "(PyTorch's); each (photo, layer) pair is one image")
-    inputs.add_argument("--units", nargs="+", type=unit_spec, default=None,
-                        help=f"--task maximize: the units (channels) to maximise, one image each, or 'all': "
-                             f"the first {ALL_UNITS}; a layer's are also one mosaic, "
-                             "<stem>_<model>_<layer>_units.png")
-    inputs.add_argument("--features", type=non_empty, default=None, metavar="FILE.pt",
-                        help="invert a saved activation tensor (torch.save, CxHxW or 1xCxHxW) of "
-                             "--layer_name at --input_size, in place of a photo's")
-    inputs.add_argument("--list_layers", action="store_true",
-                        help="print every layer with its output shape, then exit")
-    method = parser.add_argument_group("how to invert (the keywords of invert())")
+    """Parse the command line: its inputs, a flag per field of Settings, and how to run and write the job."""
+    parser = _ArgumentParser(prog="invert.py", formatter_class=_HelpFormatter, description="Recover images "
+                             "whose activations at layers of a torchvision CNN match those of photos (Mahendran "
+                             "& Vedaldi, CVPR 2015 and IJCV 2016).", epilog="example: python invert.py --model "
+                             "vgg16_bn --layer_name features_22")
+    flags = parser.add_argument_group("what to invert")
+    flags.add_argument("--image_path", nargs="+", type=non_empty, default=[str(DEFAULT_IMAGE)],
+                       help="photos (any format Pillow reads, a pipe too) and folders of them (the images "
+                            "directly inside, less the pictures invert.py wrote); outputs are named by stem")
+    flags.add_argument("--model", type=non_empty, default="alexnet", help="a torchvision model's name")
+    flags.add_argument("--weights", type=non_empty, default="DEFAULT", help="DEFAULT or another torchvision "
+                       "weights name (downloaded once to TORCH_HOME), a state-dict file, or none (random)")
+    flags.add_argument("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
+    flags.add_argument("--layer_name", nargs="+", type=non_empty, default=["avgpool"], help="the layers to "
+                       "invert: features_4 (the original design's form) or features.4; a pre-image each")
+    flags.add_argument("--units", nargs="+", type=unit_spec, default=None, help=f"--task maximize: the units "
+                       f"(channels), a pre-image each, or all: the first {ALL_UNITS}; a layer's make a mosaic")
+    flags.add_argument("--features", type=non_empty, default=None, metavar="FILE.pt", help="saved activations "
+                       "(torch.save, CxHxW or 1xCxHxW) of --layer_name to invert in place of a photo's")
+    flags.add_argument("--list_layers", action="store_true", help="print each layer and its output's shape")
+    flags = parser.add_argument_group("how to invert (the keywords of invert())")
     for field in dataclasses.fields(Settings):
         options = dict(field.metadata)
         explained = f" (default: {default_help(field.name)})" if field.default is None else ""
-        method.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
-                            **options)
-    add_running_flags(parser.add_argument_group("running and output"))
+        flags.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
+                           **options)
+    flags = parser.add_argument_group("running and output")
+    flags.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    flags.add_argument("--output", type=non_empty, default=None, help="the PNG to write, for one pre-image")
+    flags.add_argument("--output_dir", type=non_empty, default="outputs", help="folder for the outputs")
+    flags.add_argument("--save_every", type=non_negative_int, default=0, help="also save every N-th "
+                       "iteration, as <name>_frames/iteration_N.png and <name>.gif (0: off)")
+    flags.add_argument("--stdout_epochs", type=positive_int, default=25, help="print the losses this often")
+    flags.add_argument("--quiet", action="store_true", help="no progress bar and no loss lines")
+    flags.add_argument("--batch_size", type=positive_int.or_auto(), default="auto", help="images optimised "
+                       f"together at most; auto: what fits in half the free memory, up to {BATCH_CAP[0]} on a "
+                       f"CPU and {BATCH_CAP[1]} on a GPU (a picture does not depend on its batch)")
+    flags.add_argument("--resume", action="store_true", help="skip each pre-image whose record says it "
+                       "finished from the same photo, weights, model, layer, input size and settings")
+    flags.add_argument("--shard", type=shard_spec, default=None, metavar="K/N", help="invert only every N-th "
+                       "photo from the K-th; by default from torchrun's RANK and WORLD_SIZE and a SLURM job "
+                       "array's variables; 0/1 runs all in every process")
     return parser.parse_args(argv)
-
-
-def add_running_flags(running) -> None:
-    """The command line's flags for the device, the outputs, the progress and the job."""
-    running.add_argument("--device", default="auto",
-                         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    running.add_argument("--output", type=non_empty, default=None,
-                         help="the PNG to write, instead of <output_dir>/<stem>_<model>_<layer>.png")
-    running.add_argument("--output_dir", type=non_empty, default="outputs",
-                         help="folder for outputs, created if missing; it may be a folder of the photos")
-    running.add_argument("--save_every", type=non_negative_int, default=0,
-                         help="also save every N-th iteration as <name>_frames/iteration_N.png, and "
-                              "<name>.gif (0: off)")
-    running.add_argument("--stdout_epochs", type=positive_int, default=25,
-                         help="print the losses every this many iterations")
-    running.add_argument("--quiet", action="store_true", help="no progress bar and no loss lines")
-    running.add_argument("--batch_size", type=positive_int.or_auto(), default="auto",
-                         help="images optimised together at most; auto: as many as fit in half the free "
-                              f"memory by the estimate, up to {BATCH_CAP[0]} on a CPU and {BATCH_CAP[1]} "
-                              "on a GPU. A row's picture does not depend on its batch")
-    running.add_argument("--resume", action="store_true",
-                         help="skip each image whose record says it finished from the same photo (path and "
-                              "content), weights (content), model, layer, input size and settings, and "
-                              "whose pictures are there")
-    running.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
-                         help="invert only the K-th (0 to N-1) of N parts of the photos, every N-th from "
-                              "the K-th; by default from torchrun's RANK and WORLD_SIZE and a SLURM job "
-                              "array's SLURM_ARRAY_TASK_ID, _MIN, _MAX, _COUNT and _STEP, else all (a job "
-                              "of one photo runs whole in each array task); 0/1 runs all in every process")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -2308,17 +2125,40 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)})
 
 
-def _interrupt(signum, frame):
-    """Turn SIGTERM into the KeyboardInterrupt that Ctrl-C raises, so that it saves the same way."""
-    raise KeyboardInterrupt
+def list_layers(args: argparse.Namespace, device: torch.device) -> int:
+    """Print every layer of the model with its output's shape at --input_size."""
+    model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
+    named, shapes, unused = [(name, module) for name, module in model.named_modules() if name], {}, "not run in eval mode"
+
+    def record(module, inputs, output):  # returns None, so the output passes on unchanged
+        shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
+                          else type(output).__name__)
+
+    try:
+        with forward_hooks({module: record for _, module in named}), torch.no_grad():
+            model(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
+    except FORWARD_ERRORS:  # the layers before the failure still have their shapes
+        unused = f"not reached: the model fails at --input_size {args.input_size}"
+    for name, module in named:
+        cells = (underscored(name), name, type(module).__name__, shapes.get(module, unused))
+        print("  ".join(f"{cell:<24}" for cell in cells).rstrip())
+    return 0
 
 
 def main(argv=None) -> int:
     """The command line: parse, run, and turn expected failures into one-line messages and exit codes."""
+    def interrupt(signum, frame):  # SIGTERM as the KeyboardInterrupt that Ctrl-C raises: it saves the same way
+        raise KeyboardInterrupt
+
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, interrupt) if in_main_thread else None
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        device = pick_device(args.device)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)  # and every CUDA device's
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the same PNG again
+        return list_layers(args, device) if args.list_layers else Job(args, device).run()
     except UsageError as error:
         print(f"invert.py: error: {printable(error)}", file=sys.stderr)
         return 2

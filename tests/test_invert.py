@@ -444,17 +444,17 @@ def test_surrogate_off_and_the_seed_objective_keep_the_true_gradients(photo, tmp
 
 def test_both_layer_name_forms_resolve_to_the_same_module():
     alexnet = torchvision.models.alexnet()
-    for seed_form, dotted in [("features_4", "features.4"), ("classifier_4", "classifier.4")]:
-        assert invert.resolve_layer(alexnet, seed_form) == (dotted, alexnet.get_submodule(dotted))
-        assert invert.resolve_layer(alexnet, dotted)[1] is invert.resolve_layer(alexnet, seed_form)[1]
-    assert invert.resolve_layer(alexnet, "avgpool")[1] is alexnet.avgpool
+    for underscored, dotted in [("features_4", "features.4"), ("classifier_4", "classifier.4")]:
+        assert invert.resolve_layer(alexnet, underscored) is invert.resolve_layer(alexnet, dotted) \
+            is alexnet.get_submodule(dotted)
+    assert invert.resolve_layer(alexnet, "avgpool") is alexnet.avgpool
     resnet = torchvision.models.resnet18()
-    assert invert.resolve_layer(resnet, "layer3.1.conv2")[1] is resnet.layer3[1].conv2
-    assert invert.resolve_layer(resnet, "layer3_1_conv2")[1] is resnet.layer3[1].conv2
+    assert invert.resolve_layer(resnet, "layer3.1.conv2") is invert.resolve_layer(resnet, "layer3_1_conv2") \
+        is resnet.layer3[1].conv2
     model = nn.Sequential()
     model.add_module("Conv2d_1a", nn.Sequential(nn.Conv2d(3, 3, 1)))  # underscores inside a name
-    assert invert.resolve_layer(model, "Conv2d_1a")[1] is model.Conv2d_1a
-    assert invert.resolve_layer(model, "Conv2d_1a_0")[1] is model.Conv2d_1a[0]
+    assert invert.resolve_layer(model, "Conv2d_1a") is model.Conv2d_1a
+    assert invert.resolve_layer(model, "Conv2d_1a_0") is model.Conv2d_1a[0]
     with pytest.raises(invert.UsageError) as caught:
         invert.resolve_layer(alexnet, "features_99")
     assert "features_4" in str(caught.value) and "classifier_6" in str(caught.value)

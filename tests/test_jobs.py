@@ -529,10 +529,10 @@ def test_a_record_describes_its_own_row_and_not_the_job(photos, tmp_path, cli):
 
 
 def test_invert_says_what_is_wrong_with_its_tensors(tiny):
-    for references, message in [(invert.torch.rand(3, 16, 16), "3-D tensor of shape 3x16x16; add a batch"),
-                                (invert.torch.rand(0, 3, 16, 16), "got shape 0x3x16x16"),
-                                (invert.torch.rand(1, 1, 16, 16), "3 colour channels, got shape 1x1x16x16"),
-                                (invert.torch.zeros(1, 3, 16, 16, dtype=invert.torch.uint8), "got torch.uint8"),
+    for references, message in [(invert.torch.rand(3, 16, 16), "3-D tensor of shape 3x16x16, torch.float32 on cpu; add"),
+                                (invert.torch.rand(0, 3, 16, 16), "got a 4-D tensor of shape 0x3x16x16"),
+                                (invert.torch.rand(1, 1, 16, 16), "shape 1x1x16x16"),
+                                (invert.torch.zeros(1, 3, 16, 16, dtype=invert.torch.uint8), "torch.uint8 on cpu"),
                                 (invert.torch.rand(1, 3, 16, 16).double(), "float32 on cpu, normalised as"),
                                 ([[0.0]], "got a list")]:
         with pytest.raises(invert.UsageError, match=message.replace(".", r"\.")):

@@ -61,8 +61,9 @@ except ImportError:
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "reference_images" / "astronaut.jpg"
-OBJECTIVES, TASKS, UNIT_SCOPES = ("seed", "paper"), ("invert", "caricature", "maximize"), ("neuron", "channel")
+OBJECTIVES, TASKS = ("seed", "paper"), ("invert", "caricature", "maximize")
 OPTIMIZERS, PARAMS, SURROGATES = ("sgd", "adam"), ("pixel", "fft"), ("on", "off")
+UNIT_SCOPES = ("neuron", "channel")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The paper's pixel scales in its mean-subtracted 0-255 units (IJCV 2016): B, a typical pixel's RGB
 # norm (the box constraint is 2B), and V, a typical difference between neighbouring pixels.
@@ -94,8 +95,8 @@ DEFAULT_LRS = {
 AUTO_LR, AUTO_LR_STRIDE = 0.01, 4
 # lucent's square root of ImageNet's colour correlation, for --param fft
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
-# .item() makes a GPU wait, so there the loss is checked for NaN only this often (every step on a CPU)
-GPU_CHECK_EVERY = 25
+# .item() makes a GPU wait, so there the loss is checked for NaN only this often; on a CPU, every step
+CHECK_EVERY, GPU_CHECK_EVERY = {"cpu": 1}, 25
 # the plateau rule compares each image's lowest loss with its lowest this many iterations before
 PLATEAU_WINDOW = 10
 # the largest weight (C, lambdas) and prior exponent (alpha, beta) whose terms stay inside float32
@@ -110,7 +111,8 @@ FORWARD_ERRORS = (RuntimeError, AssertionError, ValueError)
 LAYOUT_PROBE = 32
 # --units all: the first this many units (channels) of the layer, or all of a layer that has fewer
 ALL_UNITS = 25
-SIXTEEN_BIT_MODES, TRANSPARENT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I"), ("RGBA", "LA", "PA", "RGBa", "La")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # --batch_size auto: rows per batch at most (on a CPU, a GPU), beyond which a batch no longer gains per
 # image (tests/README.md), and the share of the free memory a batch may take by the estimate
 BATCH_CAP, MEMORY_SHARE = (2, 32), 0.5
@@ -199,8 +201,8 @@ def setting(default, help: str, **argparse_options):
 class Settings:
     """How to invert: each field a keyword of invert() and a flag; None takes the objective's default."""
 
-    task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo and "
-                        "push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
+    task: str = setting("invert", "invert: match the photo's activations; caricature: start from the photo "
+                        "and push its activations further along themselves, -<phi(x), phi0> / ||phi0||^2; "
                         "maximize: drive a unit of the layer (--units) as high as the priors allow, "
                         "-phi_unit(x) / rms(phi0)", choices=TASKS)
     window: int = setting(0, "invert and caricature: only the central KxK positions of the layer's grid (of "
@@ -220,36 +222,40 @@ class Settings:
     beta: float = setting(2.0, "exponent of the total-variation prior", type=exponent)
     lambda_alpha: Optional[float] = setting(None, "weight of the alpha-norm prior", type=weight)
     lambda_tv: Optional[float] = setting(None, "weight of the total-variation prior", type=weight)
-    C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); 'auto': "
-                                         f"{PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, then {PAPER_C:g} * "
-                                         f"({FULL_C_STRIDE} / stride)^2, so that the priors weigh more where the "
-                                         f"layer keeps less ({MAXIMIZE_C:g} to maximize)", type=positive_weight.or_auto())
-    jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on each axis, "
-                                      "in the first stage; 'auto' is the authors' choice, a quarter of the "
-                                      "layer's stride less one", type=non_negative_int.or_auto())
+    C: Union[float, str, None] = setting(None, f"weight C of the feature term (the paper used 1 to 300); "
+                                         f"'auto': {PAPER_C:g} up to a layer stride of {FULL_C_STRIDE}, "
+                                         f"then {PAPER_C:g} * ({FULL_C_STRIDE} / stride)^2, so that the "
+                                         f"priors weigh more where the layer keeps less ({MAXIMIZE_C:g} to "
+                                         "maximize)", type=positive_weight.or_auto())
+    jitter: Union[int, str] = setting(0, "random shift of the image each iteration, 0 to N pixels on each "
+                                      "axis, in the first stage; 'auto' is the authors' choice, a quarter "
+                                      "of the layer's stride less one", type=non_negative_int.or_auto())
     epochs: int = setting(200, "optimisation iterations: exactly this many with --plateau 0, else at most",
                           type=positive_int)
-    plateau: Optional[float] = setting(None, f"end an image's first stage once its lowest loss has not fallen by "
-                                       f"this fraction over {PLATEAU_WINDOW} iterations, at layers of stride "
-                                       f"{PLATEAU_STRIDE} or less; a last stage at --decay_factor times the rate, "
-                                       f"{(1 - FIRST_STAGE) / FIRST_STAGE} as long, follows. 0: --epochs exactly",
-                                       type=below_one)
-    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes through "
-                                       "each max-pool below the layer as an average pool's would, and each "
-                                       "ReLU as a leaky ReLU's (the layer's own too, to maximize); forward "
-                                       "values stay the network's own. Deep layers gain most", choices=SURROGATES)
-    lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and {AUTO_LR / 2:g} at "
-                                          f"layers of stride {AUTO_LR_STRIDE} or more", type=positive_float.or_auto())
+    plateau: Optional[float] = setting(None, f"end an image's first stage once its lowest loss has not "
+                                       f"fallen by this fraction over {PLATEAU_WINDOW} iterations, at layers "
+                                       f"of stride {PLATEAU_STRIDE} or less; a last stage at --decay_factor "
+                                       f"times the rate, {(1 - FIRST_STAGE) / FIRST_STAGE} as long, follows. "
+                                       "0: --epochs exactly", type=below_one)
+    surrogate: Optional[str] = setting(None, "on: in each image's first stage, the backward pass goes "
+                                       "through each max-pool below the layer as an average pool's would, "
+                                       "and each ReLU as a leaky ReLU's (the layer's own too, to maximize); "
+                                       "forward values stay the network's own. Deep layers gain most",
+                                       choices=SURROGATES)
+    lr: Union[float, str, None] = setting(None, f"learning rate; 'auto': {AUTO_LR:g}, and {AUTO_LR / 2:g} "
+                                          f"at layers of stride {AUTO_LR_STRIDE} or more",
+                                          type=positive_float.or_auto())
     momentum: float = setting(0.9, "SGD momentum, or Adam's beta1", type=below_one)
     decay_factor: float = setting(0.1, "learning-rate multiplier at each decay", type=decay)
     decay_epochs: Union[int, str, None] = setting(None, f"iterations between learning-rate decays; 'auto': "
                                                   f"the paper's first stage, {FIRST_STAGE} of --epochs",
                                                   type=positive_int.or_auto())
-    precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where the "
-                             "hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, else fp32; fp16 "
-                             "needs CUDA)", choices=PRECISIONS)
-    samples: int = setting(1, "pre-images per (photo, layer), each from its own starting noise: what they share "
-                           "is what the layer keeps, where they differ what it discards", type=positive_int)
+    precision: str = setting("auto", "the forward pass's precision; losses stay fp32 (auto: bf16 where "
+                             "the hardware runs it natively, AMX or AVX512-BF16 CPUs and bf16 GPUs, "
+                             "else fp32; fp16 needs CUDA)", choices=PRECISIONS)
+    samples: int = setting(1, "pre-images per (photo, layer), each from its own starting noise: what they "
+                           "share is what the layer keeps, where they differ what it discards",
+                           type=positive_int)
     seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=seed_int)
 
 
@@ -289,7 +295,9 @@ def native_bf16(device: torch.device) -> bool:
 
 def decay_iterations(settings: Settings) -> int:
     """The iterations between learning-rate decays: --decay_epochs, or 'auto' the paper's first stage."""
-    return max(1, round(settings.epochs * FIRST_STAGE)) if settings.decay_epochs == "auto" else settings.decay_epochs
+    if settings.decay_epochs == "auto":
+        return max(1, round(settings.epochs * FIRST_STAGE))
+    return settings.decay_epochs
 
 
 def check_task_inputs(settings: Settings, units: bool, features: bool) -> None:
@@ -318,7 +326,8 @@ def read_bytes(path, flag: str = "--image_path") -> bytes:
         return Path(path).read_bytes()
     except (OSError, MemoryError) as error:
         why = {FileNotFoundError: ": no such file", IsADirectoryError: " is a directory, not a file",
-               PermissionError: ": permission denied"}.get(type(error), f" cannot be read ({one_line(error)})")
+               PermissionError: ": permission denied"}.get(type(error),
+                                                           f" cannot be read ({one_line(error)})")
         raise UsageError(f"{flag} {path}{why}") from None
 
 
@@ -396,10 +405,11 @@ def layer_output(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> to
 
     with forward_hooks({layer: hook}), contextlib.suppress(_LayerReached):
         model(images.clone())  # a copy: a network may change its input in place (a first in-place ReLU)
-    if not outputs or not isinstance(outputs[0], torch.Tensor):
-        raise UsageError("the chosen layer is not used in the model's forward pass" if not outputs else
-                         f"the chosen layer returns a {type(outputs[0]).__name__}, not a tensor; choose another "
-                         "(see --list_layers)")
+    if not outputs:
+        raise UsageError("the chosen layer is not used in the model's forward pass")
+    if not isinstance(outputs[0], torch.Tensor):
+        raise UsageError(f"the chosen layer returns a {type(outputs[0]).__name__}, not a tensor; choose "
+                         "another (see --list_layers)")
     return outputs[0]
 
 
@@ -426,7 +436,8 @@ def not_finite(what: str, precision: str) -> str:
             "are unsound or the precision overflows; --lr is not the cause")
 
 
-def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size: tuple, precision: str) -> int:
+def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size: tuple,
+                 precision: str) -> int:
     """The axis of the layer's output that holds its channels: of its grid's axes, the one that does not
     grow with the input (a Swin stage at --input_size 384 is 96x96x96)."""
     if output.dim() < 3:
@@ -439,7 +450,8 @@ def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size:
             return fixed[0]
     # a model that takes one input size (a ViT), or a grid that does not follow it (an adaptive pool):
     # tokens hold their channels last, and maps first unless only their last side differs
-    return output.dim() - 1 if output.dim() == 3 or output.shape[1] == output.shape[2] != output.shape[3] else 1
+    last = output.dim() == 3 or output.shape[1] == output.shape[2] != output.shape[3]
+    return output.dim() - 1 if last else 1
 
 
 def as_grid(tensor: torch.Tensor, axis: int) -> torch.Tensor:
@@ -476,7 +488,8 @@ class SurrogateBackward(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         saved, *mask = ctx.saved_tensors
         if ctx.relu and ctx.extra is None and not mask:  # one fused pass instead of three
-            return torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True), None, None, None, None
+            leaky = torch.ops.aten.leaky_relu_backward(grad, saved, SURROGATE_LEAK, True)
+            return leaky, None, None, None, None
         if ctx.relu:  # ReLU6 passes the gradient only below 6
             passing = saved > 0 if ctx.extra is None else (saved > 0) & (saved < ctx.extra)
             slope = SURROGATE_LEAK * (mask[0].to(grad.dtype) if mask else 1.0)
@@ -608,7 +621,7 @@ def to_paper_units(image: torch.Tensor) -> torch.Tensor:
 
 
 def data_term(outputs, data, weights, mask=None, project: bool = False) -> torch.Tensor:
-    """Each row's weighted ||outputs - data||^2 or, projecting, -<outputs, data>, over `mask`: its rec_loss."""
+    """Each row's rec_loss: weighted ||outputs - data||^2 or, projecting, -<outputs, data>, over `mask`."""
     outputs = outputs if mask is None else outputs * mask
     if project:  # caricature and maximize: the data is a direction
         return -per_row(outputs * data) * weights
@@ -643,7 +656,7 @@ def box_factor(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def initial_noise(objective: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
-    """The starting noise: the original design's 1e-3 * N(0, 1), or the paper's uniform noise of norm about B."""
+    """The starting noise: the original design's 1e-3 * N(0, 1), or the paper's uniform noise of norm ~B."""
     if objective == "seed":
         return 1e-3 * torch.randn(shape, generator=generator)
     noise = 2 * torch.rand(shape, generator=generator) - 1
@@ -741,7 +754,8 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     if not isinstance(features, torch.Tensor):
         raise UsageError(f"{source} holds a {type(features).__name__}, not a tensor")
     if features.layout != torch.strided or not features.is_floating_point():
-        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}: not a dense float one")
+        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}: not a dense float "
+                         "one")
     batched = features[None] if features.dim() == output.dim() - 1 else features
     if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:  # before any work on them
         saved = features.shape[1:] if features.dim() == output.dim() else features.shape
@@ -754,7 +768,8 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     if not torch.isfinite(values).all():
         raise UsageError(f"{source} holds values that are not finite (NaN or inf)")
     if values.square().flatten(1).sum(1).max().item() > torch.finfo(torch.float32).max:
-        raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}: their squares overflow")
+        raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}: their squares "
+                         "overflow")
     return values.float()
 
 
@@ -790,12 +805,13 @@ def layer_settings(settings: Settings, stride: int) -> dict:
             PAPER_C * min(1.0, FULL_C_STRIDE / stride) ** 2,
             "plateau": settings.plateau if stride <= PLATEAU_STRIDE else 0.0,
             "surrogate": settings.surrogate == "on", "decay_epochs": decay_iterations(settings),
-            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto" else settings.lr}
+            "lr": AUTO_LR * (0.5 if stride >= AUTO_LR_STRIDE else 1.0) if settings.lr == "auto"
+            else settings.lr}
 
 
 class Targets:
     """What the rows aim at, at their layer: each row's target (its unit's direction, to maximize), weight
-    and mask, and the settings the layer's stride decides."""
+    and mask, and the settings the layer's stride decides; a reference's for each of its samples."""
 
     def __init__(self, model: nn.Module, layer: nn.Module, references: torch.Tensor, settings: Settings,
                  units: Optional[list] = None, features: Optional[torch.Tensor] = None):
@@ -809,24 +825,31 @@ class Targets:
         masked = output if self.mask is None else output * self.mask
         squares = per_row(masked.nan_to_num().square())
         where = " in --window/--channels" if self.mask is not None else ""
-        unsound = {row: not_finite("this photo", settings.precision) if not ok else f"the layer's activations "
-                   f"for this photo are all zero{where}: there is nothing to invert"
+        unsound = {row: not_finite("this photo", settings.precision) if not ok else f"the layer's "
+                   f"activations for this photo are all zero{where}: there is nothing to invert"
                    for row, (ok, total) in enumerate(zip(finite, squares.tolist())) if not ok or not total}
         if unsound:
             raise RowError(unsound)
         if settings.task != "maximize":
             self.data, self.weights = masked, self.chosen["C"] / squares  # C / ||target||^2
-            return
+        else:
+            self.maximize(output, axis, squares, units, settings.unit_scope)
+        self.data, self.weights = (part.repeat_interleave(settings.samples, 0)
+                                   for part in (self.data, self.weights))
+
+    def maximize(self, output: torch.Tensor, axis: int, squares: torch.Tensor, units: list, scope: str):
+        """Each row's unit's direction and weight, and the photo's own activation of it."""
         self.data, grids = torch.zeros_like(output), as_grid(output, axis)
         check_units(units, grids.shape[1])
-        middle = (grids.shape[-2] // 2, grids.shape[-1] // 2) if settings.unit_scope == "neuron" else ()
+        middle = (grids.shape[-2] // 2, grids.shape[-1] // 2) if scope == "neuron" else ()
         for row, unit in enumerate(units):  # 1 at the unit: its channel's centre neuron, or the whole channel
             as_grid(self.data, axis)[(row, unit, *middle)] = 1
         # a unit's weight: C over the photo's typical activation at the layer, so one C serves every layer
         rms = (squares / output[0].numel()).sqrt()
         self.weights = self.chosen["C"] / (per_row(self.data) * rms)
         activations = (per_row(output * self.data) / per_row(self.data)).tolist()
-        self.unit_stats = [{"layer_rms": scale, "photo_activation": value, "photo_max": grids[row, unit].max().item()}
+        self.unit_stats = [{"layer_rms": scale, "photo_activation": value,
+                            "photo_max": grids[row, unit].max().item()}
                            for row, (unit, value, scale) in enumerate(zip(units, activations, rms.tolist()))]
 
     def rec_loss(self, output: torch.Tensor) -> torch.Tensor:
@@ -843,8 +866,9 @@ class Targets:
             outputs = output.float() if self.mask is None else output.float() * self.mask
             cosines = nn.functional.cosine_similarity(outputs.flatten(1), self.data.flatten(1)).tolist()
             return [{"projection": -loss / C, "cosine": cosine} for loss, cosine in zip(rec_loss, cosines)]
-        return [{"unit_activation": -loss * stats["layer_rms"] / C, **stats}
-                for loss, stats in zip(rec_loss, self.unit_stats)]
+        stats = [stats for stats in self.unit_stats for _ in range(len(rec_loss) // len(self.unit_stats))]
+        return [{"unit_activation": -loss * row["layer_rms"] / C, **row}
+                for loss, row in zip(rec_loss, stats)]
 
 
 # ---------------------------------------------------------------- the inversion
@@ -855,7 +879,7 @@ class Inversion(NamedTuple):
 
     images: torch.Tensor
     losses: list  # per row: rec_loss, alpha_loss, tv_loss and what its task measures, of the returned image
-    iterations: list  # per row: the iterations its image had; of a row that diverged, the last finite one's
+    iterations: list  # per row: the updates its image had (a row that diverged: its last finite image's)
     stopped: list  # per row: "epochs" (all ran), "plateau", "interrupted" (Ctrl-C) or "diverged"
     settings: Settings
     layer_settings: dict  # the jitter, C, plateau, surrogate, decays and rate that the layer decided
@@ -868,14 +892,15 @@ class Canvas:
     def __init__(self, settings: Settings, size: tuple, jitter: int, generators: list, device: torch.device,
                  photos: Optional[torch.Tensor] = None):
         self.size, self.jitter, self.generators = tuple(size), jitter, generators
-        canvas = (size[0] + jitter, size[1] + jitter)
-        self.image, middle = PARAMETERISATIONS[settings.param](canvas, device, settings.objective), jitter // 2
+        canvas, middle = (size[0] + jitter, size[1] + jitter), jitter // 2
+        self.image = PARAMETERISATIONS[settings.param](canvas, device, settings.objective)
         # a caricature starts from its photo, at the canvas's middle
-        framed = None if photos is None else nn.functional.pad(photos, (middle, jitter - middle) * 2, "replicate")
-        self.variable = torch.cat([self.image.initial(generator, None if framed is None else framed[row:row + 1])
+        framed = None if photos is None else \
+            nn.functional.pad(photos, (middle, jitter - middle) * 2, "replicate")
+        self.variable = torch.cat([self.image.initial(generator, None if photos is None else framed[[row]])
                                    for row, generator in enumerate(generators)]).requires_grad_()
         self.last_finite = self.variable.detach().clone()
-        self.last_finite_at = [0] * len(generators)  # the iteration of each row's last finite copy
+        self.last_finite_at = [0] * len(generators)  # the updates each row's last finite copy had had
 
     def render(self, jittering: list) -> tuple:
         """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
@@ -902,7 +927,8 @@ class Canvas:
         """Copy the rows whose losses are finite as their last finite images; return the others."""
         # waits for a GPU: only when due; a finite sum, the common case, in one op
         finite = [True] * len(losses) if math.isfinite(total.item()) else torch.isfinite(losses).tolist()
-        good, broken = [row for row, ok in enumerate(finite) if ok], [row for row, ok in enumerate(finite) if not ok]
+        good = [row for row, ok in enumerate(finite) if ok]
+        broken = [row for row, ok in enumerate(finite) if not ok]
         if broken and step == 1:
             raise RowError({row: "the loss is not finite at the start, before any step, so --lr is not the "
                             "cause: the model gives non-finite values for this image (unsound weights?), or "
@@ -911,7 +937,7 @@ class Canvas:
             self.last_finite.copy_(self.variable)
         elif good:
             self.last_finite[good] = self.variable[good]
-        self.last_finite_at = [step if ok else at for ok, at in zip(finite, self.last_finite_at)]
+        self.last_finite_at = [step - 1 if ok else at for ok, at in zip(finite, self.last_finite_at)]
         return broken
 
     @torch.no_grad()
@@ -959,7 +985,7 @@ class Descent:
 
     @torch.no_grad()
     def forget(self, rows: list) -> None:
-        """Clear the momentum of `rows`, put back after a step that was not finite, so that they hold still."""
+        """Clear the momentum of `rows`, put back after a step that was not finite: they hold still."""
         if rows:
             self.average[rows], self.squares[rows] = 0, 0
 
@@ -1006,12 +1032,12 @@ class Schedule:
                 self.why[row] = "plateau" if self.last[row] < self.settings.epochs else "epochs"
 
     def diverge(self, rows: list, iterations: list) -> None:
-        """Stop `rows`, whose loss was not finite: each at the iteration of its last finite image."""
+        """Stop `rows`, whose loss was not finite: each after the iterations of its last finite image."""
         for row in rows:
             self.last[row], self.why[row] = iterations[row], "diverged"
 
     def outcome(self, row: int, reached: int) -> tuple:
-        """(How many iterations `row` ran, and why it stopped), the loop having reached iteration `reached`."""
+        """(How many iterations `row` ran, and why it stopped), the loop having reached `reached`."""
         if self.why[row] != "diverged" and reached < self.last[row]:
             return reached, "interrupted"
         return self.last[row], self.why[row]
@@ -1023,7 +1049,7 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def check_references(model: nn.Module, layer, references) -> None:
-    """UsageError unless `layer` is a module and `references` Nx3xHxW floats of the model's dtype and device."""
+    """UsageError unless `layer` is a module and `references` Nx3xHxW floats of the model's dtype, device."""
     if not isinstance(layer, nn.Module):
         raise UsageError(f"invert() takes one layer, a module of the model: got a {type(layer).__name__}")
     weight = next(model.parameters(), references)  # a model without parameters takes any float
@@ -1032,8 +1058,9 @@ def check_references(model: nn.Module, layer, references) -> None:
             (references.dtype, references.device) == (weight.dtype, weight.device):
         return
     got = f"a {type(references).__name__}" if not isinstance(references, torch.Tensor) else \
-        f"a {references.dim()}-D tensor of shape {'x'.join(map(str, references.shape))}, {references.dtype} " \
-        f"on {references.device}" + ("; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else "")
+        f"a {references.dim()}-D tensor of shape {'x'.join(map(str, references.shape))}, " \
+        f"{references.dtype} on {references.device}" + \
+        ("; add a batch dimension: .unsqueeze(0)" if references.dim() == 3 else "")
     raise UsageError(f"invert() needs the references as Nx3xHxW images, at least one, of the model's dtype "
                      f"and device, {weight.dtype} on {weight.device}, normalised as preprocess() makes them: "
                      f"got {got}")
@@ -1059,12 +1086,10 @@ def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, setting
         except TypeError:  # one unit for every row
             units = [unit_index(units)] * count
         if len(units) != count:
-            raise UsageError(f"invert() needs a unit per row of the references, or one: got {len(units)} for {count}")
-        units = [unit for unit in units for _ in range(samples)]
-    if isinstance(features, torch.Tensor) and features.dim() == references.dim():
-        features = features.repeat_interleave(samples, 0)
+            raise UsageError(f"invert() needs a unit per row of the references, or one: got {len(units)} "
+                             f"for {count}")
+    targets = Targets(model, layer, references, settings, units, features)
     try:
-        targets = Targets(model, layer, references.repeat_interleave(samples, 0), settings, units, features)
         return optimise(model, layer, targets, references.repeat_interleave(samples, 0), settings, callback)
     except RowError as error:  # told by row of `references`, not by sample
         raise RowError({row // samples: reason for row, reason in error.reasons.items()}) from None
@@ -1080,7 +1105,8 @@ def optimise(model: nn.Module, layer: nn.Module, targets: Targets, references: t
                     references if settings.task == "caricature" else None)
     descent, reached = Descent(settings, canvas.variable), 0
     schedule = Schedule(settings, targets.chosen, len(references), references.device)
-    with Surrogate(model, layer, settings.task == "maximize") as surrogate, contextlib.suppress(KeyboardInterrupt):
+    with Surrogate(model, layer, own=settings.task == "maximize") as surrogate, \
+            contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
             if step > max(schedule.last):
                 break
@@ -1098,8 +1124,8 @@ def iteration(model: nn.Module, layer: nn.Module, settings: Settings, targets: T
     surrogate.use([on and targets.chosen["surrogate"] for on in first])
     terms, losses, _ = evaluate(model, layer, settings, targets, canvas, first)
     total = losses.sum()
-    check_every = 1 if total.device.type == "cpu" else GPU_CHECK_EVERY
-    due = step == 1 or step % check_every == 0 or step in schedule.last
+    every = CHECK_EVERY.get(total.device.type, GPU_CHECK_EVERY)
+    due = step == 1 or step % every == 0 or step in schedule.last
     broken = canvas.keep_finite(losses, total, step) if due else []
     canvas.variable.grad = None
     total.backward()
@@ -1148,7 +1174,7 @@ def final_result(model: nn.Module, layer: nn.Module, settings: Settings, targets
 
 
 def pretrained_weights(name: str, weights: str):
-    """torchvision's weights `weights` (DEFAULT or another name) of model `name`; None for 'none' or a file."""
+    """torchvision's weights `weights` (DEFAULT or another name) of model `name`; None: 'none' or a file."""
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
@@ -1191,7 +1217,8 @@ def load_model(name: str, weights: str, progress: bool = True, data: Optional[by
 
 def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
     """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME; read safely first."""
-    checkpoint = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(chosen.url).path))
+    file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
+    checkpoint = Path(torch.hub.get_dir(), "checkpoints", file)
     damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
     cached = checkpoint.exists()
     try:
@@ -1344,8 +1371,9 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
                              f"{low + (parts - 1) * step}, step {step})")
     if (world is None) != (rank is None) or (local is not None and world is None):
         have = "WORLD_SIZE" if world is not None else "RANK" if rank is not None else "LOCAL_RANK"
-        raise UsageError(f"the environment variable {'RANK' if have == 'WORLD_SIZE' else 'WORLD_SIZE'} is not "
-                         f"set, but {have} is: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together")
+        lacking = "RANK" if have == "WORLD_SIZE" else "WORLD_SIZE"
+        raise UsageError(f"the environment variable {lacking} is not set, but {have} is: torchrun sets RANK, "
+                         "WORLD_SIZE and LOCAL_RANK together")
     for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
         if value is not None and value >= world:
             raise UsageError(f"the environment variable {name}={value} is not below WORLD_SIZE={world}")
@@ -1431,9 +1459,10 @@ def read_input(path: str, size: int, features: bool) -> Input:
             check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
                          f"resizing {path} to --input_size {size}", "use a smaller --input_size")
             return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
-        if zipfile.is_zipfile(io.BytesIO(data)) and any(entry.compress_type != zipfile.ZIP_STORED
-                                                        for entry in zipfile.ZipFile(io.BytesIO(data)).infolist()):
-            raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused unread")
+        entries = zipfile.ZipFile(io.BytesIO(data)).infolist() if zipfile.is_zipfile(io.BytesIO(data)) else []
+        if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):  # a zip bomb, maybe
+            raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused "
+                             "unread")
         try:
             with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
                 warnings.simplefilter("ignore", UserWarning)
@@ -1447,8 +1476,8 @@ def read_input(path: str, size: int, features: bool) -> Input:
 
 
 class Row(NamedTuple):
-    """One pre-image of the job, a photo (or saved features) at a layer (and a unit); its files: its PNG's name
-    with other endings."""
+    """One pre-image of the job: a photo (or saved features) at a layer (and a unit); its files are named as
+    its PNG, with other endings."""
 
     image_path: str
     layer_name: str
@@ -1477,11 +1506,12 @@ class Row(NamedTuple):
 
 def kind_words(settings: Settings, features: bool) -> list:
     """The words that tell a row's kind of pre-image apart in its names: none for a photo's inversion."""
+    channels = f"channels{settings.channels.replace(':', '-')}"
     return [word for word, applies in (("caricature", settings.task == "caricature"),
                                        ("channel", settings.unit_scope == "channel"),
                                        (f"window{settings.window}", settings.window),
-                                       (f"channels{settings.channels.replace(':', '-')}", settings.channels != "all"),
-                                       ("features", features)) if applies]
+                                       (channels, settings.channels != "all"), ("features", features))
+            if applies]
 
 
 def plan(args: argparse.Namespace, settings: Settings) -> list:
@@ -1501,7 +1531,8 @@ def plan(args: argparse.Namespace, settings: Settings) -> list:
                          if several else f"--output {args.output} must end in .png")
     if args.output:
         return [Row(paths[0], layers[0], Path(args.output), None, units[0])]
-    folder, kind = Path(args.output_dir), "".join(f"_{word}" for word in kind_words(settings, bool(args.features)))
+    folder = Path(args.output_dir)
+    kind = "".join(f"_{word}" for word in kind_words(settings, bool(args.features)))
     try:
         longest = os.pathconf(existing_parent(folder.absolute()), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such call, or a folder that does not say
@@ -1514,7 +1545,8 @@ def plan(args: argparse.Namespace, settings: Settings) -> list:
 
     def row(path: str, layer: str, unit: Optional[int]) -> Row:
         stem = f"{names[path]}_{args.model}_{layer}{kind}"
-        mosaic = folder / (f"{stem}_units.png" if unit is not None else f"{names[path]}_{args.model}{kind}_montage.png")
+        mosaic = folder / (f"{stem}_units.png" if unit is not None else
+                           f"{names[path]}_{args.model}{kind}_montage.png")
         return Row(path, layer, folder / (stem + ("" if unit is None else f"_unit{unit}") + ".png"),
                    mosaic if len(units if unit is not None else layers) > 1 else None, unit)
     return [row(path, layer, unit) for path in paths for layer in layers for unit in units]
@@ -1525,7 +1557,8 @@ def existing_parent(folder: Path) -> Path:
     return next(parent for parent in (folder, *folder.parents) if parent.exists())
 
 
-def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, previous: dict, photos: list) -> None:
+def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, previous: dict,
+                  photos: list) -> None:
     """UsageError before the work if an output is unwritable or would replace a photo or another's record."""
     def landing(path) -> Path:  # its folder's links and `..` resolved, not its own name: where a write lands
         return Path(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
@@ -1586,7 +1619,7 @@ def finished(record: Optional[dict], wanted: dict, but: tuple = ()) -> bool:
 
 
 def encodable(text: str) -> str:
-    """`text` as UTF-8 can hold it: a file name's undecodable bytes as they were, other lone surrogates escaped."""
+    """`text` as UTF-8 holds it: a file name's undecodable bytes kept, other lone surrogates escaped."""
     return "".join(ascii(char)[1:-1] if "\ud800" <= char < "\udc80" or "\udd00" <= char <= "\udfff" else char
                    for char in text)
 
@@ -1605,9 +1638,9 @@ def write_index(folder: Path, cache: dict) -> None:
                                                   if not isinstance(value, dict) and name != "samples"}
             lines = [line for name, (_, line) in cache.items() if os.path.exists(folder / name) and all(
                 line.get(key) for key in ("image_path", "layer_name", "status", "model"))]
-            lines.sort(key=lambda line: [[int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
-                                         for text in (line["image_path"], line["model"], line["layer_name"],
-                                                      line.get("kind", ""), line.get("unit", ""))])
+            keys = ("image_path", "model", "layer_name", "kind", "unit")  # features_4 before features_12
+            lines.sort(key=lambda line: [[int(part) if part.isdigit() else part for part in
+                                          re.split(r"(\d+)", line.get(key, ""))] for key in keys])
 
             def write(file):
                 text = io.TextIOWrapper(file, encoding="utf-8", errors="surrogateescape", newline="")
@@ -1659,7 +1692,7 @@ def check_memory(needed: float, device: torch.device, what: str, helps: str) -> 
 
 
 def plan_batches(rows: list, costs: dict, most: int, budget: float) -> list:
-    """Runs of one layer's rows, each of at most `most` rows and `budget` bytes (`costs`: a row's, by layer)."""
+    """Runs of one layer's rows, each of at most `most` rows and `budget` bytes (`costs`: a row's)."""
     runs = []
     for layer in dict.fromkeys(row.layer_name for row in rows):
         runs.append([])
@@ -1719,7 +1752,8 @@ def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
     """A grid of labelled tiles: the original first (if any), then each (label, picture) in order."""
     tiles = [("original", original), *tiles] if original else tiles
     side, label_height, columns = tiles[0][1].width, 16, math.ceil(math.sqrt(len(tiles)))
-    grid = Image.new("RGB", (columns * side, math.ceil(len(tiles) / columns) * (side + label_height)), "white")
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new("RGB", (columns * side, rows * (side + label_height)), "white")
     for index, (label, picture) in enumerate(tiles):
         left, top = (index % columns) * side, (index // columns) * (side + label_height)
         grid.paste(picture.resize((side, side)), (left, top))
@@ -1743,8 +1777,8 @@ def save_pictures(row: Row, result: Inversion, mine: range, frames: list, field:
         save_png(row.file("_mean.png"), mean)
         save_png(row.file("_spread.png"), spread_picture)
         added.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
-                     spread=round(spread, 3), samples=[{**result.losses[at], "iterations": result.iterations[at],
-                                                        "stopped": result.stopped[at]} for at in mine])
+                     spread=round(spread, 3), samples=[{**result.losses[at], "stopped": result.stopped[at],
+                                                        "iterations": result.iterations[at]} for at in mine])
     if frames:
         movie = frames + pictures[:1]
         write_atomically(row.file(".gif"), lambda file: movie[0].save(
@@ -1769,7 +1803,8 @@ def top1(model: nn.Module, photos: Optional[torch.Tensor], images: torch.Tensor,
         if out_of_memory(error):
             print(f"invert.py: warning: no top-1 classes: out of memory ({one_line(error)})", file=sys.stderr)
         return [{}] * len(images)
-    if not all(isinstance(score, torch.Tensor) and score.dim() == 2 and score.shape[1] > 1 for score in scores):
+    if not all(isinstance(score, torch.Tensor) and score.dim() == 2 and score.shape[1] > 1
+               for score in scores):
         return [{}] * len(images)
     *photo, preimage = (score.float().softmax(1) for score in scores)
     if not photo:
@@ -1806,6 +1841,11 @@ def progress(rows: list, settings: Settings, args: argparse.Namespace, frames: l
     return report, bar
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The Settings the command line chose: one field per flag of the same name."""
+    return Settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)})
+
+
 class Plan:
     """The command line's job as planned and checked before any of the work: its rows in this shard, their
     photos read once, what resume keeps, the model and its layers, and the batches (of one layer each)."""
@@ -1818,29 +1858,32 @@ class Plan:
         planned = plan(args, settings)
         everyone = list(dict.fromkeys(row.image_path for row in planned))
         self.shard = shard_of(args.shard, len(everyone))
-        groups = [row.montage or row.image_path for row in planned]  # a montage's rows, else a photo's, stay together
+        groups = [row.montage or row.image_path for row in planned]  # a montage's, or a photo's, together
         mine = set(list(dict.fromkeys(groups))[self.shard[0]::self.shard[1]])
         self.rows = [row for row, group in zip(planned, groups) if group in mine]
         weights, weights_data = weights_identity(args.model, args.weights)
         paths = list(dict.fromkeys(row.image_path for row in self.rows))
-        check_memory(3 * args.input_size ** 2 * len(paths), torch.device("cpu"), f"holding {len(paths)} photos "
-                     f"at --input_size {args.input_size}", "use a smaller --input_size, or split the photos over "
-                     "shards (--shard, or a SLURM job array)")
+        check_memory(3 * args.input_size ** 2 * len(paths), torch.device("cpu"),
+                     f"holding {len(paths)} photos at --input_size {args.input_size}",
+                     "use a smaller --input_size, or split the photos over shards (--shard, a SLURM array)")
         self.inputs = {path: read_input(path, args.input_size, bool(args.features)) for path in paths}
+        if args.features and paths and self.inputs[paths[0]].error:  # the one input, in place of a photo
+            raise UsageError(self.inputs[paths[0]].error)
         previous = {row: read_record(row.file(".json")) for row in self.rows}
         check_outputs(args, settings, self.rows, previous, everyone)
         self.wanted = {row: identity(row, args, settings, self.inputs[row.image_path].sha256, weights)
                        for row in self.rows}
         # a finished record of a row whose photo cannot be read now (an NFS hiccup) is kept
         self.kept = {row for row in self.rows if finished(previous[row], self.wanted[row], ("image_sha256",))}
-        self.done = {row for row in self.kept if args.resume and finished(previous[row], self.wanted[row]) and all(
-            path.is_file() for path in row.pictures(settings.samples, bool(args.save_every), bool(settings.window)))}
-        runnable = [row for row in self.rows if row not in self.done and not self.inputs[row.image_path].error]
+        pictures = (settings.samples, bool(args.save_every), bool(settings.window))
+        self.done = {row for row in self.kept if args.resume and finished(previous[row], self.wanted[row])
+                     and all(path.is_file() for path in row.pictures(*pictures))}
+        runnable = [row for row in self.rows if not (row in self.done or self.inputs[row.image_path].error)]
         self.batches = self.prepare(runnable, weights_data) if runnable else []
         self.todo = [row for row in self.rows if row not in self.done]
 
     def prepare(self, rows: list, weights_data: Optional[bytes]) -> list:
-        """Load the model and check each layer against what its rows ask of it, before any work; the batches."""
+        """Load the model and check each layer against what its rows ask of it; the batches."""
         args, settings, size = self.args, self.settings, self.args.input_size
         self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(self.device)
         self.layers, self.fields, self.saved, costs = {}, {}, {}, {}
@@ -1862,14 +1905,20 @@ class Plan:
             # 18 times (variable, gradient, optimizer state, finite copy, render, priors), the GIF's frames
             canvas = 3 * (size + layer_settings(settings, layer_stride((size, size), grid))["jitter"]) ** 2
             costs[name] = settings.samples * (12 * activations + 24 * size * size + (72 + frames) * canvas)
-            check_memory(costs[name], self.device, f"inverting {name} at --input_size {size}" +
-                         (f" with --samples {settings.samples}" if settings.samples > 1 else ""),
-                         "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every or 0")
+            samples = f" with --samples {settings.samples}" if settings.samples > 1 else ""
+            check_memory(costs[name], self.device, f"inverting {name} at --input_size {size}{samples}",
+                         "use a smaller --input_size or --jitter, fewer --samples, a larger --save_every")
         free, cap = available_memory(self.device), BATCH_CAP[self.device.type == "cuda"]
         most = max(1, (cap if args.batch_size == "auto" else args.batch_size) // settings.samples)
         return plan_batches([row for row in rows if row in set(self.rows)], costs, most,
                             math.inf if free is None else MEMORY_SHARE * free)
 
+    def record(self, row: Row, **fields) -> dict:
+        """A row's record: what identifies it, its kind, where it ran, and `fields`."""
+        words = [self.settings.task, *kind_words(self.settings, bool(self.args.features))]
+        return {**self.wanted[row], "kind": " ".join(dict.fromkeys(words)), "weights": self.args.weights,
+                "precision": self.settings.precision, "device": str(self.device), "png": row.png.name,
+                **fields}
 
 
 class Job(Plan):
@@ -1881,35 +1930,31 @@ class Job(Plan):
         self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", dynamic_ncols=True,
                         disable=args.quiet)
 
-    def record(self, row: Row, **fields) -> dict:
-        """A row's record: what identifies it, its kind, where it ran, and `fields`."""
-        kind = " ".join([self.settings.task, *kind_words(self.settings, bool(self.args.features))])
-        return {**self.wanted[row], "kind": kind, "weights": self.args.weights,
-                "precision": self.settings.precision, "device": str(self.device), "png": row.png.name, **fields}
-
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
         its photo cannot be read now and a finished record of it is there."""
         self.failed[row] = reason
         if len(self.rows) > 1:
             where = row.layer_name + (f" unit {row.unit}" if row.unit is not None else "")
-            self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"), sys.stderr)
+            self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"),
+                           sys.stderr)
         if not (self.inputs[row.image_path].error and row in self.kept):
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
     def run_batch(self, rows: list) -> bool:
         """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it. Rows that
-        cannot be inverted fail and the others run again; after running out of memory, each runs alone."""
+        cannot be inverted fail and the others run again; out of memory, each runs alone."""
         while rows := [row for row in rows if row not in self.failed]:
             frames, started, size = [[] for _ in rows], time.perf_counter(), self.args.input_size
             report, bar = progress(rows, self.settings, self.args, frames)
             references = torch.cat([torch.zeros(1, 3, size, size) if self.args.features else
-                                    normalise(self.inputs[row.image_path].image) for row in rows]).to(self.device)
+                                    normalise(self.inputs[row.image_path].image) for row in rows])
             keywords = {"units": [row.unit for row in rows]} if self.settings.task == "maximize" else \
-                {"features": torch.cat([self.saved[row.image_path] for row in rows])} if self.args.features else {}
+                {"features": torch.cat([self.saved[row.image_path] for row in rows])} if self.saved else {}
             try:
-                result, short = invert(self.model, self.layers[rows[0].layer_name], references, self.settings,
-                                       callback=report, **keywords), None
+                layer, short = self.layers[rows[0].layer_name], None
+                result = invert(self.model, layer, references.to(self.device), self.settings, callback=report,
+                                **keywords)
             except RowError as error:
                 for index, reason in error.reasons.items():
                     self.fail(rows[index], reason)
@@ -1931,13 +1976,13 @@ class Job(Plan):
             return any(self.run_batch([row]) for row in rows)  # any() stops at the first interrupted row
         return False
 
-    def save(self, rows: list, result: Inversion, references: torch.Tensor, frames: list, seconds: float) -> None:
+    def save(self, rows: list, result: Inversion, references: torch.Tensor, frames: list, seconds: float):
         """Save each row of a batch, its pictures and then its record; where a sample diverged, its last
         finite image."""
         count, settings = self.settings.samples, self.settings
         timing = dict(seconds=round(seconds / len(rows), 4), batch=len(rows) * count,  # a row's share
                       ms_per_iteration=round(1000 * seconds / max(*result.iterations, 1), 3))
-        photos = None if settings.task == "maximize" or self.args.features else references
+        photos = None if settings.task == "maximize" or self.args.features else references.to(self.device)
         classes = top1(self.model, photos, result.images[::count], settings.precision)
         for index, row in enumerate(rows):
             mine, first = range(index * count, (index + 1) * count), index * count
@@ -1946,21 +1991,24 @@ class Job(Plan):
                 save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
                 self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: "
                           f"--lr {result.layer_settings['lr']:g} is too large for this layer; try a smaller "
-                          f"--lr; {row.file('.diverged.png').name} is that iteration's image", "diverged")
+                          f"--lr; {row.file('.diverged.png').name} is the image of that iteration",
+                          "diverged")
                 continue
+            pictures = save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name))
             record = self.record(row, **timing, **classes[index], torch_version=torch.__version__,
-                                 torchvision_version=torchvision.__version__,
-                                 **save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name)))
+                                 torchvision_version=torchvision.__version__, **pictures)
             record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
                           layer_settings=result.layer_settings, **result.losses[first],
                           iterations=result.iterations[first], stopped=result.stopped[first])
             save_json(row.file(".json"), record)
             self.done.update([row] if record["status"] == "done" else [])
             self.bar.update()
-            measure = {"invert": "feature_error", "caricature": "projection"}.get(settings.task, "unit_activation")
+            measure = {"invert": "feature_error", "caricature": "projection"}.get(settings.task,
+                                                                                  "unit_activation")
+            spread = f", spread {record['spread']:.1f} grey levels" if count > 1 else ""
             if not self.args.quiet:
-                self.bar.write(printable(f"saved {row.png} and {row.file('.json').name}: {measure} {record[measure]:.4f}"
-                                         + (f", spread {record['spread']:.1f} grey levels" if count > 1 else "")))
+                self.bar.write(printable(f"saved {row.png} and {row.file('.json').name}: {measure} "
+                                         f"{record[measure]:.4f}{spread}"))
 
     def montages(self, rows: list) -> None:
         """Write each montage among `rows` whose rows are all done, from their pictures: a photo's layers
@@ -1975,7 +2023,8 @@ class Job(Plan):
             with contextlib.suppress(OSError):  # a picture gone since: its row says so
                 if all(row in self.done for row in mine):
                     photo = None if units or self.args.features else self.inputs[mine[0].image_path].image
-                    save_png(path, montage(photo, [(label, Image.open(file).convert("RGB")) for label, file in tiles]))
+                    tiles = [(label, Image.open(file).convert("RGB")) for label, file in tiles]
+                    save_png(path, montage(photo, tiles))
 
     def run(self) -> int:
         """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code: 0
@@ -2011,8 +2060,9 @@ class Job(Plan):
                         f"{row.image_path} at {row.layer_name} first: {reason}"
                         + ("; see index.csv" if folder and len(told) == 0 else ""))
         if interrupted:
-            print("".join(f"invert.py: error: {printable(line)}\n" for line in told) + "invert.py: interrupted: "
-                  "saved what it had; rerun with --resume to finish", file=sys.stderr)
+            for line in told:
+                print(f"invert.py: error: {printable(line)}", file=sys.stderr)
+            print("invert.py: interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
             return 130
         if told:
             raise UsageError("; and ".join(told))
@@ -2034,23 +2084,20 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each flag's default; a setting whose default is None says how it is chosen instead."""
+    """Each flag's default; a setting whose default is None says how the objective chooses it instead."""
 
     def _get_help_string(self, action):
-        if isinstance(action.default, list):
-            return f"{action.help} (default: {' '.join(action.default)})"
-        return action.help if action.default is None else super()._get_help_string(action)
+        def words(value):
+            return f"{value:g}" if isinstance(value, float) else str(value)
 
-
-def default_help(name: str) -> str:
-    """How a setting whose default is None gets its value, in words for --help."""
-    def words(value):
-        return f"{value:g}" if isinstance(value, float) else str(value)
-
-    if name == "lr":
-        return ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
-    return ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][name])} with --objective {objective}"
-                     for objective in OBJECTIVES)
+        if action.dest == "lr":
+            chosen = ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
+        elif action.default is None and action.dest in OBJECTIVE_DEFAULTS["paper"]:
+            chosen = ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][action.dest])} with --objective "
+                               f"{objective}" for objective in OBJECTIVES)
+        else:
+            chosen = " ".join(action.default) if isinstance(action.default, list) else action.default
+        return action.help if chosen is None else f"{action.help} (default: {chosen})"
 
 
 def shard_spec(text: str) -> tuple:
@@ -2076,59 +2123,55 @@ def non_empty(text: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line: its inputs, a flag per field of Settings, and how to run and write the job."""
-    parser = _ArgumentParser(prog="invert.py", formatter_class=_HelpFormatter, description="Recover images "
-                             "whose activations at layers of a torchvision CNN match those of photos (Mahendran "
-                             "& Vedaldi, CVPR 2015 and IJCV 2016).", epilog="example: python invert.py --model "
-                             "vgg16_bn --layer_name features_22")
+    parser = _ArgumentParser(
+        prog="invert.py", formatter_class=_HelpFormatter,
+        description="Recover images whose activations at layers of a torchvision CNN match those of photos "
+                    "(Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
+        epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     flags = parser.add_argument_group("what to invert")
     flags.add_argument("--image_path", nargs="+", type=non_empty, default=[str(DEFAULT_IMAGE)],
                        help="photos (any format Pillow reads, a pipe too) and folders of them (the images "
                             "directly inside, less the pictures invert.py wrote); outputs are named by stem")
     flags.add_argument("--model", type=non_empty, default="alexnet", help="a torchvision model's name")
-    flags.add_argument("--weights", type=non_empty, default="DEFAULT", help="DEFAULT or another torchvision "
-                       "weights name (downloaded once to TORCH_HOME), a state-dict file, or none (random)")
-    flags.add_argument("--input_size", type=positive_int, default=227, help="side of the square input, in pixels")
-    flags.add_argument("--layer_name", nargs="+", type=non_empty, default=["avgpool"], help="the layers to "
-                       "invert: features_4 (the original design's form) or features.4; a pre-image each")
-    flags.add_argument("--units", nargs="+", type=unit_spec, default=None, help=f"--task maximize: the units "
-                       f"(channels), a pre-image each, or all: the first {ALL_UNITS}; a layer's make a mosaic")
-    flags.add_argument("--features", type=non_empty, default=None, metavar="FILE.pt", help="saved activations "
-                       "(torch.save, CxHxW or 1xCxHxW) of --layer_name to invert in place of a photo's")
+    flags.add_argument("--weights", type=non_empty, default="DEFAULT",
+                       help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), a "
+                            "state-dict file (./DEFAULT for one named so), or none (random)")
+    flags.add_argument("--input_size", type=positive_int, default=227, help="the square input's side")
+    flags.add_argument("--layer_name", nargs="+", type=non_empty, default=["avgpool"],
+                       help="the layers to invert: features_4 (the original design's form) or features.4")
+    flags.add_argument("--units", nargs="+", type=unit_spec, default=None,
+                       help=f"--task maximize: the units (channels), a pre-image each, or all: the first "
+                            f"{ALL_UNITS} (or every one of a layer with fewer); a layer's make a mosaic")
+    flags.add_argument("--features", type=non_empty, default=None, metavar="FILE.pt",
+                       help="saved activations (CxHxW or 1xCxHxW) of --layer_name, in place of a photo's")
     flags.add_argument("--list_layers", action="store_true", help="print each layer and its output's shape")
     flags = parser.add_argument_group("how to invert (the keywords of invert())")
     for field in dataclasses.fields(Settings):
-        options = dict(field.metadata)
-        explained = f" (default: {default_help(field.name)})" if field.default is None else ""
-        flags.add_argument(f"--{field.name}", default=field.default, help=options.pop("help") + explained,
-                           **options)
+        flags.add_argument(f"--{field.name}", default=field.default, **field.metadata)
     flags = parser.add_argument_group("running and output")
     flags.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     flags.add_argument("--output", type=non_empty, default=None, help="the PNG to write, for one pre-image")
     flags.add_argument("--output_dir", type=non_empty, default="outputs", help="folder for the outputs")
-    flags.add_argument("--save_every", type=non_negative_int, default=0, help="also save every N-th "
-                       "iteration, as <name>_frames/iteration_N.png and <name>.gif (0: off)")
+    flags.add_argument("--save_every", type=non_negative_int, default=0,
+                       help="also save every N-th iteration, as <name>_frames/iteration_N.png and <name>.gif")
     flags.add_argument("--stdout_epochs", type=positive_int, default=25, help="print the losses this often")
     flags.add_argument("--quiet", action="store_true", help="no progress bar and no loss lines")
-    flags.add_argument("--batch_size", type=positive_int.or_auto(), default="auto", help="images optimised "
-                       f"together at most; auto: what fits in half the free memory, up to {BATCH_CAP[0]} on a "
-                       f"CPU and {BATCH_CAP[1]} on a GPU (a picture does not depend on its batch)")
-    flags.add_argument("--resume", action="store_true", help="skip each pre-image whose record says it "
-                       "finished from the same photo, weights, model, layer, input size and settings")
-    flags.add_argument("--shard", type=shard_spec, default=None, metavar="K/N", help="invert only every N-th "
-                       "photo from the K-th; by default from torchrun's RANK and WORLD_SIZE and a SLURM job "
-                       "array's variables; 0/1 runs all in every process")
+    flags.add_argument("--batch_size", type=positive_int.or_auto(), default="auto",
+                       help=f"images optimised together at most; auto: what fits in half the free memory, "
+                            f"up to {BATCH_CAP[0]} on a CPU, {BATCH_CAP[1]} on a GPU")
+    flags.add_argument("--resume", action="store_true",
+                       help="skip what was done from the same photo, weights, model, layer, size, settings")
+    flags.add_argument("--shard", type=shard_spec, default=None, metavar="K/N",
+                       help="invert only every N-th photo from the K-th; by default from torchrun's RANK and "
+                            "WORLD_SIZE and a SLURM job array's variables; 0/1 runs all in every process")
     return parser.parse_args(argv)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The Settings the command line chose: one field per flag of the same name."""
-    return Settings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)})
 
 
 def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     """Print every layer of the model with its output's shape at --input_size."""
     model = load_model(args.model, args.weights, progress=not args.quiet).to(device)
-    named, shapes, unused = [(name, module) for name, module in model.named_modules() if name], {}, "not run in eval mode"
+    named = [(name, module) for name, module in model.named_modules() if name]
+    shapes, unused = {}, "not run in eval mode"
 
     def record(module, inputs, output):  # returns None, so the output passes on unchanged
         shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
@@ -2147,7 +2190,7 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
 
 def main(argv=None) -> int:
     """The command line: parse, run, and turn expected failures into one-line messages and exit codes."""
-    def interrupt(signum, frame):  # SIGTERM as the KeyboardInterrupt that Ctrl-C raises: it saves the same way
+    def interrupt(signum, frame):  # SIGTERM as the KeyboardInterrupt of Ctrl-C: it saves the same way
         raise KeyboardInterrupt
 
     in_main_thread = threading.current_thread() is threading.main_thread()

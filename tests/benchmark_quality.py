@@ -40,7 +40,7 @@ CONFIGS = {
     "previous": ["--C", "100", "--plateau", "0", "--surrogate", "off", "--lr", "0.01"],
     "seed": ["--objective", "seed"],  # the original design's method
     **{f"paper+{optimizer}+pixel": ["--optimizer", optimizer, "--param", "pixel"]
-       for optimizer in ("sgd", "adam", "lbfgs")},
+       for optimizer in invert.OPTIMIZERS},
 }
 DEFAULT_CONFIGS = ["default", "before", "seed"]
 

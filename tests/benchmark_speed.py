@@ -276,7 +276,7 @@ def machine(device: torch.device) -> str:
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}{gpu}; native bf16 on "
             f"{device}: {invert.native_bf16(device)}; --precision auto picks "
-            f"{invert.resolve_precision('auto', device)}")
+            f"{invert.resolve(invert.Settings(), device).precision}")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image, ImageDraw
@@ -42,11 +43,19 @@ def photos() -> dict:
             "cat": invert.preprocess(Image.fromarray(data.chelsea()), SIZE)}
 
 
-def run(model, indices: list, photo: torch.Tensor, **keywords) -> invert.Inversion:
-    """One call, a row per layer (or per keywords' units), seeded as the command line is."""
+def run(model, indices: list, photo: torch.Tensor, units=None, **keywords) -> SimpleNamespace:
+    """A call per layer, seeded as the command line is, a row per entry of `indices` (and of `units`): their
+    images and losses in the order of `indices`."""
     torch.manual_seed(2023)
-    layers = [model.features[index] for index in indices]
-    return invert.invert(model, layers, photo.expand(len(layers), -1, -1, -1).contiguous(), **keywords)
+    images, losses = [], []
+    for index in dict.fromkeys(indices):
+        rows = [at for at, value in enumerate(indices) if value == index]
+        chosen = {} if units is None else {"units": [units[at] for at in rows]}
+        result = invert.invert(model, model.features[index], photo.expand(len(rows), -1, -1, -1).contiguous(),
+                               **keywords, **chosen)
+        images.append(result.images)
+        losses += result.losses
+    return SimpleNamespace(images=torch.cat(images), losses=losses)
 
 
 def powered(power: float):
@@ -72,7 +81,7 @@ def main() -> None:
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, --precision auto picks "
-          f"{invert.resolve_precision('auto', device)}")
+          f"{invert.resolve(invert.Settings(), device).precision}")
     pictures = photos()
     if 1 in options.sections:
         print("\n(1) caricature: projection | cosine per layer, cosine power 0 (ours) and 1 (lucid's)")
@@ -111,8 +120,8 @@ def main() -> None:
             cells = []
             for index, image, losses in zip(LAYERS, result.images, result.losses):
                 with torch.no_grad():
-                    (_, _, got), = invert.layer_batches(model, [model.features[index]], image[None])
-                    (_, _, wanted), = invert.layer_batches(model, [model.features[index]], photo)
+                    got = invert.layer_output(model, model.features[index], image[None])
+                    wanted = invert.layer_output(model, model.features[index], photo)
                 whole = ((got - wanted).square().sum() / wanted.square().sum()).item()
                 cells.append(f"{losses['feature_error']:.3f} \\| {whole:.2f}")
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
@@ -125,10 +134,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder, torch.no_grad():
             saved = []
             for index in LAYERS:
-                (_, _, activations), = invert.layer_batches(model, [model.features[index]], photo)
+                activations = invert.layer_output(model, model.features[index], photo)
                 torch.save(activations[0].clone(), Path(folder) / f"{index}.pt")
                 saved.append(torch.load(Path(folder) / f"{index}.pt", weights_only=True)[None])
-        via = [run(model, [index], torch.zeros_like(photo), activations=activations).images
+        via = [run(model, [index], torch.zeros_like(photo), features=activations).images
                for index, activations in zip(LAYERS, saved)]
         print("| " + " | ".join(f"{ssim(direct.images[row:row + 1], photo):.3f} \\| {ssim(image, photo):.3f}"
                                 for row, image in enumerate(via)) + " |", flush=True)
@@ -157,7 +166,7 @@ def figure(model, photo: torch.Tensor, options) -> None:
             mosaic.paste(picture, ((unit % 2) * side // 2, (unit // 2) * side // 2))
         tiles.append(mosaic)
         framed = invert.deprocess(window[column:column + 1])
-        box = invert.receptive_field(model, model.features[index], SIZE, invert.Settings(window=5),
+        box = invert.receptive_field(model, model.features[index], SIZE, invert.Settings(window=5), 1,
                                      torch.device("cpu"))
         ImageDraw.Draw(framed).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline="red", width=2)
         tiles.append(framed)

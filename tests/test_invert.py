@@ -284,8 +284,9 @@ def test_a_row_that_diverges_leaves_its_batch_mates_as_they_would_be_alone(tiny)
     model = nn.Sequential(tiny, Bomb()).eval()
     references = torch.randn(2, 3, 16, 16)
     together = invert.invert(model, model[1], references, epochs=12)
-    # the second row's loss is infinite at iteration 6: it is returned as it was at iteration 5
-    assert together.stopped == ["epochs", "diverged"] and together.iterations == [12, 5]
+    # the second row's loss is infinite at iteration 6: it is returned as it was after iteration 4, its last
+    # image with a finite loss (at iteration 5)
+    assert together.stopped == ["epochs", "diverged"] and together.iterations == [12, 4]
     assert torch.isfinite(together.images).all()
     lonely = nn.Sequential(tiny, Bomb()).eval()
     alone = invert.invert(lonely, lonely[1], references[:1], epochs=12)
@@ -296,7 +297,7 @@ def test_a_row_that_diverges_where_it_also_stalls_is_diverged(tiny):
     # the plateau rule looks at iteration 20 too, where the second row's loss is first infinite
     model = nn.Sequential(tiny, Bomb(after=19)).eval()
     result = invert.invert(model, model[1], torch.randn(2, 3, 16, 16), epochs=40, plateau=0.99, lr=1e-9)
-    assert result.stopped[1] == "diverged" and result.iterations[1] == 19
+    assert result.stopped[1] == "diverged" and result.iterations[1] == 18
 
 
 def test_divergence_at_the_final_evaluation_returns_the_last_finite_images(photo, tmp_path, cli):
@@ -1012,3 +1013,92 @@ def test_a_part_of_a_channels_last_map_is_the_same_part():
                             precision="fp32")
               .losses[0]["feature_error"] for model, layer in ((first, first[1]), (last, last[2]))]
     assert errors[0] == pytest.approx(errors[1], rel=1e-5)
+
+
+# ---------------------------------------------------------------- the newest pre-images, held to the promise
+
+
+def test_the_python_api_refuses_a_setting_that_does_not_apply_as_the_command_line_does():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(1, 3, 10, 10)
+    for keywords, flag in [(dict(unit_scope="channel"), "--unit_scope is for --task maximize, not invert"),
+                           (dict(task="caricature", unit_scope="channel"), "--unit_scope is for --task maximize"),
+                           (dict(task="caricature", features=model(reference)), "--features work with --task invert"),
+                           (dict(task="maximize", units=[0], features=model(reference)), "--features work with"),
+                           (dict(task="caricature", units=[0]), "--task maximize needs --units, and only it"),
+                           (dict(task="maximize", units=[0], channels="0:2"), "--window and --channels are for")]:
+        with pytest.raises(invert.UsageError, match=flag):
+            invert.invert(model, model[1], reference, epochs=1, **keywords)
+
+
+def test_a_unit_is_taken_as_any_integer_and_anything_else_refused():
+    numpy = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(2, 3, 10, 10)
+    fast = dict(task="maximize", epochs=2, precision="fp32")
+    expected = invert.invert(model, model[1], reference, units=[2, 2], **fast).images
+    for units in (2, numpy.int64(2), torch.tensor(2), torch.tensor([0.0, 0.5, 9.0]).argmax(), [numpy.int32(2)] * 2,
+                  torch.tensor([2, 2]), (2, torch.tensor(2))):
+        assert torch.equal(invert.invert(model, model[1], reference, units=units, **fast).images, expected), units
+    for units in (2.0, "2", [True, 2], [-1, 2], torch.tensor(2.0), [[2], [2]], None):
+        with pytest.raises(invert.UsageError, match="--units"):
+            invert.invert(model, model[1], reference, units=units, **fast)
+
+
+def test_saved_features_are_untrusted_input_checked_before_any_work():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
+    reference = torch.randn(1, 3, 10, 10)
+    fast = dict(epochs=3, precision="fp32")
+    plain = invert.invert(model, model[1], reference, features=model(reference), **fast).images
+    with torch.enable_grad():  # a graph, as from a forward pass outside no_grad, or requires_grad=True
+        traced = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+        traced.load_state_dict(model.state_dict())
+        carried = traced(reference.requires_grad_())
+    assert carried.grad_fn is not None
+    assert torch.equal(invert.invert(model, model[1], reference.detach(), features=carried, **fast).images, plain)
+    finite = model(reference)
+    for features, message in [
+            ([[1.0]], "features holds a list, not a tensor"),
+            (finite.long(), "features holds a torch.int64 tensor"), (finite.to_sparse(), "torch.sparse_coo"),
+            (finite.to(torch.complex64), "torch.complex64"),
+            (torch.zeros(1).expand(1, 10 ** 6, 10 ** 6), "the saved activations are 1x1000000x1000000, but the"),
+            (torch.cat([finite, finite]), "holds 2 rows of activations, for 1 image"),
+            (finite.masked_fill(finite > finite.mean(), float("nan")), "holds values that are not finite"),
+            (finite.double() * 1e20, "holds values up to .*: their squares overflow")]:
+        with pytest.raises(invert.UsageError, match=message):
+            invert.invert(model, model[1], reference, features=features, **fast)
+
+
+def test_a_channels_last_map_whose_sides_equal_its_channels_is_known_as_such():
+    torch.manual_seed(0)
+    first = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU()).eval().requires_grad_(False)
+    last = nn.Sequential(*first, Permute()).eval().requires_grad_(False)  # 8x8x8 at 32 pixels, as Swin's 96^3
+    reference = torch.randn(1, 3, 32, 32)
+    fast = dict(epochs=3, surrogate="off", precision="fp32")
+    for keywords in (dict(window=4, channels="1:3"), dict(task="maximize", units=[5], unit_scope="channel")):
+        results = [invert.invert(model, layer, reference, **fast, **keywords).losses[0]
+                   for model, layer in ((first, first[1]), (last, last[2]))]
+        for measure in ("feature_error", "unit_activation", "photo_max"):
+            assert results[0].get(measure) == pytest.approx(results[1].get(measure), rel=1e-5), keywords
+
+
+def test_no_device_tensor_is_made_each_iteration_and_a_diverged_image_is_that_of_its_iteration(tiny, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Made(TorchDispatchMode):  # tensors built from Python values, which a GPU must be sent
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Made.count += func.__name__.startswith("lift_fresh")
+            return func(*args, **(kwargs or {}))
+
+    with Made():  # the plateau rule watches a layer of stride 2 all 40 iterations
+        invert.invert(tiny, tiny[1], torch.randn(2, 3, 16, 16), epochs=40, plateau=0.001, lr=1e-9)
+    assert Made.count < 10, Made.count
+    monkeypatch.setitem(invert.CHECK_EVERY, "cpu", 5)  # a GPU's cadence: the loss read every 5th iteration
+    model, seen = nn.Sequential(tiny, Bomb(after=7)).eval(), {}
+    result = invert.invert(model, model[1], torch.randn(2, 3, 16, 16), epochs=12, precision="fp32",
+                           callback=lambda step, losses, images: seen.setdefault(step, images()))
+    # infinite from iteration 8, found at iteration 10: the image last found finite, at iteration 5
+    assert result.stopped == ["epochs", "diverged"] and result.iterations == [12, 4]
+    assert torch.equal(result.images[1], seen[4][1])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -701,3 +702,109 @@ def test_saved_activations_are_inverted_and_a_misfit_is_refused_in_one_line(phot
     torch.save(torch.tensor(1.0), tmp_path / "scalar.pt")
     code, _, err = cli(*FAST, "--features", tmp_path / "scalar.pt", "--output_dir", tmp_path / "bad")
     assert code == 2 and "the saved activations are one number, but the layer gives 128x15x15" in err
+
+
+# ---------------------------------------------------------------- every kind of pre-image, kept apart
+
+
+def test_each_kind_of_pre_image_has_its_own_files_and_index_line_and_resumes_as_itself(photo, tmp_path, cli):
+    out = tmp_path / "out"
+    common = ["--image_path", photo, *FAST, "--epochs", "1", "--output_dir", out]
+    kinds = [[], ["--window", "3"], ["--channels", "0:8"], ["--task", "caricature"],
+             ["--task", "caricature", "--window", "3"], ["--task", "maximize", "--units", "3"],
+             ["--task", "maximize", "--units", "3", "--unit_scope", "channel"]]
+    for flags in kinds:
+        code, _, err = cli(*common, *flags)
+        assert code == 0, (flags, err)
+    saved = sorted(path.name for path in out.glob("*.json"))
+    assert saved == sorted(f"photo_squeezenet1_1_features_3{kind}.json" for kind in (
+        "", "_window3", "_channels0-8", "_caricature", "_caricature_window3", "_unit3", "_channel_unit3"))
+    assert sorted(line["kind"] for line in index_of(out)) == sorted([
+        "invert", "invert window3", "invert channels0-8", "caricature", "caricature window3", "maximize",
+        "maximize channel"])
+    before = {path: path.stat().st_mtime_ns for path in out.glob("*.json")}
+    for flags in kinds:  # each is found again as itself, and not redone
+        assert cli(*common, *flags, "--resume")[0] == 0
+    assert {path: path.stat().st_mtime_ns for path in out.glob("*.json")} == before
+
+
+def test_units_all_takes_every_unit_of_a_layer_that_has_fewer_and_units_are_digits(photo, tmp_path, cli):
+    args = ["--image_path", photo, *FAST, "--task", "maximize", "--epochs", "1", "--output_dir", tmp_path]
+    code, _, err = cli(*args, "--layer_name", "features_3_squeeze", "--units", "all")  # 16 channels
+    assert code == 0, err
+    assert sorted(int(line["unit"]) for line in index_of(tmp_path)) == list(range(16))
+    for units in ("²", "1.5", "-1"):
+        code, _, err = cli(*args, "--units", units)
+        assert code == 2 and len(err.splitlines()) == 1 and "--units" in err, err
+
+
+def test_ctrl_c_exits_130_whatever_else_happened(photos, tmp_path, cli, monkeypatch):
+    (photos / "e.png").write_bytes(b"not a photo")  # a row that fails before the work
+    priors, calls = invert.prior_terms, []
+
+    def interrupted(*arguments):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return priors(*arguments)
+
+    monkeypatch.setattr(invert, "prior_terms", interrupted)
+    code, _, err = cli("--image_path", photos, *FAST, "--epochs", "20", "--output_dir", tmp_path / "out")
+    assert code == 130 and "e.png" in err and "interrupted" in err.splitlines()[-1]
+    assert {line["status"] for line in index_of(tmp_path / "out")} == {"failed", "interrupted"}
+
+
+def test_saved_features_are_refused_in_one_line_naming_the_file_before_any_allocation(tmp_path, cli):
+    torch = invert.torch
+    torch.manual_seed(2023)  # the command line's --seed, before it builds the random network
+    model = invert.load_model("squeezenet1_1", "none", progress=False)
+    good = invert.layer_output(model, model.features[3], torch.randn(1, 3, 64, 64))[0].clone()
+    cases = {"nan.pt": good.masked_fill(good > good.mean(), float("nan")), "huge.pt": good.double() * 1e20,
+             "graph.pt": good.clone().requires_grad_(), "wide.pt": torch.zeros(1).expand(2 ** 20, 2 ** 20)}
+    for name, tensor in cases.items():
+        torch.save(tensor, tmp_path / name)
+    with zipfile.ZipFile(tmp_path / "zipped.pt", "w", zipfile.ZIP_DEFLATED) as zipped:
+        for entry in zipfile.ZipFile(tmp_path / "nan.pt").infolist():
+            zipped.writestr(entry.filename, zipfile.ZipFile(tmp_path / "nan.pt").read(entry.filename))
+    for name, message in [("nan.pt", "holds values that are not finite"), ("huge.pt", "their squares overflow"),
+                          ("wide.pt", "the saved activations are 1048576x1048576"),
+                          ("zipped.pt", "is compressed, and torch.save never compresses")]:
+        code, _, err = cli(*FAST, "--features", tmp_path / name, "--output_dir", tmp_path / "out")
+        errors = [line for line in err.splitlines() if not line.startswith("warning:")]
+        assert code == 2 and len(errors) == 1 and f"--features {tmp_path / name}" in errors[0], err
+        assert message in errors[0] and not (tmp_path / "out").exists()
+    code, _, err = cli(*FAST, "--features", tmp_path / "graph.pt", "--output_dir", tmp_path / "out")
+    assert code == 0, err
+
+
+def test_a_folder_named_as_the_weights_does_not_hide_them(photo, tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DEFAULT").mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(invert.torch.hub, "download_url_to_file", lambda url, destination, *args, **kwargs:
+                        invert.torch.save(torchvision.models.squeezenet1_1().state_dict(), destination))
+    code, _, err = cli("--image_path", photo, *FAST, "--weights", "DEFAULT", "--output_dir", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads(next((tmp_path / "out").glob("*.json")).read_text())["weights_id"].startswith("https://")
+
+
+def test_the_memory_estimate_counts_a_model_that_takes_one_input_size(photo, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(invert, "available_memory", lambda device: 2 ** 20)
+    args = ["--image_path", photo, *FAST, "--model", "vit_b_32", "--input_size", "224", "--layer_name",
+            "encoder_layers_encoder_layer_1"]  # a ViT asserts its input size
+    needs = estimate(cli, args, tmp_path / "refused") * 2 ** 30
+    canvas = 3 * 224 * 224
+    assert needs > 2 * (24 * 224 * 224 + 72 * canvas)  # its activations, beside the images' own share
+
+
+def test_each_torchrun_process_sets_its_own_cuda_device_and_asks_it(monkeypatch):
+    torch, chosen, asked = invert.torch, [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (8, 0))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    device = invert.pick_device("auto")
+    assert device == torch.device("cuda:1") and chosen == [device]
+    assert invert.resolve(invert.Settings(), device).precision == "bf16" and asked == [device]

@@ -1216,23 +1216,28 @@ def load_model(name: str, weights: str, progress: bool = True, data: Optional[by
 
 
 def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
-    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME; read safely first."""
+    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME, where they are read with
+    weights_only before torchvision reads them."""
     file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
     checkpoint = Path(torch.hub.get_dir(), "checkpoints", file)
     damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
-    cached = checkpoint.exists()
+    try:
+        if not checkpoint.exists():  # torch.hub's download, its hash checked against the name's
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            prefix = torch.hub.HASH_REGEX.search(file)
+            torch.hub.download_url_to_file(chosen.url, str(checkpoint), prefix and prefix.group(1), progress)
+    except Exception as error:  # a refused download (URLError is an OSError), a bad hash
+        raise UsageError(f"could not download {name} weights {file} from {chosen.url} ({one_line(error)}); "
+                         f"put that file in {checkpoint.parent}/ (the cache under TORCH_HOME), or pass "
+                         "--weights PATH to a state-dict file, or --weights none for random weights") \
+            from None
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stdout if progress else io.StringIO()):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # of a file refused anyway
-            chosen.get_state_dict(progress=progress, check_hash=True, weights_only=True)
-        return torchvision.models.get_model(name, weights=chosen, progress=progress)
-    except Exception as error:  # a refused download (URLError is an OSError), a bad hash, a damaged file
-        if cached or checkpoint.exists():
-            raise UsageError(damaged.format(one_line(error))) from None
-        raise UsageError(f"could not download {name} weights {checkpoint.name} from {chosen.url} "
-                         f"({one_line(error)}); put that file in {checkpoint.parent}/ (the cache under "
-                         "TORCH_HOME), or pass --weights PATH to a state-dict file, or --weights none for "
-                         "random weights") from None
+            torch.load(checkpoint, map_location="cpu", weights_only=True)
+            return torchvision.models.get_model(name, weights=chosen, progress=progress)
+    except Exception as error:  # a damaged file, or one whose pickle holds more than tensors
+        raise UsageError(damaged.format(one_line(error))) from None
 
 
 def load_state_dict_file(model: nn.Module, name: str, path: str, data: bytes) -> None:

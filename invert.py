@@ -133,8 +133,8 @@ class RowError(UsageError):
 
     def __init__(self, reasons: dict):
         self.reasons = reasons
-        told = [f"row {row}: {reason}" for row, reason in reasons.items()]
-        super().__init__("; ".join(told) if len(reasons) > 1 else next(iter(reasons.values())))
+        lines = [f"row {row}: {reason}" for row, reason in reasons.items()]
+        super().__init__("; ".join(lines) if len(reasons) > 1 else next(iter(reasons.values())))
 
 
 def printable(text) -> str:
@@ -143,8 +143,8 @@ def printable(text) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message folded onto one short line."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    """An exception's message folded onto one short line, less a terminal's colours."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(error)).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -159,17 +159,21 @@ class Checked:
         self.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
 
     def __call__(self, text: str):
-        value = text if self.auto and text == "auto" else self.kind(text)
-        if not self.holds(value):
+        value = self.taken(text if self.auto and text == "auto" else self.kind(text))
+        if value is None:
             raise argparse.ArgumentTypeError(f"must be {self.requirement}, got {text}")
         return value
 
-    def holds(self, value) -> bool:
-        """Whether `value` is acceptable."""
-        if self.kind is str:
-            return isinstance(value, str) and bool(self.test(value))
-        number = isinstance(value, int if self.kind is int else (int, float)) and not isinstance(value, bool)
-        return self.auto and value == "auto" or number and math.isfinite(value) and self.test(value)
+    def taken(self, value):
+        """`value` as this type holds it (a numpy or 0-d tensor number as Python's), or None if refused."""
+        if isinstance(value, str):  # text as its own type writes it
+            return value if self.auto and value == "auto" else self.test(value) if self.kind is str else None
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # bools, arrays and the like
+            number = operator.index(value) if self.kind is int else float(value)
+            if self.kind is not str and not isinstance(value, bool) and math.isfinite(number) and \
+                    self.test(number):
+                return number
+        return None
 
     def or_auto(self) -> "Checked":
         """The same type, also taking 'auto' (a value decided when the layer or the run is known)."""
@@ -178,6 +182,7 @@ class Checked:
 
 positive_int = Checked(int, lambda value: value > 0, "a positive integer")
 non_negative_int = Checked(int, lambda value: value >= 0, "an integer >= 0")
+index_int = Checked(int, lambda value: 0 <= value < 2 ** 31, "an integer from 0 to 2^31 - 1")  # in names
 seed_int = Checked(int, lambda value: 0 <= value < 2 ** 64, "an integer from 0 to 2^64 - 1")
 positive_float = Checked(float, lambda value: value > 0, "> 0")
 # beyond these, a weighted term overflows float32 (about 3.4e38)
@@ -188,8 +193,17 @@ positive_weight = Checked(float, lambda value: 0 < value <= MAX_WEIGHT, f"> 0 an
 exponent = Checked(float, lambda value: 1 <= value <= MAX_EXPONENT, f"from 1 to {MAX_EXPONENT:g}")
 below_one = Checked(float, lambda value: 0 <= value < 1, ">= 0 and < 1")
 decay = Checked(float, lambda value: 0 < value <= 1, "> 0 and at most 1")
-channel_group = Checked(str, lambda text: text == "all" or re.fullmatch(r"[0-9]+:[0-9]+", text) and int(
-    text.split(":")[0]) < int(text.split(":")[1]), "all or A:B, A < B")
+
+
+def channel_group(text: str) -> Optional[str]:
+    """--channels written one way: all, or A:B with A < B (00:08 as 0:8); None for anything else."""
+    if text == "all":
+        return text
+    ends = [int(end) for end in text.split(":")] if re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", text) else []
+    return f"{ends[0]}:{ends[1]}" if ends and ends[0] < ends[1] else None
+
+
+channels_type = Checked(str, channel_group, "all or A:B, A < B")
 
 
 def setting(default, help: str, **argparse_options):
@@ -206,9 +220,9 @@ class Settings:
                         "maximize: drive a unit of the layer (--units) as high as the priors allow, "
                         "-phi_unit(x) / rms(phi0)", choices=TASKS)
     window: int = setting(0, "invert and caricature: only the central KxK positions of the layer's grid (of "
-                          "tokens, for a ViT) count in the data term; 0: all", type=non_negative_int)
+                          "tokens, for a ViT) count in the data term; 0: all", type=index_int)
     channels: str = setting("all", "invert and caricature: only channels A to B-1 count in the data term",
-                            type=channel_group)
+                            type=channels_type)
     unit_scope: str = setting("neuron", "maximize: a unit is its channel's neuron at the centre of the grid, "
                               "or its whole channel (the mean)", choices=UNIT_SCOPES)
     objective: str = setting("paper", "seed: the original design's method (SGD on pixels, lambdas 1e-5); "
@@ -259,29 +273,35 @@ class Settings:
     seed: int = setting(2023, "random seed for Python, torch and each image's own generator", type=seed_int)
 
 
-def resolve(settings: Settings, device: torch.device) -> Settings:
-    """The settings checked as the flags are, each None replaced by the objective's default, the precision
-    chosen for `device`; a setting of one task is refused with another."""
+def resolve(settings: Settings, device: torch.device, units: bool = False, features: bool = False):
+    """The settings checked as the flags are, each None replaced by the objective's default and the precision
+    chosen for `device`; a setting, units or saved features that the task does not take are refused."""
+    values = {}
     for field in dataclasses.fields(Settings):
-        value = getattr(settings, field.name)
-        choices, kind = field.metadata.get("choices"), field.metadata.get("type")
-        if value is not None and choices and value not in choices:
-            raise UsageError(f"--{field.name} {value!r} is not one of {', '.join(choices)}")
-        if value is not None and kind and not kind.holds(value):
-            raise UsageError(f"--{field.name} must be {kind.requirement}, got {value!r}")
-    if settings.task == "maximize" and (settings.window or settings.channels != "all"):
+        value, kind = getattr(settings, field.name), field.metadata.get("type")
+        if value is None and field.default is None:  # the objective's default, below
+            continue
+        values[field.name] = value if kind is None or value is None else kind.taken(value)
+        if values[field.name] is None or value not in field.metadata.get("choices", [value]):
+            allowed = kind.requirement if kind else f"one of {', '.join(field.metadata['choices'])}"
+            raise UsageError(f"--{field.name} must be {allowed}, got {value!r}")
+    if values["task"] == "maximize" and (values["window"] or values["channels"] != "all"):
         raise UsageError("--window and --channels are for --task invert and caricature, not maximize")
-    if settings.task != "maximize" and settings.unit_scope != "neuron":
-        raise UsageError(f"--unit_scope is for --task maximize, not {settings.task}")
-    given = {name: value for name, value in dataclasses.asdict(settings).items() if value is not None}
-    chosen = {**OBJECTIVE_DEFAULTS[settings.objective], **given}
-    chosen.setdefault("lr", DEFAULT_LRS[chosen["objective"], chosen["optimizer"], chosen["param"]])
-    if chosen["precision"] == "fp16" and device.type != "cuda":
+    if values["task"] != "maximize" and values["unit_scope"] != "neuron":
+        raise UsageError(f"--unit_scope is for --task maximize, not {values['task']}")
+    if units != (values["task"] == "maximize"):
+        raise UsageError("--task maximize needs --units, and only it takes them")
+    if features and values["task"] != "invert":
+        raise UsageError("--features work with --task invert only: a caricature starts from a photo, and a "
+                         "unit's weight comes from one")
+    values = {**OBJECTIVE_DEFAULTS[values["objective"]], **values}
+    values.setdefault("lr", DEFAULT_LRS[values["objective"], values["optimizer"], values["param"]])
+    if values["precision"] == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; use bf16 or fp32")
     # natively, bf16 is faster and within 0.01 SSIM of fp32 at every benchmark layer (tests/README.md)
-    if chosen["precision"] == "auto":
-        chosen["precision"] = "bf16" if native_bf16(device) else "fp32"
-    return Settings(**chosen)
+    if values["precision"] == "auto":
+        values["precision"] = "bf16" if native_bf16(device) else "fp32"
+    return Settings(**values)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -298,15 +318,6 @@ def decay_iterations(settings: Settings) -> int:
     if settings.decay_epochs == "auto":
         return max(1, round(settings.epochs * FIRST_STAGE))
     return settings.decay_epochs
-
-
-def check_task_inputs(settings: Settings, units: bool, features: bool) -> None:
-    """Refuse units but to maximize (and their lack to maximize), and saved features but to invert."""
-    if units != (settings.task == "maximize"):
-        raise UsageError("--task maximize needs --units, and only it takes them")
-    if features and settings.task != "invert":
-        raise UsageError("--features work with --task invert only: a caricature starts from a photo, and a "
-                         "unit's weight comes from one")
 
 
 def unit_index(value) -> int:
@@ -344,6 +355,8 @@ def load_image(path, data: Optional[bytes] = None) -> Image.Image:
             return image.convert("RGB")
     except Image.DecompressionBombError as error:
         raise UsageError(f"--image_path {path} is too large to decode safely ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise UsageError(f"--image_path {path} is not a readable image (no format Pillow knows)") from None
     except MemoryError:
         raise UsageError(f"--image_path {path} is too large to decode in the memory available") from None
     except Exception as error:  # Pillow's decoders raise many types for damaged or hostile data
@@ -753,9 +766,10 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     finite, whose squares stay inside float32; fp32 and detached. UsageError naming `source` otherwise."""
     if not isinstance(features, torch.Tensor):
         raise UsageError(f"{source} holds a {type(features).__name__}, not a tensor")
-    if features.layout != torch.strided or not features.is_floating_point():
-        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}: not a dense float "
-                         "one")
+    if features.layout != torch.strided or not features.is_floating_point() or \
+            features.device.type not in ("cpu", output.device.type):  # a meta tensor holds no values
+        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}, on "
+                         f"{features.device}: not a dense float one")
     batched = features[None] if features.dim() == output.dim() - 1 else features
     if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:  # before any work on them
         saved = features.shape[1:] if features.dim() == output.dim() else features.shape
@@ -770,7 +784,9 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     if values.square().flatten(1).sum(1).max().item() > torch.finfo(torch.float32).max:
         raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}: their squares "
                          "overflow")
-    return values.float()
+    if not values.flatten(1).any(1).all():
+        raise UsageError(f"{source} holds activations that are all zero: there is nothing to invert")
+    return values.float().to(output.device)
 
 
 def part_mask(output: torch.Tensor, window: int, channels: str, axis: int) -> Optional[torch.Tensor]:
@@ -817,7 +833,7 @@ class Targets:
                  units: Optional[list] = None, features: Optional[torch.Tensor] = None):
         output = checked_output(model, layer, references, settings.precision)
         axis = channel_axis(model, layer, output, references.shape[-2:], settings.precision)
-        self.chosen = layer_settings(settings, layer_stride(references.shape[-2:], as_grid(output, axis)))
+        self.decided = layer_settings(settings, layer_stride(references.shape[-2:], as_grid(output, axis)))
         self.task, self.mask = settings.task, part_mask(output, settings.window, settings.channels, axis)
         if features is not None:  # saved activations in place of the references'
             output = checked_features(features, output, "features")
@@ -831,7 +847,7 @@ class Targets:
         if unsound:
             raise RowError(unsound)
         if settings.task != "maximize":
-            self.data, self.weights = masked, self.chosen["C"] / squares  # C / ||target||^2
+            self.data, self.weights = masked, self.decided["C"] / squares  # C / ||target||^2
         else:
             self.maximize(output, axis, squares, units, settings.unit_scope)
         self.data, self.weights = (part.repeat_interleave(settings.samples, 0)
@@ -846,7 +862,7 @@ class Targets:
             as_grid(self.data, axis)[(row, unit, *middle)] = 1
         # a unit's weight: C over the photo's typical activation at the layer, so one C serves every layer
         rms = (squares / output[0].numel()).sqrt()
-        self.weights = self.chosen["C"] / (per_row(self.data) * rms)
+        self.weights = self.decided["C"] / (per_row(self.data) * rms)
         activations = (per_row(output * self.data) / per_row(self.data)).tolist()
         self.unit_stats = [{"layer_rms": scale, "photo_activation": value,
                             "photo_max": grids[row, unit].max().item()}
@@ -859,7 +875,7 @@ class Targets:
     def measures(self, rec_loss: list, output: torch.Tensor) -> list:
         """Per row, what its task reports: the feature error (over the part that counts); the projection
         <phi(x), phi0> / ||phi0||^2 and the cosine; or the unit's activation beside the photo's."""
-        C = self.chosen["C"]
+        C = self.decided["C"]
         if self.task == "invert":
             return [{"feature_error": loss / C} for loss in rec_loss]
         if self.task == "caricature":
@@ -904,7 +920,7 @@ class Canvas:
 
     def render(self, jittering: list) -> tuple:
         """(The images the network sees, cut from their canvases at random offsets where `jittering`, else
-        the middle; the whole canvases, normalised and in the paper's units or None)."""
+        the middle; the whole canvases, normalised; and in the paper's units, or None)."""
         whole, pixels = self.image.render(self.variable)
         if not self.jitter:
             return whole, whole, pixels
@@ -952,27 +968,27 @@ class Descent:
 
     def __init__(self, settings: Settings, variable: torch.Tensor):
         self.adam, self.momentum = settings.optimizer == "adam", settings.momentum
-        self.variable, self.steps, self.rates, self.key = variable, 0, None, None
+        self.variable, self.steps, self.rates, self.rates_given = variable, 0, None, None
         self.average, self.squares = torch.zeros_like(variable), torch.zeros_like(variable)
         self.largest = torch.finfo(variable.dtype).max  # a rate beyond it makes the step diverge, not raise
 
     def set_rates(self, rates: list) -> None:
         """Each row's rate from now on (0 holds it still): a number while all agree, else a tensor."""
-        if rates != self.key:
-            self.key, shape = rates, (-1, *[1] * (self.variable.dim() - 1))
+        if rates != self.rates_given:
+            self.rates_given, shape = rates, (-1, *[1] * (self.variable.dim() - 1))
             self.rates = float(rates[0]) if len(set(rates)) == 1 else \
                 torch.tensor(rates, device=self.variable.device).view(shape)
 
     @torch.no_grad()
     def step(self) -> None:
-        """One update of every row by its gradient, at its rate."""
-        self.steps, rates, denominator = self.steps + 1, self.rates, None
+        """One update of every row by its gradient, at its rate; `steps` counts the updates made."""
+        steps, rates, denominator = self.steps + 1, self.rates, None
         variable, gradient, average, squares = self.variable, self.variable.grad, self.average, self.squares
         if self.adam:  # torch's Adam, its two bias corrections folded into the rate and epsilon
             average.lerp_(gradient, 1 - self.momentum)
             squares.mul_(ADAM_BETA2).addcmul_(gradient, gradient, value=1 - ADAM_BETA2)
-            corrected = math.sqrt(1 - ADAM_BETA2 ** self.steps)
-            rates = rates * corrected / (1 - self.momentum ** self.steps)
+            corrected = math.sqrt(1 - ADAM_BETA2 ** steps)
+            rates = rates * corrected / (1 - self.momentum ** steps)
             denominator = squares.sqrt().add_(ADAM_EPSILON * corrected)
         else:
             average.mul_(self.momentum).add_(gradient)
@@ -982,6 +998,7 @@ class Descent:
             variable.add_(average, alpha=-min(rates, self.largest))
         else:
             variable.addcdiv_(average, denominator, value=-min(rates, self.largest))
+        self.steps = steps  # once made: Ctrl-C before it leaves the count true
 
     @torch.no_grad()
     def forget(self, rows: list) -> None:
@@ -1000,8 +1017,8 @@ class Schedule:
     """Each row's first stage (jitter, surrogate, the full rate) ends after first_stage_end[row], and the row
     stops after last[row]; the plateau rule may end a row's first stage early (see --plateau)."""
 
-    def __init__(self, settings: Settings, chosen: dict, count: int, device: torch.device):
-        self.settings, self.chosen = settings, chosen  # chosen: the layer's settings
+    def __init__(self, settings: Settings, decided: dict, count: int, device: torch.device):
+        self.settings, self.decided = settings, decided  # what the layer's stride decided
         self.first_stage_end, self.last = [decay_iterations(settings)] * count, [settings.epochs] * count
         self.why = ["epochs"] * count  # why each row stops at its last iteration
         self.lowest = torch.full((count,), math.inf, device=device)  # Adam's loss oscillates
@@ -1013,12 +1030,12 @@ class Schedule:
 
     def rates(self, step: int) -> list:
         """Each row's rate at iteration `step`: 0 for a row that has stopped."""
-        return [learning_rate(self.chosen["lr"], step, end, self.settings) if step <= last else 0.0
+        return [learning_rate(self.decided["lr"], step, end, self.settings) if step <= last else 0.0
                 for end, last in zip(self.first_stage_end, self.last)]
 
     def plateau(self, step: int, losses: torch.Tensor) -> None:
         """Apply the plateau rule at iteration `step`, whose rows had `losses` before its update."""
-        if not self.chosen["plateau"] or step > max(self.first_stage_end):
+        if not self.decided["plateau"] or step > max(self.first_stage_end):
             return
         torch.minimum(self.lowest, losses.detach(), out=self.lowest)
         if step % PLATEAU_WINDOW:
@@ -1026,7 +1043,7 @@ class Schedule:
         for row, lowest in enumerate(self.lowest.tolist()):  # .tolist() waits for a GPU: once a window
             before, self.before[row] = self.before[row], lowest
             if before is not None and step < self.first_stage_end[row] and step <= self.last[row] and \
-                    before - lowest < self.chosen["plateau"] * abs(before):
+                    before - lowest < self.decided["plateau"] * abs(before):
                 self.first_stage_end[row] = step
                 self.last[row] = min(self.last[row], step + math.ceil(step * (1 - FIRST_STAGE) / FIRST_STAGE))
                 self.why[row] = "plateau" if self.last[row] < self.settings.epochs else "epochs"
@@ -1036,10 +1053,10 @@ class Schedule:
         for row in rows:
             self.last[row], self.why[row] = iterations[row], "diverged"
 
-    def outcome(self, row: int, reached: int) -> tuple:
-        """(How many iterations `row` ran, and why it stopped), the loop having reached `reached`."""
-        if self.why[row] != "diverged" and reached < self.last[row]:
-            return reached, "interrupted"
+    def outcome(self, row: int, updates: int) -> tuple:
+        """(How many iterations `row` ran, and why it stopped), the loop having made `updates`."""
+        if self.why[row] != "diverged" and updates < self.last[row]:
+            return updates, "interrupted"
         return self.last[row], self.why[row]
 
 
@@ -1077,14 +1094,15 @@ def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, setting
     at the layer. Bad input raises UsageError; rows that cannot be inverted, RowError (`.reasons`, by row).
     """
     check_references(model, layer, references)
-    settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device)
-    check_task_inputs(settings, units is not None, features is not None)
+    unknown = set(overrides) - {field.name for field in dataclasses.fields(Settings)}
+    if unknown or not isinstance(settings or Settings(), Settings):
+        raise UsageError(f"invert() takes Settings and their fields as keywords: got {unknown or settings!r}")
+    settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device,
+                       units is not None, features is not None)
     count, samples = len(references), settings.samples
-    if units is not None:
-        try:
-            units = [unit_index(unit) for unit in units]
-        except TypeError:  # one unit for every row
-            units = [unit_index(units)] * count
+    if units is not None:  # a list, tuple, array or 1-d tensor of them, or one for every row
+        many = isinstance(units, (list, tuple)) or getattr(units, "ndim", 0) > 0
+        units = [unit_index(unit) for unit in units] if many else [unit_index(units)] * count
         if len(units) != count:
             raise UsageError(f"invert() needs a unit per row of the references, or one: got {len(units)} "
                              f"for {count}")
@@ -1101,27 +1119,26 @@ def optimise(model: nn.Module, layer: nn.Module, targets: Targets, references: t
     # each row's own generator draws what a call of its own would
     generators = [torch.Generator().manual_seed(sample_seed(settings.seed, row % settings.samples))
                   for row in range(len(references))]
-    canvas = Canvas(settings, references.shape[-2:], targets.chosen["jitter"], generators, references.device,
+    canvas = Canvas(settings, references.shape[-2:], targets.decided["jitter"], generators, references.device,
                     references if settings.task == "caricature" else None)
-    descent, reached = Descent(settings, canvas.variable), 0
-    schedule = Schedule(settings, targets.chosen, len(references), references.device)
+    descent = Descent(settings, canvas.variable)
+    schedule = Schedule(settings, targets.decided, len(references), references.device)
     with Surrogate(model, layer, own=settings.task == "maximize") as surrogate, \
             contextlib.suppress(KeyboardInterrupt):
         for step in range(1, settings.epochs + 1):
             if step > max(schedule.last):
                 break
             terms = iteration(model, layer, settings, targets, canvas, descent, schedule, surrogate, step)
-            reached = step
             if callback is not None:
                 callback(step, terms, canvas.current)
-    return final_result(model, layer, settings, targets, canvas, schedule, reached)
+    return final_result(model, layer, settings, targets, canvas, schedule, descent.steps)
 
 
 def iteration(model: nn.Module, layer: nn.Module, settings: Settings, targets: Targets, canvas: Canvas,
               descent: Descent, schedule: Schedule, surrogate: Surrogate, step: int) -> dict:
     """Iteration `step` of every row: render, forward, loss, backward, step, record; each term per row."""
     first = schedule.first_stage(step)  # jitter and surrogate gradients
-    surrogate.use([on and targets.chosen["surrogate"] for on in first])
+    surrogate.use([on and targets.decided["surrogate"] for on in first])
     terms, losses, _ = evaluate(model, layer, settings, targets, canvas, first)
     total = losses.sum()
     every = CHECK_EVERY.get(total.device.type, GPU_CHECK_EVERY)
@@ -1151,11 +1168,11 @@ def evaluate(model: nn.Module, layer: nn.Module, settings: Settings, targets: Ta
 
 @torch.no_grad()
 def final_result(model: nn.Module, layer: nn.Module, settings: Settings, targets: Targets, canvas: Canvas,
-                 schedule: Schedule, reached: int) -> Inversion:
-    """Every row's image at its canvas's middle, its losses and measures, and how it ended; a last step
-    that broke a row undone."""
+                 schedule: Schedule, updates: int) -> Inversion:
+    """Every row's image at its canvas's middle, its losses and measures, and how it ended (`updates`: the
+    iterations the loop made); a last step that broke a row undone."""
     count = len(schedule.last)
-    for _ in range(2):
+    for _ in range(2):  # the second time, with any row that the last update broke put back
         terms, losses, output = evaluate(model, layer, settings, targets, canvas, [False] * count)
         broken = [row for row, finite in enumerate(torch.isfinite(losses).tolist()) if not finite]
         if not broken:
@@ -1165,9 +1182,9 @@ def final_result(model: nn.Module, layer: nn.Module, settings: Settings, targets
     values = {name: term.tolist() for name, term in terms.items()}
     losses = [{**{name: value[row] for name, value in values.items()}, **measures}
               for row, measures in enumerate(targets.measures(values["rec_loss"], output))]
-    outcomes = [schedule.outcome(row, reached) for row in range(count)]
+    outcomes = [schedule.outcome(row, updates) for row in range(count)]
     return Inversion(canvas.current(), losses, [done for done, _ in outcomes], [why for _, why in outcomes],
-                     settings, targets.chosen)
+                     settings, targets.decided)
 
 
 # ---------------------------------------------------------------- the job: the model and its layers by name
@@ -1192,18 +1209,18 @@ def pretrained_weights(name: str, weights: str):
 
 def weights_identity(name: str, weights: str) -> tuple:
     """(The weights' identity in records: torchvision's URL, 'none' or a file's sha256; the file's bytes)."""
-    chosen = pretrained_weights(name, weights)
-    if chosen is not None or weights.lower() == "none":
-        return "none" if chosen is None else chosen.url, None
+    member = pretrained_weights(name, weights)
+    if member is not None or weights.lower() == "none":
+        return "none" if member is None else member.url, None
     data = read_bytes(weights, "--weights")
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
 def load_model(name: str, weights: str, progress: bool = True, data: Optional[bytes] = None) -> nn.Module:
     """Torchvision model `name`, frozen, with torchvision's weights, a state-dict file's (`data`) or none."""
-    chosen = pretrained_weights(name, weights)
-    if chosen is not None:
-        return load_pretrained(name, chosen, progress).eval().requires_grad_(False)
+    member = pretrained_weights(name, weights)
+    if member is not None:
+        return load_pretrained(name, member, progress).eval().requires_grad_(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # googlenet's and inception_v3's notice on init
         model = torchvision.models.get_model(name, weights=None)
@@ -1215,19 +1232,19 @@ def load_model(name: str, weights: str, progress: bool = True, data: Optional[by
     return model.eval().requires_grad_(False)
 
 
-def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
-    """`name` with torchvision's weights `chosen`, downloaded once to TORCH_HOME, where they are read with
+def load_pretrained(name: str, member, progress: bool) -> nn.Module:
+    """`name` with torchvision's weights `member`, downloaded once to TORCH_HOME, where they are read with
     weights_only before torchvision reads them."""
-    file = os.path.basename(urllib.parse.urlparse(chosen.url).path)
+    file = os.path.basename(urllib.parse.urlparse(member.url).path)
     checkpoint = Path(torch.hub.get_dir(), "checkpoints", file)
     damaged = f"cannot read cached weights {checkpoint} ({{}}); delete it to download again"
     try:
         if not checkpoint.exists():  # torch.hub's download, its hash checked against the name's
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             prefix = torch.hub.HASH_REGEX.search(file)
-            torch.hub.download_url_to_file(chosen.url, str(checkpoint), prefix and prefix.group(1), progress)
+            torch.hub.download_url_to_file(member.url, str(checkpoint), prefix and prefix.group(1), progress)
     except Exception as error:  # a refused download (URLError is an OSError), a bad hash
-        raise UsageError(f"could not download {name} weights {file} from {chosen.url} ({one_line(error)}); "
+        raise UsageError(f"could not download {name} weights {file} from {member.url} ({one_line(error)}); "
                          f"put that file in {checkpoint.parent}/ (the cache under TORCH_HOME), or pass "
                          "--weights PATH to a state-dict file, or --weights none for random weights") \
             from None
@@ -1235,7 +1252,7 @@ def load_pretrained(name: str, chosen, progress: bool) -> nn.Module:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stdout if progress else io.StringIO()):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # of a file refused anyway
             torch.load(checkpoint, map_location="cpu", weights_only=True)
-            return torchvision.models.get_model(name, weights=chosen, progress=progress)
+            return torchvision.models.get_model(name, weights=member, progress=progress)
     except Exception as error:  # a damaged file, or one whose pickle holds more than tensors
         raise UsageError(damaged.format(one_line(error))) from None
 
@@ -1350,7 +1367,7 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
-def shard_of(given: Optional[tuple], photos: int) -> tuple:
+def shard_of(shard: Optional[tuple], photos: int) -> tuple:
     """(K, N): --shard, else a SLURM array task split by torchrun's RANK; one photo is not split."""
     names = [f"SLURM_ARRAY_TASK_{key}" for key in ("ID", "MIN", "MAX", "COUNT", "STEP")]
     task, low, high, count, step = (launcher_int(name, 1 if name.endswith(("COUNT", "STEP")) else 0)
@@ -1382,13 +1399,13 @@ def shard_of(given: Optional[tuple], photos: int) -> tuple:
     for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
         if value is not None and value >= world:
             raise UsageError(f"the environment variable {name}={value} is not below WORLD_SIZE={world}")
-    if given:
-        return given
+    if shard:
+        return shard
     part, parts = (0, 1) if photos < 2 else (part, parts)
     return (part, parts) if world is None else (part * world + rank, parts * world)
 
 
-def photo_paths(given: list) -> list:
+def photo_paths(named: list) -> list:
     """The photos named, as absolute paths: files, and folders' files that Pillow reads but hidden ones and
     the pictures this tool wrote."""
     Image.init()
@@ -1396,17 +1413,17 @@ def photo_paths(given: list) -> list:
                 and not (isinstance(Image.OPEN[kind][0], type)  # a stub opens nothing without a handler
                          and issubclass(Image.OPEN[kind][0], ImageFile.StubImageFile))}
 
-    def ours(path: str) -> bool:
+    def written_here(path: str) -> bool:
         with contextlib.suppress(Exception), Image.open(path) as opened:
             return opened.info.get("Software") == MARK or opened.info.get("comment") == MARK.encode()
         return False
 
     paths = []
-    for item in given:
+    for item in named:
         inside = [os.path.join(item, name) for name in sorted(os.listdir(item)) if not name.startswith(".")
                   and os.path.splitext(name)[1].lower() in readable] if os.path.isdir(item) else [item]
         inside = [os.path.abspath(path) for path in inside if not os.path.isdir(item) or
-                  os.path.isfile(path) and not ours(path)]
+                  os.path.isfile(path) and not written_here(path)]
         if not inside:
             raise UsageError(f"--image_path {item} is a folder with no images in it (files ending in "
                              ".jpg, .png, .webp, .tif and the other formats Pillow reads)")
@@ -1464,15 +1481,14 @@ def read_input(path: str, size: int, features: bool) -> Input:
             check_memory(3 * size * size * max(image.size) / min(image.size), torch.device("cpu"),
                          f"resizing {path} to --input_size {size}", "use a smaller --input_size")
             return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
-        entries = zipfile.ZipFile(io.BytesIO(data)).infolist() if zipfile.is_zipfile(io.BytesIO(data)) else []
-        if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):  # a zip bomb, maybe
-            raise UsageError(f"--features {path} is compressed, and torch.save never compresses: refused "
-                             "unread")
-        try:
+        try:  # torch.save writes a zip archive, uncompressed: anything else may claim sizes it does not hold
+            entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
+            if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+                raise ValueError("it is compressed, and torch.save never compresses")
             with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
                 warnings.simplefilter("ignore", UserWarning)
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as error:  # a pickle beyond tensors, or not a torch file at all
+        except Exception as error:  # not a zip archive, a pickle beyond tensors, a damaged file
             raise UsageError(f"--features {path} is not a tensor that torch.save wrote ({one_line(error)})") \
                 from None
         return Input(hashlib.sha256(data).hexdigest(), None, features=loaded)
@@ -1491,7 +1507,7 @@ class Row(NamedTuple):
     unit: Optional[int] = None
 
     def file(self, ending: str) -> Path:
-        return Path(str(self.png)[:-len(".png")] + ending)
+        return self.png.with_name(self.png.stem + ending)
 
     def sample(self, index: int) -> Path:
         return self.png if index == 0 else self.file(f"_sample{index + 1}.png")
@@ -1511,7 +1527,7 @@ class Row(NamedTuple):
 
 def kind_words(settings: Settings, features: bool) -> list:
     """The words that tell a row's kind of pre-image apart in its names: none for a photo's inversion."""
-    channels = f"channels{settings.channels.replace(':', '-')}"
+    channels = "channels" + settings.channels.replace(":", "-")
     return [word for word, applies in (("caricature", settings.task == "caricature"),
                                        ("channel", settings.unit_scope == "channel"),
                                        (f"window{settings.window}", settings.window),
@@ -1521,15 +1537,16 @@ def kind_words(settings: Settings, features: bool) -> list:
 
 def plan(args: argparse.Namespace, settings: Settings) -> list:
     """Every Row of the job, in every shard, photo by photo, after the checks that need no model."""
-    if args.features and (len(args.layer_name) > 1 or args.image_path != [str(DEFAULT_IMAGE)]):
+    layers = list(dict.fromkeys(underscored(name) for name in args.layer_name))
+    units = [None] if args.units is None else list(dict.fromkeys(args.units))
+    if args.features and (len(layers) > 1 or args.image_path is not None):
         raise UsageError("--features are one layer's activations, in place of a photo: give one --layer_name "
                          "and no --image_path")
-    if args.units and "all" in args.units and len(args.units) > 1:
+    if "all" in units and len(units) > 1:
         raise UsageError("--units takes unit indices or all, not both")
-    paths = [os.path.abspath(args.features)] if args.features else photo_paths(args.image_path)
-    layers = list(dict.fromkeys(underscored(name) for name in args.layer_name))
-    units = [None] if args.units is None else list(range(ALL_UNITS)) if args.units == ["all"] else \
-        list(dict.fromkeys(args.units))
+    units = list(range(ALL_UNITS)) if units == ["all"] else units
+    paths = [os.path.abspath(args.features)] if args.features else photo_paths(args.image_path or
+                                                                                [str(DEFAULT_IMAGE)])
     several = len(paths) * len(layers) * len(units) > 1
     if args.output and (several or Path(args.output).suffix.lower() != ".png"):
         raise UsageError("--output names one file: with several layers, images or units, use --output_dir"
@@ -1585,7 +1602,8 @@ def check_outputs(args: argparse.Namespace, settings: Settings, rows: list, prev
 
     for photo in photos:
         if any(written(path) is not None for path in (landing(photo), Path(os.path.realpath(photo)))):
-            raise UsageError(f"the outputs would overwrite the input photo {photo}: use another --output_dir")
+            raise UsageError(f"the outputs would overwrite the input photo {photo}: use another "
+                             f"{'--output' if args.output else '--output_dir'}")
     for folder in dict.fromkeys(path.parent for path in files):
         existing = existing_parent(folder)
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -1766,9 +1784,9 @@ def montage(original: Optional[Image.Image], tiles: list) -> Image.Image:
     return grid
 
 
-def save_pictures(row: Row, result: Inversion, mine: range, frames: list, field: Optional[list]) -> dict:
+def save_pictures(row: Row, result: Inversion, samples: range, frames: list, field: Optional[list]) -> dict:
     """Save a finished row's pictures (samples, their mean and spread, field, GIF); what its record adds."""
-    pictures = [deprocess(result.images[at][None]) for at in mine]
+    pictures = [deprocess(result.images[at][None]) for at in samples]
     for sample, picture in enumerate(pictures):
         save_png(row.sample(sample), picture)
     added = {}
@@ -1777,13 +1795,14 @@ def save_pictures(row: Row, result: Inversion, mine: range, frames: list, field:
         ImageDraw.Draw(drawn).rectangle([field[0], field[1], field[2] - 1, field[3] - 1], outline="red")
         save_png(row.file("_field.png"), drawn)
         added["field_box"] = field
-    if len(mine) > 1:
-        mean, spread_picture, spread = mean_and_spread(result.images[mine.start:mine.stop])
+    if len(samples) > 1:
+        mean, spread_picture, spread = mean_and_spread(result.images[samples.start:samples.stop])
         save_png(row.file("_mean.png"), mean)
         save_png(row.file("_spread.png"), spread_picture)
         added.update(mean_png=row.file("_mean.png").name, spread_png=row.file("_spread.png").name,
                      spread=round(spread, 3), samples=[{**result.losses[at], "stopped": result.stopped[at],
-                                                        "iterations": result.iterations[at]} for at in mine])
+                                                        "iterations": result.iterations[at]}
+                                                       for at in samples])
     if frames:
         movie = frames + pictures[:1]
         write_atomically(row.file(".gif"), lambda file: movie[0].save(
@@ -1839,9 +1858,9 @@ def progress(rows: list, settings: Settings, args: argparse.Namespace, frames: l
                 text = "  ".join(f"{name} {value[index]:.4g}" for name, value in values.items())
                 bar.write(f"iteration {step:>5}/{epochs}  {label}{text}")
         if args.save_every and step % args.save_every == 0:
-            for row, kept, image in zip(rows, frames, images()[::samples]):
-                kept.append(deprocess(image[None]))
-                save_png(row.file("_frames") / f"iteration_{step:05d}.png", kept[-1])
+            for row, row_frames, image in zip(rows, frames, images()[::samples]):
+                row_frames.append(deprocess(image[None]))
+                save_png(row.file("_frames") / f"iteration_{step:05d}.png", row_frames[-1])
 
     return report, bar
 
@@ -1858,14 +1877,14 @@ class Plan:
     def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args, self.device = args, device
         # the cheap checks come first, so that a typo fails before a model loads or downloads
-        self.settings = settings = resolve(settings_from_args(args), device)
-        check_task_inputs(settings, args.units is not None, bool(args.features))
+        self.settings = settings = resolve(settings_from_args(args), device, args.units is not None,
+                                           bool(args.features))
         planned = plan(args, settings)
         everyone = list(dict.fromkeys(row.image_path for row in planned))
         self.shard = shard_of(args.shard, len(everyone))
         groups = [row.montage or row.image_path for row in planned]  # a montage's, or a photo's, together
-        mine = set(list(dict.fromkeys(groups))[self.shard[0]::self.shard[1]])
-        self.rows = [row for row, group in zip(planned, groups) if group in mine]
+        in_shard = set(list(dict.fromkeys(groups))[self.shard[0]::self.shard[1]])
+        self.rows = [row for row, group in zip(planned, groups) if group in in_shard]
         weights, weights_data = weights_identity(args.model, args.weights)
         paths = list(dict.fromkeys(row.image_path for row in self.rows))
         check_memory(3 * args.input_size ** 2 * len(paths), torch.device("cpu"),
@@ -1879,9 +1898,11 @@ class Plan:
         self.wanted = {row: identity(row, args, settings, self.inputs[row.image_path].sha256, weights)
                        for row in self.rows}
         # a finished record of a row whose photo cannot be read now (an NFS hiccup) is kept
-        self.kept = {row for row in self.rows if finished(previous[row], self.wanted[row], ("image_sha256",))}
+        self.finished_before = {row for row in self.rows
+                                if finished(previous[row], self.wanted[row], ("image_sha256",))}
         pictures = (settings.samples, bool(args.save_every), bool(settings.window))
-        self.done = {row for row in self.kept if args.resume and finished(previous[row], self.wanted[row])
+        self.done = {row for row in self.finished_before if args.resume
+                     and finished(previous[row], self.wanted[row])
                      and all(path.is_file() for path in row.pictures(*pictures))}
         runnable = [row for row in self.rows if not (row in self.done or self.inputs[row.image_path].error)]
         self.batches = self.prepare(runnable, weights_data) if runnable else []
@@ -1891,19 +1912,20 @@ class Plan:
         """Load the model and check each layer against what its rows ask of it; the batches."""
         args, settings, size = self.args, self.settings, self.args.input_size
         self.model = load_model(args.model, args.weights, not args.quiet, weights_data).to(self.device)
-        self.layers, self.fields, self.saved, costs = {}, {}, {}, {}
+        self.layers, self.fields, self.features, costs = {}, {}, {}, {}
         frames = settings.epochs // args.save_every if args.save_every else 0
         for name in dict.fromkeys(row.layer_name for row in rows):
             layer = self.layers[name] = resolve_layer(self.model, name)
             output, axis, activations = probe_layer(self.model, layer, size, settings.precision, self.device)
             grid = as_grid(output, axis)
             part_mask(output, settings.window, settings.channels, axis)  # refuses a part that does not fit
-            if args.units == ["all"]:  # the first ALL_UNITS units, or all of a layer that has fewer
+            if args.units and "all" in args.units:  # the first ALL_UNITS units, or all of a smaller layer
                 self.rows = [row for row in self.rows if row.layer_name != name or row.unit < grid.shape[1]]
             check_units([row.unit for row in self.rows if row.layer_name == name and row.unit is not None],
                         grid.shape[1])
             for path in dict.fromkeys(row.image_path for row in rows) if args.features else ():
-                self.saved[path] = checked_features(self.inputs[path].features, output, f"--features {path}")
+                self.features[path] = checked_features(self.inputs[path].features, output,
+                                                       f"--features {path}")
             if settings.window:
                 self.fields[name] = receptive_field(self.model, layer, size, settings, axis, self.device)
             # float32: each activation thrice (values, gradients, a copy), the photo and target, the canvas
@@ -1917,6 +1939,16 @@ class Plan:
         most = max(1, (cap if args.batch_size == "auto" else args.batch_size) // settings.samples)
         return plan_batches([row for row in rows if row in set(self.rows)], costs, most,
                             math.inf if free is None else MEMORY_SHARE * free)
+
+    def batch(self, rows: list) -> tuple:
+        """A batch's references (photos; blanks for saved features) and invert()'s units or features."""
+        size = self.args.input_size
+        references = torch.cat([torch.zeros(1, 3, size, size) if self.args.features else
+                                normalise(self.inputs[row.image_path].image) for row in rows])
+        keywords = {"units": [row.unit for row in rows]} if self.settings.task == "maximize" else {}
+        if self.features:
+            keywords["features"] = torch.cat([self.features[row.image_path] for row in rows])
+        return references, keywords
 
     def record(self, row: Row, **fields) -> dict:
         """A row's record: what identifies it, its kind, where it ran, and `fields`."""
@@ -1932,8 +1964,7 @@ class Job(Plan):
     def __init__(self, args: argparse.Namespace, device: torch.device):
         super().__init__(args, device)
         self.failed, self.index_cache = {}, {}  # failed: row -> why
-        self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", dynamic_ncols=True,
-                        disable=args.quiet)
+        self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", disable=args.quiet)
 
     def fail(self, row: Row, reason: str, status: str = "failed") -> None:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
@@ -1943,19 +1974,16 @@ class Job(Plan):
             where = row.layer_name + (f" unit {row.unit}" if row.unit is not None else "")
             self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"),
                            sys.stderr)
-        if not (self.inputs[row.image_path].error and row in self.kept):
+        if not (self.inputs[row.image_path].error and row in self.finished_before):
             save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
 
     def run_batch(self, rows: list) -> bool:
         """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it. Rows that
         cannot be inverted fail and the others run again; out of memory, each runs alone."""
         while rows := [row for row in rows if row not in self.failed]:
-            frames, started, size = [[] for _ in rows], time.perf_counter(), self.args.input_size
+            frames, started = [[] for _ in rows], time.perf_counter()
             report, bar = progress(rows, self.settings, self.args, frames)
-            references = torch.cat([torch.zeros(1, 3, size, size) if self.args.features else
-                                    normalise(self.inputs[row.image_path].image) for row in rows])
-            keywords = {"units": [row.unit for row in rows]} if self.settings.task == "maximize" else \
-                {"features": torch.cat([self.saved[row.image_path] for row in rows])} if self.saved else {}
+            references, keywords = self.batch(rows)
             try:
                 layer, short = self.layers[rows[0].layer_name], None
                 result = invert(self.model, layer, references.to(self.device), self.settings, callback=report,
@@ -1990,8 +2018,8 @@ class Job(Plan):
         photos = None if settings.task == "maximize" or self.args.features else references.to(self.device)
         classes = top1(self.model, photos, result.images[::count], settings.precision)
         for index, row in enumerate(rows):
-            mine, first = range(index * count, (index + 1) * count), index * count
-            broken = [at for at in mine if result.stopped[at] == "diverged"]
+            samples, first = range(index * count, (index + 1) * count), index * count
+            broken = [at for at in samples if result.stopped[at] == "diverged"]
             if broken:
                 save_png(row.file(".diverged.png"), deprocess(result.images[broken[0]][None]))
                 self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: "
@@ -1999,7 +2027,8 @@ class Job(Plan):
                           f"--lr; {row.file('.diverged.png').name} is the image of that iteration",
                           "diverged")
                 continue
-            pictures = save_pictures(row, result, mine, frames[index], self.fields.get(row.layer_name))
+            pictures = save_pictures(row, result, samples, frames[index], self.fields.get(row.layer_name))
+            row.file(".diverged.png").unlink(missing_ok=True)  # of an earlier run, now superseded
             record = self.record(row, **timing, **classes[index], torch_version=torch.__version__,
                                  torchvision_version=torchvision.__version__, **pictures)
             record.update(status="interrupted" if result.stopped[first] == "interrupted" else "done",
@@ -2020,21 +2049,21 @@ class Job(Plan):
         after the photo, or (maximize) a layer's mosaic of units."""
         units = self.settings.task == "maximize"
         for path in dict.fromkeys(row.montage for row in rows if row.montage):
-            mine = [row for row in self.rows if row.montage == path]
-            names = [f"unit {row.unit}" if units else row.layer_name for row in mine]
-            tiles = list(zip(names, [row.png for row in mine])) if self.settings.samples == 1 else [
-                (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, mine)
+            members = [row for row in self.rows if row.montage == path]
+            names = [f"unit {row.unit}" if units else row.layer_name for row in members]
+            tiles = list(zip(names, [row.png for row in members])) if self.settings.samples == 1 else [
+                (f"{name} {kind}", row.file(f"_{kind}.png")) for name, row in zip(names, members)
                 for kind in ("mean", "spread")]
             with contextlib.suppress(OSError):  # a picture gone since: its row says so
-                if all(row in self.done for row in mine):
-                    photo = None if units or self.args.features else self.inputs[mine[0].image_path].image
+                if all(row in self.done for row in members):
+                    photo = None if units or self.args.features else self.inputs[members[0].image_path].image
                     tiles = [(label, Image.open(file).convert("RGB")) for label, file in tiles]
                     save_png(path, montage(photo, tiles))
 
     def run(self) -> int:
         """Invert and save batch by batch, the index rebuilt now and then and at the end; the exit code: 0
         done, 2 if a row failed, 130 interrupted (whatever else happened)."""
-        folder, interrupted, told = None if self.args.output else Path(self.args.output_dir), False, []
+        folder, interrupted, errors = None if self.args.output else Path(self.args.output_dir), False, []
         indexed = started = time.perf_counter()
         if not self.rows:
             print(f"invert.py: this process's part, {self.shard[0]} of {self.shard[1]} (from --shard or the "
@@ -2057,20 +2086,21 @@ class Job(Plan):
             try:
                 if folder and folder.is_dir():
                     write_index(folder, self.index_cache)
-            except UsageError as error:  # told after what stopped the run, if anything did
-                told.append(str(error))
+            except UsageError as error:  # errors after what stopped the run, if anything did
+                errors.append(str(error))
         if self.failed:
             (row, reason), count = next(iter(self.failed.items())), len(self.failed)
-            told.insert(0, reason if len(self.todo) == 1 else f"{count} of {len(self.todo)} image(s) failed, "
-                        f"{row.image_path} at {row.layer_name} first: {reason}"
-                        + ("; see index.csv" if folder and len(told) == 0 else ""))
+            index = "; see index.csv" if folder and not errors else ""  # if it could be rebuilt
+            summary = f"{count} of {len(self.todo)} image(s) failed, {row.image_path} at {row.layer_name} " \
+                "first"
+            errors.insert(0, reason if len(self.todo) == 1 else f"{summary}: {reason}{index}")
         if interrupted:
-            for line in told:
+            for line in errors:
                 print(f"invert.py: error: {printable(line)}", file=sys.stderr)
             print("invert.py: interrupted: saved what it had; rerun with --resume to finish", file=sys.stderr)
             return 130
-        if told:
-            raise UsageError("; and ".join(told))
+        if errors:
+            raise UsageError("; and ".join(errors))
         before = len(self.rows) - len(self.todo)
         if not self.args.quiet:
             print(f"{len(self.todo)} inversion(s) in {time.perf_counter() - started:.1f} s"
@@ -2114,7 +2144,7 @@ def shard_spec(text: str) -> tuple:
 
 def unit_spec(text: str) -> Union[int, str]:
     """--units: a unit (channel) index, or 'all'."""
-    if text != "all" and not re.fullmatch(r"[0-9]+", text):
+    if text != "all" and not re.fullmatch(r"[0-9]{1,9}", text):
         raise argparse.ArgumentTypeError(f"must be a unit (channel) index >= 0 or all, got {text}")
     return text if text == "all" else int(text)
 
@@ -2134,9 +2164,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(Mahendran & Vedaldi, CVPR 2015 and IJCV 2016).",
         epilog="example: python invert.py --model vgg16_bn --layer_name features_22")
     flags = parser.add_argument_group("what to invert")
-    flags.add_argument("--image_path", nargs="+", type=non_empty, default=[str(DEFAULT_IMAGE)],
+    flags.add_argument("--image_path", nargs="+", type=non_empty, default=None,
                        help="photos (any format Pillow reads, a pipe too) and folders of them (the images "
-                            "directly inside, less the pictures invert.py wrote); outputs are named by stem")
+                            "directly inside, less the pictures invert.py wrote), named by stem in the "
+                            "outputs (default: reference_images/astronaut.jpg)")
     flags.add_argument("--model", type=non_empty, default="alexnet", help="a torchvision model's name")
     flags.add_argument("--weights", type=non_empty, default="DEFAULT",
                        help="DEFAULT or another torchvision weights name (downloaded once to TORCH_HOME), a "
@@ -2178,12 +2209,12 @@ def list_layers(args: argparse.Namespace, device: torch.device) -> int:
     named = [(name, module) for name, module in model.named_modules() if name]
     shapes, unused = {}, "not run in eval mode"
 
-    def record(module, inputs, output):  # returns None, so the output passes on unchanged
+    def note_shape(module, inputs, output):  # returns None, so the output passes on unchanged
         shapes.setdefault(module, "x".join(map(str, output.shape[1:])) if isinstance(output, torch.Tensor)
                           else type(output).__name__)
 
     try:
-        with forward_hooks({module: record for _, module in named}), torch.no_grad():
+        with forward_hooks({module: note_shape for _, module in named}), torch.no_grad():
             model(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
     except FORWARD_ERRORS:  # the layers before the failure still have their shapes
         unused = f"not reached: the model fails at --input_size {args.input_size}"

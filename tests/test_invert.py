@@ -45,7 +45,7 @@ def test_the_objective_decides_its_defaults_and_flags_override_them():
     assert invert.resolve(seed, cpu) == seed  # resolving twice changes nothing
     assert None not in dataclasses.asdict(paper).values()  # each setting decided, or 'auto'
     assert paper.precision in ("fp32", "bf16")
-    with pytest.raises(invert.UsageError, match="--optimizer 'adagrad'"):
+    with pytest.raises(invert.UsageError, match="--optimizer must be one of sgd, adam, got 'adagrad'"):
         invert.resolve(invert.Settings(optimizer="adagrad"), cpu)
 
 
@@ -558,7 +558,7 @@ def test_pre_and_deprocessing_match_the_seeds_transforms_and_the_default_photo_s
     ours, theirs = (torchvision.transforms.functional.pil_to_tensor(picture).int()
                     for picture in (invert.deprocess(tensor * 1.5), detransform(tensor[0] * 1.5)))
     assert (ours - theirs).abs().max() <= 1  # the same up to float rounding, clamped alike
-    assert invert.parse_args([]).image_path == [str(invert.DEFAULT_IMAGE)]
+    assert invert.parse_args([]).image_path is None
     assert invert.load_image(invert.DEFAULT_IMAGE).size[0] >= 227
 
 
@@ -1002,7 +1002,7 @@ def test_the_tasks_refuse_what_they_cannot_take():
                               (dict(window=9), "--window 9: the layer's grid is 8x8"),
                               (dict(channels="2:9"), "--channels 2:9: the layer has 4 channels"),
                               (dict(channels="3:2"), "--channels must be all or A:B"),
-                              (dict(task="draw"), "--task 'draw' is not one of"),
+                              (dict(task="draw"), "--task must be one of invert, caricature, maximize, got 'draw'"),
                               (dict(channels="2:4", window=2), "for this photo are all zero in --window/--channels")]:
         with pytest.raises(invert.UsageError, match=message):
             invert.invert(model, model[1], reference, epochs=1, **keywords)
@@ -1030,12 +1030,17 @@ def test_the_python_api_refuses_a_setting_that_does_not_apply_as_the_command_lin
                            (dict(task="caricature", features=model(reference)), "--features work with --task invert"),
                            (dict(task="maximize", units=[0], features=model(reference)), "--features work with"),
                            (dict(task="caricature", units=[0]), "--task maximize needs --units, and only it"),
-                           (dict(task="maximize", units=[0], channels="0:2"), "--window and --channels are for")]:
+                           (dict(task="maximize", units=[0], channels="0:2"), "--window and --channels are for"),
+                           (dict(colour=1), "takes Settings and their fields as keywords: got {'colour'}"),
+                           (dict(settings="paper"), "takes Settings .*: got 'paper'"),
+                           (dict(precision=None), "--precision must be one of"), (dict(task=None), "--task must"),
+                           (dict(epochs=None), "--epochs must be a positive integer, got None"),
+                           (dict(epochs=True), "--epochs must be"), (dict(lr="0.1"), "--lr must be")]:
         with pytest.raises(invert.UsageError, match=flag):
-            invert.invert(model, model[1], reference, epochs=1, **keywords)
+            invert.invert(model, model[1], reference, **{"epochs": 1, **keywords})
 
 
-def test_a_unit_is_taken_as_any_integer_and_anything_else_refused():
+def test_values_a_user_naturally_passes_are_taken_and_anything_else_refused():
     numpy = pytest.importorskip("numpy")
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
     reference = torch.randn(2, 3, 10, 10)
@@ -1044,9 +1049,12 @@ def test_a_unit_is_taken_as_any_integer_and_anything_else_refused():
     for units in (2, numpy.int64(2), torch.tensor(2), torch.tensor([0.0, 0.5, 9.0]).argmax(), [numpy.int32(2)] * 2,
                   torch.tensor([2, 2]), (2, torch.tensor(2))):
         assert torch.equal(invert.invert(model, model[1], reference, units=units, **fast).images, expected), units
-    for units in (2.0, "2", [True, 2], [-1, 2], torch.tensor(2.0), [[2], [2]], None):
+    for units in (2.0, "2", "22", {2: 2}, [True, 2], [-1, 2], torch.tensor(2.0), [[2], [2]], None):
         with pytest.raises(invert.UsageError, match="--units"):
             invert.invert(model, model[1], reference, units=units, **fast)
+    numbers = dict(epochs=numpy.int64(2), lr=numpy.float32(0.5), samples=torch.tensor(1), C=torch.tensor(1.0))
+    assert torch.equal(invert.invert(model, model[1], reference, units=2, **{**fast, **numbers}).images,
+                       invert.invert(model, model[1], reference, units=2, **fast, lr=0.5).images)
 
 
 def test_saved_features_are_untrusted_input_checked_before_any_work():
@@ -1064,7 +1072,8 @@ def test_saved_features_are_untrusted_input_checked_before_any_work():
     for features, message in [
             ([[1.0]], "features holds a list, not a tensor"),
             (finite.long(), "features holds a torch.int64 tensor"), (finite.to_sparse(), "torch.sparse_coo"),
-            (finite.to(torch.complex64), "torch.complex64"),
+            (finite.to(torch.complex64), "torch.complex64"), (finite.to("meta"), "on meta"),
+            (torch.zeros_like(finite), "holds activations that are all zero"),
             (torch.zeros(1).expand(1, 10 ** 6, 10 ** 6), "the saved activations are 1x1000000x1000000, but the"),
             (torch.cat([finite, finite]), "holds 2 rows of activations, for 1 image"),
             (finite.masked_fill(finite > finite.mean(), float("nan")), "holds values that are not finite"),
@@ -1106,3 +1115,19 @@ def test_no_device_tensor_is_made_each_iteration_and_a_diverged_image_is_that_of
     # infinite from iteration 8, found at iteration 10: the image last found finite, at iteration 5
     assert result.stopped == ["epochs", "diverged"] and result.iterations == [12, 4]
     assert torch.equal(result.images[1], seen[4][1])
+
+
+def test_ctrl_c_counts_the_updates_made(tiny, monkeypatch):
+    plateau = invert.Schedule.plateau
+
+    def interrupted(self, step, losses):  # after the update of iteration 3, before its bookkeeping ends
+        if step == 3:
+            raise KeyboardInterrupt
+        plateau(self, step, losses)
+
+    reference = torch.randn(1, 3, 16, 16)
+    whole = invert.invert(tiny, tiny[3], reference, epochs=3, precision="fp32")
+    monkeypatch.setattr(invert.Schedule, "plateau", interrupted)
+    stopped = invert.invert(tiny, tiny[3], reference, epochs=50, precision="fp32")
+    assert stopped.stopped == ["interrupted"] and stopped.iterations == [3]
+    assert torch.equal(stopped.images, whole.images)

@@ -442,7 +442,7 @@ def test_every_value_the_launchers_set_gets_an_answer(environment, answer, photo
 
 def test_outputs_never_overwrite_or_become_inputs(photos, tmp_path, cli):
     code, _, err = cli("--image_path", photos / "b.png", *FAST, "--output", photos / "b.png")
-    assert code == 2 and f"would overwrite the input photo {photos / 'b.png'}" in err
+    assert code == 2 and f"would overwrite the input photo {photos / 'b.png'}: use another --output" in err
     code, _, err = cli("--image_path", photos / "b.png", *FAST, "--output", photos / ".." / photos.name / "b.png")
     assert code == 2 and "would overwrite the input photo" in err
     named = photos / "b_squeezenet1_1_features_3.png"  # a photo named as an output of another
@@ -710,7 +710,7 @@ def test_saved_activations_are_inverted_and_a_misfit_is_refused_in_one_line(phot
 def test_each_kind_of_pre_image_has_its_own_files_and_index_line_and_resumes_as_itself(photo, tmp_path, cli):
     out = tmp_path / "out"
     common = ["--image_path", photo, *FAST, "--epochs", "1", "--output_dir", out]
-    kinds = [[], ["--window", "3"], ["--channels", "0:8"], ["--task", "caricature"],
+    kinds = [[], ["--window", "3"], ["--channels", "0:8"], ["--channels", "00:08"], ["--task", "caricature"],
              ["--task", "caricature", "--window", "3"], ["--task", "maximize", "--units", "3"],
              ["--task", "maximize", "--units", "3", "--unit_scope", "channel"]]
     for flags in kinds:
@@ -733,9 +733,11 @@ def test_units_all_takes_every_unit_of_a_layer_that_has_fewer_and_units_are_digi
     code, _, err = cli(*args, "--layer_name", "features_3_squeeze", "--units", "all")  # 16 channels
     assert code == 0, err
     assert sorted(int(line["unit"]) for line in index_of(tmp_path)) == list(range(16))
-    for units in ("²", "1.5", "-1"):
+    for units in ("²", "1.5", "-1", "9" * 260):
         code, _, err = cli(*args, "--units", units)
         assert code == 2 and len(err.splitlines()) == 1 and "--units" in err, err
+    code, _, err = cli(*args, "--layer_name", "features_3_squeeze", "--units", "all", "all", "--resume")
+    assert code == 0, err  # all, said twice
 
 
 def test_ctrl_c_exits_130_whatever_else_happened(photos, tmp_path, cli, monkeypatch):
@@ -761,20 +763,33 @@ def test_saved_features_are_refused_in_one_line_naming_the_file_before_any_alloc
     good = invert.layer_output(model, model.features[3], torch.randn(1, 3, 64, 64))[0].clone()
     cases = {"nan.pt": good.masked_fill(good > good.mean(), float("nan")), "huge.pt": good.double() * 1e20,
              "graph.pt": good.clone().requires_grad_(), "wide.pt": torch.zeros(1).expand(2 ** 20, 2 ** 20)}
+    cases["zeros.pt"] = torch.zeros_like(good)
     for name, tensor in cases.items():
         torch.save(tensor, tmp_path / name)
+    torch.save(good, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # sizes it need not hold
+    damaged = bytearray((tmp_path / "nan.pt").read_bytes())
+    damaged[damaged.rfind(b"PK\x01\x02") + 3] ^= 0xFF  # the zip's central directory
+    (tmp_path / "damaged.pt").write_bytes(damaged)
     with zipfile.ZipFile(tmp_path / "zipped.pt", "w", zipfile.ZIP_DEFLATED) as zipped:
         for entry in zipfile.ZipFile(tmp_path / "nan.pt").infolist():
             zipped.writestr(entry.filename, zipfile.ZipFile(tmp_path / "nan.pt").read(entry.filename))
     for name, message in [("nan.pt", "holds values that are not finite"), ("huge.pt", "their squares overflow"),
                           ("wide.pt", "the saved activations are 1048576x1048576"),
-                          ("zipped.pt", "is compressed, and torch.save never compresses")]:
+                          ("zipped.pt", "is compressed, and torch.save never compresses"),
+                          ("zeros.pt", "holds activations that are all zero"),
+                          ("legacy.pt", "is not a tensor that torch.save wrote"),
+                          ("damaged.pt", "is not a tensor that torch.save wrote")]:
         code, _, err = cli(*FAST, "--features", tmp_path / name, "--output_dir", tmp_path / "out")
         errors = [line for line in err.splitlines() if not line.startswith("warning:")]
         assert code == 2 and len(errors) == 1 and f"--features {tmp_path / name}" in errors[0], err
         assert message in errors[0] and not (tmp_path / "out").exists()
     code, _, err = cli(*FAST, "--features", tmp_path / "graph.pt", "--output_dir", tmp_path / "out")
     assert code == 0, err
+    code, _, err = cli(*FAST, "--features", tmp_path / "graph.pt", "--image_path", invert.DEFAULT_IMAGE)
+    assert code == 2 and "in place of a photo" in err  # even the photo that is the default
+    code, _, err = cli(*FAST, "--features", tmp_path / "graph.pt", "--layer_name", "features_3", "features.3",
+                       "--output_dir", tmp_path / "out")
+    assert code == 0, err  # one layer, spelt twice
 
 
 def test_a_folder_named_as_the_weights_does_not_hide_them(photo, tmp_path, cli, monkeypatch):

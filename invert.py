@@ -1966,7 +1966,7 @@ class Job(Plan):
         self.failed, self.index_cache = {}, {}  # failed: row -> why
         self.bar = tqdm(total=len(self.rows), initial=len(self.done), unit="image", disable=args.quiet)
 
-    def fail(self, row: Row, reason: str, status: str = "failed") -> None:
+    def fail(self, row: Row, reason: str, status: str = "failed", **fields) -> None:
         """Mark `row` failed for `reason`: named on stderr in a job of several rows, and recorded, unless
         its photo cannot be read now and a finished record of it is there."""
         self.failed[row] = reason
@@ -1975,7 +1975,7 @@ class Job(Plan):
             self.bar.write(printable(f"invert.py: {row.image_path} at {where}: {status}: {reason}"),
                            sys.stderr)
         if not (self.inputs[row.image_path].error and row in self.finished_before):
-            save_json(row.file(".json"), self.record(row, status=status, error=reason, png=""))
+            save_json(row.file(".json"), self.record(row, status=status, error=reason, png="", **fields))
 
     def run_batch(self, rows: list) -> bool:
         """Invert a batch of one layer's rows and save what each gives; whether Ctrl-C stopped it. Rows that
@@ -2025,7 +2025,7 @@ class Job(Plan):
                 self.fail(row, f"the loss became non-finite after iteration {result.iterations[broken[0]]}: "
                           f"--lr {result.layer_settings['lr']:g} is too large for this layer; try a smaller "
                           f"--lr; {row.file('.diverged.png').name} is the image of that iteration",
-                          "diverged")
+                          "diverged", iterations=result.iterations[broken[0]])
                 continue
             pictures = save_pictures(row, result, samples, frames[index], self.fields.get(row.layer_name))
             row.file(".diverged.png").unlink(missing_ok=True)  # of an earlier run, now superseded

@@ -183,7 +183,8 @@ def test_divergence_stops_at_once_and_writes_only_the_diverged_png(tmp_path, cap
     iteration = int(err.split("after iteration ")[1].split(":")[0])
     assert iteration < 20
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.diverged.png", "x.json"]
-    assert json.loads((tmp_path / "x.json").read_text())["status"] == "diverged"  # --resume redoes it
+    record = json.loads((tmp_path / "x.json").read_text())
+    assert (record["status"], record["iterations"]) == ("diverged", iteration)  # --resume redoes it
     assert Image.open(tmp_path / "x.diverged.png").size == (64, 64)
 
 

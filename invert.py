@@ -168,10 +168,11 @@ class Checked:
         """`value` as this type holds it (a numpy or 0-d tensor number as Python's), or None if refused."""
         if isinstance(value, str):  # text as its own type writes it
             return value if self.auto and value == "auto" else self.test(value) if self.kind is str else None
-        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # bools, arrays and the like
+        boolean = isinstance(value, bool) or "bool" in str(getattr(value, "dtype", ""))
+        with contextlib.suppress(TypeError, ValueError, RuntimeError, OverflowError):  # arrays and the like
             number = operator.index(value) if self.kind is int else float(value)
-            if self.kind is not str and not isinstance(value, bool) and math.isfinite(number) and \
-                    self.test(number):
+            if self.kind is not str and not boolean and getattr(value, "ndim", 0) == 0 and \
+                    math.isfinite(number) and self.test(number):
                 return number
         return None
 
@@ -199,7 +200,7 @@ def channel_group(text: str) -> Optional[str]:
     """--channels written one way: all, or A:B with A < B (00:08 as 0:8); None for anything else."""
     if text == "all":
         return text
-    ends = [int(end) for end in text.split(":")] if re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", text) else []
+    ends = [int(end) for end in text.split(":")] if re.fullmatch(r"0*[0-9]{1,9}:0*[0-9]{1,9}", text) else []
     return f"{ends[0]}:{ends[1]}" if ends and ends[0] < ends[1] else None
 
 
@@ -274,16 +275,17 @@ class Settings:
 
 
 def resolve(settings: Settings, device: torch.device, units: bool = False, features: bool = False):
-    """The settings checked as the flags are, each None replaced by the objective's default and the precision
-    chosen for `device`; a setting, units or saved features that the task does not take are refused."""
+    """The settings checked as the flags are, None the objective's default, the precision chosen for `device`;
+    a setting, units or saved features that the task does not take are refused."""
     values = {}
     for field in dataclasses.fields(Settings):
         value, kind = getattr(settings, field.name), field.metadata.get("type")
         if value is None and field.default is None:  # the objective's default, below
             continue
         values[field.name] = value if kind is None or value is None else kind.taken(value)
-        if values[field.name] is None or value not in field.metadata.get("choices", [value]):
-            allowed = kind.requirement if kind else f"one of {', '.join(field.metadata['choices'])}"
+        choices = field.metadata.get("choices")
+        if values[field.name] is None or choices and not (isinstance(value, str) and value in choices):
+            allowed = kind.requirement if kind else f"one of {', '.join(choices)}"
             raise UsageError(f"--{field.name} must be {allowed}, got {value!r}")
     if values["task"] == "maximize" and (values["window"] or values["channels"] != "all"):
         raise UsageError("--window and --channels are for --task invert and caricature, not maximize")
@@ -449,10 +451,8 @@ def not_finite(what: str, precision: str) -> str:
             "are unsound or the precision overflows; --lr is not the cause")
 
 
-def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size: tuple,
-                 precision: str) -> int:
-    """The axis of the layer's output that holds its channels: of its grid's axes, the one that does not
-    grow with the input (a Swin stage at --input_size 384 is 96x96x96)."""
+def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size: tuple, precision: str):
+    """The axis of the layer's output that holds its channels: the one that does not grow with the input."""
     if output.dim() < 3:
         return 1
     with contextlib.suppress(UsageError):
@@ -461,17 +461,17 @@ def channel_axis(model: nn.Module, layer: nn.Module, output: torch.Tensor, size:
         fixed = [axis for axis in range(1, output.dim()) if grown[axis] == output.shape[axis]]
         if len(grown) == output.dim() and len(fixed) == 1:
             return fixed[0]
-    # a model that takes one input size (a ViT), or a grid that does not follow it (an adaptive pool):
-    # tokens hold their channels last, and maps first unless only their last side differs
+    # a model that takes one input size (a ViT), or a grid that does not follow it (an adaptive pool): tokens
+    # hold their channels last, and maps first unless only their last side differs (a Swin stage at 384 is
+    # 96x96x96: only the probe tells)
     last = output.dim() == 3 or output.shape[1] == output.shape[2] != output.shape[3]
     return output.dim() - 1 if last else 1
 
 
 def as_grid(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-    """A layer's output (channels at `axis`) as N x C x H x W, a view: maps, tokens on their grid (less a
-    class token where the rest make a square), anything else as a 1x1 grid."""
+    """A layer's output (channels at `axis`) as an NxCxHxW view: maps, tokens on their grid, else 1x1."""
     moved = tensor.movedim(axis, 1)
-    if moved.dim() == 3:
+    if moved.dim() == 3:  # less a class token where the rest make a square
         tokens = moved.shape[2]
         side = math.isqrt(tokens - 1 if tokens > 1 and math.isqrt(tokens - 1) ** 2 == tokens - 1 else tokens)
         return moved[:, :, tokens - side * side:].unflatten(2, (side, side))
@@ -766,10 +766,12 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     finite, whose squares stay inside float32; fp32 and detached. UsageError naming `source` otherwise."""
     if not isinstance(features, torch.Tensor):
         raise UsageError(f"{source} holds a {type(features).__name__}, not a tensor")
-    if features.layout != torch.strided or not features.is_floating_point() or \
-            features.device.type not in ("cpu", output.device.type):  # a meta tensor holds no values
-        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}, on "
-                         f"{features.device}: not a dense float one")
+    if features.layout != torch.strided or not features.is_floating_point():
+        raise UsageError(f"{source} holds a {features.dtype} tensor, {features.layout}: not a dense float "
+                         "one")
+    if features.device.type not in ("cpu", output.device.type):  # a meta tensor holds no values
+        raise UsageError(f"{source} holds a tensor on {features.device}, not on the CPU nor the layer's "
+                         "device")
     batched = features[None] if features.dim() == output.dim() - 1 else features
     if batched.dim() != output.dim() or batched.shape[1:] != output.shape[1:]:  # before any work on them
         saved = features.shape[1:] if features.dim() == output.dim() else features.shape
@@ -784,8 +786,10 @@ def checked_features(features, output: torch.Tensor, source: str) -> torch.Tenso
     if values.square().flatten(1).sum(1).max().item() > torch.finfo(torch.float32).max:
         raise UsageError(f"{source} holds values up to {values.abs().max().item():.3g}: their squares "
                          "overflow")
-    if not values.flatten(1).any(1).all():
-        raise UsageError(f"{source} holds activations that are all zero: there is nothing to invert")
+    zero = [row for row, nonzero in enumerate(values.flatten(1).any(1).tolist()) if not nonzero]
+    if zero:  # a row's own failure, as a photo's would be
+        raise RowError({row: f"{source} holds activations that are all zero: there is nothing to invert"
+                        for row in zero})
     return values.float().to(output.device)
 
 
@@ -873,12 +877,11 @@ class Targets:
         return data_term(output.float(), self.data, self.weights, self.mask, self.task != "invert")
 
     def measures(self, rec_loss: list, output: torch.Tensor) -> list:
-        """Per row, what its task reports: the feature error (over the part that counts); the projection
-        <phi(x), phi0> / ||phi0||^2 and the cosine; or the unit's activation beside the photo's."""
+        """Per row, what its task reports: the feature error, the projection and cosine, or the unit's."""
         C = self.decided["C"]
         if self.task == "invert":
             return [{"feature_error": loss / C} for loss in rec_loss]
-        if self.task == "caricature":
+        if self.task == "caricature":  # the projection <phi(x), phi0> / ||phi0||^2
             outputs = output.float() if self.mask is None else output.float() * self.mask
             cosines = nn.functional.cosine_similarity(outputs.flatten(1), self.data.flatten(1)).tolist()
             return [{"projection": -loss / C, "cosine": cosine} for loss, cosine in zip(rec_loss, cosines)]
@@ -933,7 +936,7 @@ class Canvas:
 
     @torch.no_grad()
     def current(self) -> torch.Tensor:
-        """Every row's image now, the middle of its canvas: a copy."""
+        """Every row's image now, its canvas's middle: a copy."""
         (height, width), middle = self.size, self.jitter // 2
         whole = self.image.render(self.variable)[0]
         return whole[:, :, middle:middle + height, middle:middle + width].clone()
@@ -1014,8 +1017,8 @@ def learning_rate(base: float, step: int, first_stage_end: int, settings: Settin
 
 
 class Schedule:
-    """Each row's first stage (jitter, surrogate, the full rate) ends after first_stage_end[row], and the row
-    stops after last[row]; the plateau rule may end a row's first stage early (see --plateau)."""
+    """Each row's first stage (jitter, surrogate, the full rate) ends after first_stage_end[row], or at a
+    plateau, and the row stops after last[row]."""
 
     def __init__(self, settings: Settings, decided: dict, count: int, device: torch.device):
         self.settings, self.decided = settings, decided  # what the layer's stride decided
@@ -1095,13 +1098,14 @@ def invert(model: nn.Module, layer: nn.Module, references: torch.Tensor, setting
     """
     check_references(model, layer, references)
     unknown = set(overrides) - {field.name for field in dataclasses.fields(Settings)}
-    if unknown or not isinstance(settings or Settings(), Settings):
+    if unknown or not isinstance(Settings() if settings is None else settings, Settings):
         raise UsageError(f"invert() takes Settings and their fields as keywords: got {unknown or settings!r}")
     settings = resolve(dataclasses.replace(settings or Settings(), **overrides), references.device,
                        units is not None, features is not None)
     count, samples = len(references), settings.samples
     if units is not None:  # a list, tuple, array or 1-d tensor of them, or one for every row
-        many = isinstance(units, (list, tuple)) or getattr(units, "ndim", 0) > 0
+        many = hasattr(units, "__iter__") and not isinstance(units, (str, bytes, dict)) and \
+            getattr(units, "ndim", 1) > 0
         units = [unit_index(unit) for unit in units] if many else [unit_index(units)] * count
         if len(units) != count:
             raise UsageError(f"invert() needs a unit per row of the references, or one: got {len(units)} "
@@ -1482,9 +1486,11 @@ def read_input(path: str, size: int, features: bool) -> Input:
                          f"resizing {path} to --input_size {size}", "use a smaller --input_size")
             return Input(hashlib.sha256(data).hexdigest(), None, image=crop(image, size))
         try:  # torch.save writes a zip archive, uncompressed: anything else may claim sizes it does not hold
-            entries = zipfile.ZipFile(io.BytesIO(data)).infolist()
-            if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+            archive = zipfile.ZipFile(io.BytesIO(data))
+            if any(entry.compress_type != zipfile.ZIP_STORED for entry in archive.infolist()):
                 raise ValueError("it is compressed, and torch.save never compresses")
+            if archive.testzip() is not None:  # torch's reader checks no CRC
+                raise ValueError(f"{archive.testzip()} is damaged: its CRC does not match")
             with warnings.catch_warnings():  # e.g. about the pickle protocol of a file refused anyway
                 warnings.simplefilter("ignore", UserWarning)
                 loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -2125,7 +2131,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         def words(value):
             return f"{value:g}" if isinstance(value, float) else str(value)
 
-        if action.dest == "lr":
+        if action.default is argparse.SUPPRESS:  # -h
+            chosen = None
+        elif action.dest == "lr":
             chosen = ", ".join(f"{words(rate)} for {' + '.join(key)}" for key, rate in DEFAULT_LRS.items())
         elif action.default is None and action.dest in OBJECTIVE_DEFAULTS["paper"]:
             chosen = ", ".join(f"{words(OBJECTIVE_DEFAULTS[objective][action.dest])} with --objective "
@@ -2144,8 +2152,9 @@ def shard_spec(text: str) -> tuple:
 
 def unit_spec(text: str) -> Union[int, str]:
     """--units: a unit (channel) index, or 'all'."""
-    if text != "all" and not re.fullmatch(r"[0-9]{1,9}", text):
-        raise argparse.ArgumentTypeError(f"must be a unit (channel) index >= 0 or all, got {text}")
+    if text != "all" and not re.fullmatch(r"0*[0-9]{1,9}", text):
+        raise argparse.ArgumentTypeError(f"must be a unit (channel) index, 0 to 999999999, or all, got "
+                                         f"{text}")
     return text if text == "all" else int(text)
 
 

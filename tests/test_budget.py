@@ -7,7 +7,7 @@ from conftest import ROOT
 
 SOURCE = (ROOT / "invert.py").read_text()
 LINES = SOURCE.splitlines()
-LIMITS = {"lines": 2260, "bytes": 134_500, "method": 1200, "job": 925, "command line": 150,
+LIMITS = {"lines": 2265, "bytes": 135_000, "method": 1200, "job": 925, "command line": 150,
           "function": 50, "class": 150, "line": 110}
 
 

@@ -96,7 +96,8 @@ def test_a_failed_rewrite_keeps_the_previous_output(tmp_path, capsys, monkeypatc
     assert sorted(path.name for path in tmp_path.iterdir()) == ["x.json", "x.png"]
 
 
-EXTREMES = ["0", "-1", "0.5", "1", "2", "12.5", "1e-300", "1e300", "nan", "-inf", str(2 ** 64), "auto"]
+EXTREMES = ["0", "-1", "0.5", "1", "2", "12.5", "1e-300", "1e300", "nan", "-inf", str(2 ** 64), "1" + "0" * 400,
+            "auto"]
 
 
 def numeric_flags() -> list:

@@ -61,7 +61,7 @@ def test_help_documents_every_flag_and_default(capsys):
     for field in dataclasses.fields(invert.Settings):
         if field.default is not None:
             assert f"(default: {field.default})" in text, field.name
-    assert "sgd with --objective seed, adam with --objective paper" in text
+    assert "sgd with --objective seed, adam with --objective paper" in text and "SUPPRESS" not in text
     assert "1e-05 with --objective seed, 1 with --objective paper" in text
     assert "the paper's first stage, 6/7 of --epochs" in text and "auto with --objective paper" in text
     assert "100 for seed + sgd + pixel" in text and "auto for paper + adam + fft" in text
@@ -1023,6 +1023,7 @@ def test_a_part_of_a_channels_last_map_is_the_same_part():
 
 
 def test_the_python_api_refuses_a_setting_that_does_not_apply_as_the_command_line_does():
+    numpy = pytest.importorskip("numpy")
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval().requires_grad_(False)
     reference = torch.randn(1, 3, 10, 10)
     for keywords, flag in [(dict(unit_scope="channel"), "--unit_scope is for --task maximize, not invert"),
@@ -1035,7 +1036,10 @@ def test_the_python_api_refuses_a_setting_that_does_not_apply_as_the_command_lin
                            (dict(settings="paper"), "takes Settings .*: got 'paper'"),
                            (dict(precision=None), "--precision must be one of"), (dict(task=None), "--task must"),
                            (dict(epochs=None), "--epochs must be a positive integer, got None"),
-                           (dict(epochs=True), "--epochs must be"), (dict(lr="0.1"), "--lr must be")]:
+                           (dict(epochs=True), "--epochs must be"), (dict(lr="0.1"), "--lr must be"),
+                           (dict(lr=torch.tensor(True)), "--lr must be"), (dict(epochs=torch.tensor([2])), "--epochs"),
+                           (dict(lr=10 ** 400), "--lr must be"), (dict(settings=0), "takes Settings"),
+                           (dict(task=numpy.array(["invert"])), "--task must be one of")]:
         with pytest.raises(invert.UsageError, match=flag):
             invert.invert(model, model[1], reference, **{"epochs": 1, **keywords})
 
@@ -1047,11 +1051,14 @@ def test_values_a_user_naturally_passes_are_taken_and_anything_else_refused():
     fast = dict(task="maximize", epochs=2, precision="fp32")
     expected = invert.invert(model, model[1], reference, units=[2, 2], **fast).images
     for units in (2, numpy.int64(2), torch.tensor(2), torch.tensor([0.0, 0.5, 9.0]).argmax(), [numpy.int32(2)] * 2,
-                  torch.tensor([2, 2]), (2, torch.tensor(2))):
+                  torch.tensor([2, 2]), (2, torch.tensor(2)), numpy.array([2, 2]), (unit for unit in (2, 2))):
         assert torch.equal(invert.invert(model, model[1], reference, units=units, **fast).images, expected), units
     for units in (2.0, "2", "22", {2: 2}, [True, 2], [-1, 2], torch.tensor(2.0), [[2], [2]], None):
         with pytest.raises(invert.UsageError, match="--units"):
             invert.invert(model, model[1], reference, units=units, **fast)
+    pair = invert.invert(model, model[1], reference, units=[2, 3], **fast).images
+    for units in (range(2, 4), {2: 0, 3: 0}.keys()):  # any sequence of them
+        assert torch.equal(invert.invert(model, model[1], reference, units=units, **fast).images, pair)
     numbers = dict(epochs=numpy.int64(2), lr=numpy.float32(0.5), samples=torch.tensor(1), C=torch.tensor(1.0))
     assert torch.equal(invert.invert(model, model[1], reference, units=2, **{**fast, **numbers}).images,
                        invert.invert(model, model[1], reference, units=2, **fast, lr=0.5).images)
@@ -1069,10 +1076,14 @@ def test_saved_features_are_untrusted_input_checked_before_any_work():
     assert carried.grad_fn is not None
     assert torch.equal(invert.invert(model, model[1], reference.detach(), features=carried, **fast).images, plain)
     finite = model(reference)
+    with pytest.raises(invert.RowError) as caught:  # the row that is all zero, and only it
+        invert.invert(model, model[1], torch.cat([reference, reference]), features=torch.cat([finite, 0 * finite]),
+                      **fast)
+    assert list(caught.value.reasons) == [1]
     for features, message in [
             ([[1.0]], "features holds a list, not a tensor"),
             (finite.long(), "features holds a torch.int64 tensor"), (finite.to_sparse(), "torch.sparse_coo"),
-            (finite.to(torch.complex64), "torch.complex64"), (finite.to("meta"), "on meta"),
+            (finite.to(torch.complex64), "torch.complex64"), (finite.to("meta"), "holds a tensor on meta"),
             (torch.zeros_like(finite), "holds activations that are all zero"),
             (torch.zeros(1).expand(1, 10 ** 6, 10 ** 6), "the saved activations are 1x1000000x1000000, but the"),
             (torch.cat([finite, finite]), "holds 2 rows of activations, for 1 image"),

@@ -735,9 +735,10 @@ def test_units_all_takes_every_unit_of_a_layer_that_has_fewer_and_units_are_digi
     code, _, err = cli(*args, "--layer_name", "features_3_squeeze", "--units", "all")  # 16 channels
     assert code == 0, err
     assert sorted(int(line["unit"]) for line in index_of(tmp_path)) == list(range(16))
-    for units in ("²", "1.5", "-1", "9" * 260):
+    for units in ("²", "1.5", "-1", "9" * 260, "1234567890"):
         code, _, err = cli(*args, "--units", units)
         assert code == 2 and len(err.splitlines()) == 1 and "--units" in err, err
+    assert cli(*args, "--units", "0000000003")[0] == 0
     code, _, err = cli(*args, "--layer_name", "features_3_squeeze", "--units", "all", "all", "--resume")
     assert code == 0, err  # all, said twice
 
@@ -772,6 +773,10 @@ def test_saved_features_are_refused_in_one_line_naming_the_file_before_any_alloc
     damaged = bytearray((tmp_path / "nan.pt").read_bytes())
     damaged[damaged.rfind(b"PK\x01\x02") + 3] ^= 0xFF  # the zip's central directory
     (tmp_path / "damaged.pt").write_bytes(damaged)
+    data = bytearray((tmp_path / "graph.pt").read_bytes())
+    at = data.find(good.numpy().tobytes()[:64])  # inside the values, where no zip index notices
+    data[at:at + 16] = bytes(16)
+    (tmp_path / "crc.pt").write_bytes(data)
     with zipfile.ZipFile(tmp_path / "zipped.pt", "w", zipfile.ZIP_DEFLATED) as zipped:
         for entry in zipfile.ZipFile(tmp_path / "nan.pt").infolist():
             zipped.writestr(entry.filename, zipfile.ZipFile(tmp_path / "nan.pt").read(entry.filename))
@@ -780,7 +785,8 @@ def test_saved_features_are_refused_in_one_line_naming_the_file_before_any_alloc
                           ("zipped.pt", "is compressed, and torch.save never compresses"),
                           ("zeros.pt", "holds activations that are all zero"),
                           ("legacy.pt", "is not a tensor that torch.save wrote"),
-                          ("damaged.pt", "is not a tensor that torch.save wrote")]:
+                          ("damaged.pt", "is not a tensor that torch.save wrote"),
+                          ("crc.pt", "its CRC does not match")]:
         code, _, err = cli(*FAST, "--features", tmp_path / name, "--output_dir", tmp_path / "out")
         errors = [line for line in err.splitlines() if not line.startswith("warning:")]
         assert code == 2 and len(errors) == 1 and f"--features {tmp_path / name}" in errors[0], err

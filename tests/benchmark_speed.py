@@ -31,7 +31,6 @@ fallback to the CPU.
 import argparse
 import contextlib
 import json
-import os
 import resource
 import shutil
 import subprocess

@@ -854,6 +854,7 @@ class Targets:
             self.data, self.weights = masked, self.decided["C"] / squares  # C / ||target||^2
         else:
             self.maximize(output, axis, squares, units, settings.unit_scope)
+            self.unit_stats = [stats for stats in self.unit_stats for _ in range(settings.samples)]
         self.data, self.weights = (part.repeat_interleave(settings.samples, 0)
                                    for part in (self.data, self.weights))
 
@@ -885,9 +886,8 @@ class Targets:
             outputs = output.float() if self.mask is None else output.float() * self.mask
             cosines = nn.functional.cosine_similarity(outputs.flatten(1), self.data.flatten(1)).tolist()
             return [{"projection": -loss / C, "cosine": cosine} for loss, cosine in zip(rec_loss, cosines)]
-        stats = [stats for stats in self.unit_stats for _ in range(len(rec_loss) // len(self.unit_stats))]
-        return [{"unit_activation": -loss * row["layer_rms"] / C, **row}
-                for loss, row in zip(rec_loss, stats)]
+        return [{"unit_activation": -loss * stats["layer_rms"] / C, **stats}
+                for loss, stats in zip(rec_loss, self.unit_stats)]
 
 
 # ---------------------------------------------------------------- the inversion
